@@ -1,0 +1,41 @@
+"""Backends: the same interface over the numpy model and (optionally) a real QEMU guest."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from labkit.backends.base import Backend
+from labkit.backends.model import ModelBackend
+
+BACKENDS = ("model",)
+
+
+def open(backend: str = "model", **options: Any) -> Backend:  # noqa: A001 - labkit.open, like io.open
+    """Open a VM on a backend.
+
+    Options (the same for every backend): ``memory`` (bytes or "4G"), ``seed``, ``balloon`` (QEMU
+    virtio-balloon properties with underscores: ``deflate_on_oom``, ``free_page_reporting``,
+    ``free_page_hint``, ``page_poison``, ``iothread``; ``False`` for no balloon), ``host``
+    (``ram``, ``swap``, ``discard``, ``swapin_us``, or a shared :class:`labkit.model.host.Host`),
+    ``numa_nodes``, and ``model`` (model-only knobs: ``balloon_request_ms``, ``boot``, ``epoch``).
+
+    >>> import labkit
+    >>> vm = labkit.open(memory="1G", seed=1)
+    >>> vm.meminfo()["MemTotal"] < 1 << 20
+    True
+    >>> vm.close()
+    """
+    if backend == "model":
+        try:
+            return ModelBackend(**options)
+        except TypeError as e:
+            if "unexpected keyword argument" in str(e):
+                name = str(e).split("'")[1]
+                raise TypeError(
+                    f"unknown option {name!r}; accepted: memory, seed, balloon, host, numa_nodes, "
+                    "model, vm_name") from None
+            raise
+    raise ValueError(f"backend {backend!r} is not available; accepted: {list(BACKENDS)}")
+
+
+__all__ = ["BACKENDS", "Backend", "ModelBackend", "open"]

@@ -1,0 +1,332 @@
+"""ModelBackend: the numpy page model and its devices on simulated time, speaking QMP.
+
+>>> from labkit.backends.model import ModelBackend
+>>> vm = ModelBackend(memory="1G", seed=0)
+>>> _ = vm.qmp("balloon", value=512 << 20)
+>>> vm.advance(2000)
+>>> vm.qmp("query-balloon")
+{'actual': 536870912}
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import psutil
+import simpy
+
+from labkit.backends.base import EventQueue, check_arguments
+from labkit.devices.balloon import PROPERTY_DEFAULTS, BalloonDevice, BalloonDriver
+from labkit.errors import QMPError
+from labkit.model.buddy import buddyinfo
+from labkit.model.host import Host
+from labkit.model.kernel import Kernel
+from labkit.model.pages import PAGES_PER_MEMORY_BLOCK, GuestMemory, PageState, Zone
+from labkit.model.workloads import BootProfile, GuestOps, boot
+from labkit.units import GiB, MiB, PAGE_SIZE, TiB, format_size, parse_size
+
+MODEL_DEFAULTS = {
+    "balloon_request_ms": 0.5,  # one inflate/deflate round trip of 256 PFNs (assumed; KVM-like)
+    "boot": "default",  # BootProfile: "default" (a small cloud guest) or "minimal" (busybox)
+    "epoch": 1_767_225_600,  # wall clock at t=0 (2026-01-01 UTC), for event timestamps
+}
+HOST_DEFAULTS = {"ram": None, "swap": 0, "discard": True, "swapin_us": 100.0}
+BYTES_PER_PAGE_NEEDED = 8  # state + flags, plus transient masks while deriving free lists
+GUEST_OPS = ("alloc", "touch", "read", "free", "drop_caches", "sync", "handles")
+
+
+def _merge(name: str, given: dict | None, defaults: dict) -> dict:
+    given = dict(given or {})
+    unknown = sorted(set(given) - set(defaults))
+    if unknown:
+        raise ValueError(f"unknown {name} option(s) {unknown}; accepted: {sorted(defaults)}")
+    return {**defaults, **given}
+
+
+def _check_fits(memory: int) -> None:
+    need = memory // PAGE_SIZE * BYTES_PER_PAGE_NEEDED
+    available = psutil.virtual_memory().available
+    if need > available:
+        raise ValueError(
+            f"memory {format_size(memory)} needs about {format_size(need)} of this machine's RAM "
+            f"for its page arrays, but only {format_size(available)} is available")
+
+
+class ModelBackend:
+    """A simulated VM. See :func:`labkit.open` for the arguments."""
+
+    name = "model"
+
+    def __init__(self, memory: int | str = "4G", seed: int = 0, balloon: dict | bool | None = None,
+                 host: dict | Host | None = None, numa_nodes: int = 1, model: dict | None = None,
+                 vm_name: str = "vm0"):
+        size = parse_size(memory, name="memory")
+        if size < 64 * MiB or size % MiB:
+            raise ValueError(f"memory must be a whole number of MiB, at least 64 MiB, got {memory!r}")
+        if size > 16 * TiB:
+            raise ValueError(f"memory must be at most 16 TiB, got {memory!r}")
+        if not isinstance(numa_nodes, int) or isinstance(numa_nodes, bool) or not (
+                1 <= numa_nodes <= 64) or size < numa_nodes * 128 * MiB:
+            raise ValueError(f"numa_nodes must be an int from 1 to 64 with at least 128 MiB per "
+                             f"node, got {numa_nodes!r} for {format_size(size)}")
+        if not isinstance(seed, int) or isinstance(seed, bool):
+            raise TypeError(f"seed must be an int, got {seed!r}")
+        knobs = _merge("model", model, MODEL_DEFAULTS)
+        if knobs["boot"] not in ("default", "minimal"):
+            raise ValueError(f"model boot {knobs['boot']!r} is not one of ['default', 'minimal']")
+        if balloon is True or balloon is None:
+            balloon = {}
+        balloon_opts = None if balloon is False else _merge("balloon", balloon, PROPERTY_DEFAULTS)
+        if balloon_opts and balloon_opts["free_page_hint"] and not balloon_opts["iothread"]:
+            raise ValueError("'free-page-hint' requires 'iothread' to be set")
+        for feature in ("free_page_hint", "free_page_reporting"):
+            if balloon_opts and balloon_opts[feature]:
+                raise ValueError(f"balloon option {feature}=True is not modelled yet in this "
+                                 "labkit version; use False")
+        if isinstance(host, Host):
+            self.host = host
+        else:
+            h = _merge("host", host, HOST_DEFAULTS)
+            ram = parse_size(h["ram"], name="host ram") if h["ram"] is not None else 2 * size
+            swap = parse_size(h["swap"], name="host swap")
+            if ram <= 0 or swap < 0:
+                raise ValueError(f"host ram must be > 0 and swap >= 0, got {h['ram']!r}, {h['swap']!r}")
+            self.host = Host(ram, swap, discard=bool(h["discard"]), swapin_us=float(h["swapin_us"]))
+        _check_fits(size)
+
+        self.memory = size
+        self.seed = seed
+        self.knobs = knobs
+        self.env = simpy.Environment()
+        self._events = EventQueue(self.env, self.wallclock)
+        n_pages = size // PAGE_SIZE
+        self.mem = GuestMemory(n_pages, self._zones(n_pages, numa_nodes))
+        self.kernel = Kernel(self.mem, self.host, vm_name, clock=lambda: self.env.now)
+        profile = BootProfile() if knobs["boot"] == "default" else BootProfile.minimal()
+        boot(self.kernel, np.random.default_rng(seed), profile)
+        self.ops = GuestOps(self.kernel)
+        self.balloon_device: BalloonDevice | None = None
+        self.balloon: BalloonDriver | None = None
+        if balloon_opts is not None:
+            self.balloon_device = BalloonDevice(self.env, self.host, self.kernel.host_vm, size,
+                                                balloon_opts, self._events.emit, self.wallclock)
+            self.balloon = BalloonDriver(self.env, self.kernel, self.balloon_device,
+                                         knobs["balloon_request_ms"])
+        self.closed = False
+
+    @staticmethod
+    def _zones(n_pages: int, numa_nodes: int) -> list[Zone]:
+        per_node = n_pages // numa_nodes // PAGES_PER_MEMORY_BLOCK * PAGES_PER_MEMORY_BLOCK
+        zones, start = [], 0
+        for node in range(numa_nodes):
+            end = n_pages if node == numa_nodes - 1 else start + per_node
+            zones.append(Zone("Normal", node, start, end))
+            start = end
+        return zones
+
+    # --- time ---------------------------------------------------------------------------------
+    def wallclock(self) -> float:
+        return self.knobs["epoch"] + self.env.now / 1000.0
+
+    @property
+    def now_ms(self) -> float:
+        return float(self.env.now)
+
+    def advance(self, ms: float) -> None:
+        """Run simulated time forward by ``ms`` milliseconds."""
+        self._check_open()
+        if not isinstance(ms, int | float) or isinstance(ms, bool) or ms < 0:
+            raise ValueError(f"advance() takes milliseconds >= 0, got {ms!r}")
+        self.env.run(until=self.env.now + ms)
+
+    def step(self, max_ms: float = 60_000) -> bool:
+        """Run until the balloon driver completes its next request (at most ``max_ms``).
+
+        Returns False, without moving time, if the driver has nothing to do."""
+        self._check_open()
+        if self.balloon is None or self.balloon.idle:
+            return False
+        done = self.balloon.request_done
+        self.env.run(until=simpy.AnyOf(self.env, [done, self.env.timeout(max_ms)]))
+        return done.triggered
+
+    # --- QMP ----------------------------------------------------------------------------------
+    def qmp(self, command: str, **arguments: Any) -> Any:
+        """Run a QMP command as QEMU would; raise QMPError with QEMU's class and text."""
+        self._check_open()
+        handler = self._QMP.get(command)
+        if handler is None:
+            raise QMPError("CommandNotFound", f"The command {command} has not been found")
+        return handler(self, **arguments)
+
+    def _need_balloon(self) -> BalloonDevice:
+        if self.balloon_device is None:
+            raise QMPError("DeviceNotActive", "No balloon device has been activated")
+        return self.balloon_device
+
+    def _qmp_balloon(self, **args: Any) -> dict:
+        check_arguments(args, {"value": int}, {})
+        device = self._need_balloon()
+        if args["value"] <= 0:
+            raise QMPError("GenericError", "Parameter 'target' expects a size")
+        device.to_target(args["value"])
+        return {}
+
+    def _qmp_query_balloon(self, **args: Any) -> dict:
+        check_arguments(args, {}, {})
+        return {"actual": self._need_balloon().logical_actual()}
+
+    def _resolve(self, path: str) -> str:
+        dev = self.balloon_device
+        if dev is not None:
+            full = f"/machine/peripheral/{dev.id}"
+            if path in (full, dev.id, f"{full}/virtio-backend"):
+                return "virtio-balloon-pci" if not path.endswith("virtio-backend") else (
+                    "virtio-balloon-device")
+        raise QMPError("DeviceNotFound", f"Device '{path}' not found")
+
+    _QOM_PROPERTIES = {
+        "guest-stats": "any", "guest-stats-polling-interval": "int",
+        "deflate-on-oom": "bool", "free-page-hint": "bool", "free-page-reporting": "bool",
+        "page-poison": "bool",
+    }
+
+    def _qmp_qom_get(self, **args: Any) -> Any:
+        check_arguments(args, {"path": str, "property": str}, {})
+        typename = self._resolve(args["path"])
+        dev = self.balloon_device
+        prop = args["property"]
+        if prop not in self._QOM_PROPERTIES:
+            raise QMPError("GenericError", f"Property '{typename}.{prop}' not found")
+        if prop == "guest-stats":
+            return dev.guest_stats()
+        if prop == "guest-stats-polling-interval":
+            return dev.stats_poll_interval
+        return bool(dev.options[prop.replace("-", "_")])
+
+    def _qmp_qom_set(self, **args: Any) -> dict:
+        check_arguments(args, {"path": str, "property": str, "value": object}, {})
+        typename = self._resolve(args["path"])
+        prop, value = args["property"], args["value"]
+        if prop not in self._QOM_PROPERTIES:
+            raise QMPError("GenericError", f"Property '{typename}.{prop}' not found")
+        if prop != "guest-stats-polling-interval":
+            raise QMPError("GenericError", f"Property '{typename}.{prop}' is not writable")
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise QMPError("GenericError", f"Invalid parameter type for '{prop}', expected: integer")
+        try:
+            self.balloon_device.set_poll_interval(value)
+        except ValueError as e:
+            raise QMPError("GenericError", str(e)) from None
+        return {}
+
+    def _qmp_qom_list(self, **args: Any) -> list:
+        check_arguments(args, {"path": str}, {})
+        self._resolve(args["path"])
+        return [{"name": n, "type": t} for n, t in self._QOM_PROPERTIES.items()]
+
+    def _qmp_query_status(self, **args: Any) -> dict:
+        check_arguments(args, {}, {})
+        return {"status": "running", "singlestep": False, "running": True}
+
+    def _qmp_query_commands(self, **args: Any) -> list:
+        check_arguments(args, {}, {})
+        return [{"name": name} for name in sorted(self._QMP)]
+
+    _QMP = {
+        "balloon": _qmp_balloon,
+        "query-balloon": _qmp_query_balloon,
+        "qom-get": _qmp_qom_get,
+        "qom-set": _qmp_qom_set,
+        "qom-list": _qmp_qom_list,
+        "query-status": _qmp_query_status,
+        "query-commands": _qmp_query_commands,
+    }
+
+    # --- guest --------------------------------------------------------------------------------
+    def guest(self, op: str, **arguments: Any) -> Any:
+        """Run a workload step in the guest: alloc, touch, read, free, drop_caches, sync, handles."""
+        self._check_open()
+        if op not in GUEST_OPS:
+            raise ValueError(f"guest op {op!r} is not one of {list(GUEST_OPS)}")
+        ops = self.ops
+        try:
+            if op == "alloc":
+                size = parse_size(arguments.pop("size"), name="size")
+                return ops.alloc(size, **arguments)
+            if op in ("touch", "read"):
+                return ops.touch(arguments.pop("handle"), write=op == "touch", **arguments)
+            if op == "free":
+                return ops.free(**arguments)
+            if op == "handles":
+                return [{"handle": h.id, "kind": h.kind, "name": h.name, "alive": h.alive,
+                         "size": h.size, "resident": len(h.pages) * PAGE_SIZE}
+                        for h in self.kernel.handles.values() if h.kind != "kernel"]
+            return getattr(ops, op)(**arguments)
+        except KeyError as e:
+            raise TypeError(f"guest op {op!r} needs argument {e.args[0]!r}") from None
+
+    def meminfo(self) -> dict[str, int]:
+        self._check_open()
+        return self.kernel.meminfo()
+
+    def buddyinfo(self) -> str:
+        return buddyinfo(self.mem)
+
+    def dmesg(self) -> list[str]:
+        return [f"[{t / 1000:12.6f}] {msg}" for t, msg in self.kernel.dmesg]
+
+    # --- observation --------------------------------------------------------------------------
+    def sample(self) -> dict[str, float]:
+        """One row of metrics, all sizes in bytes."""
+        self._check_open()
+        info = self.kernel.meminfo()
+        dev = self.balloon_device
+        return {
+            "t_ms": float(self.env.now),
+            "memtotal": info["MemTotal"] * 1024,
+            "memfree": info["MemFree"] * 1024,
+            "memavailable": info["MemAvailable"] * 1024,
+            "cached": info["Cached"] * 1024,
+            "anon": info["AnonPages"] * 1024,
+            "balloon_actual": dev.logical_actual() if dev else self.memory,
+            "balloon_target": dev.logical_target() if dev else self.memory,
+            "balloon_size": self.mem.count(PageState.BALLOON) * PAGE_SIZE,
+            "host_rss": self.kernel.host_vm.rss_pages * PAGE_SIZE,
+            "host_swap": self.kernel.host_vm.swap_pages * PAGE_SIZE,
+            "host_free": self.host.free_pages * PAGE_SIZE,
+            "oom_kills": self.kernel.vmstat.oom_kill,
+        }
+
+    def snapshot(self) -> dict:
+        """Copies of the page state and flag arrays, with the zone layout, for the page map."""
+        return {"t_ms": float(self.env.now), "state": self.mem.state.copy(),
+                "flags": self.mem.flags.copy(),
+                "zones": [(z.name, z.node, z.start, z.end) for z in self.mem.zones]}
+
+    def events(self) -> list[dict]:
+        return list(self._events.delivered)
+
+    # --- lifetime -----------------------------------------------------------------------------
+    def _check_open(self) -> None:
+        if self.closed:
+            raise RuntimeError("this VM was closed; open a new one with labkit.open()")
+
+    def close(self) -> None:
+        if not self.closed:
+            self.host.detach(self.kernel.host_vm)
+            self.closed = True
+
+    def __enter__(self) -> ModelBackend:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (f"<ModelBackend {format_size(self.memory)} t={self.env.now:.0f} ms "
+                f"host ram {format_size(self.host.ram)}>")
+
+
+assert GiB  # sizes in docstrings

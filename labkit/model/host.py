@@ -1,0 +1,194 @@
+"""The host: its RAM budget, which guest pages it backs (QEMU's RSS), and its swap.
+
+A guest page is *backed* once the guest has written it: QEMU's guest RAM is an anonymous mapping
+populated on first touch, so a page the guest never touched costs the host nothing. A discarded page
+(``ram_block_discard_range``: ``MADV_DONTNEED`` on private anonymous RAM; QEMU system/physmem.c) is
+unbacked again and reads as zero until the guest touches it, when the host faults in a zero-filled
+page. When backed pages exceed the host's RAM, the host swaps out pages by a second-chance clock over
+the ``REFERENCED`` bit (an LRU approximation, as Linux's own reclaim is); touching a swapped page swaps
+it back in, and each swap-in costs ``swapin_us`` of guest stall time.
+
+>>> import numpy as np
+>>> from labkit.model.pages import GuestMemory, Zone
+>>> host = Host(ram=1 << 30)
+>>> mem = GuestMemory(1024, [Zone("Normal", 0, 0, 1024)])
+>>> vm = host.attach(mem, "vm0")
+>>> host.touch(vm, np.arange(100))
+>>> vm.rss_pages
+100
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from labkit.errors import HostOutOfMemory
+from labkit.model.pages import GuestMemory, PageFlag
+from labkit.units import PAGE_SHIFT, format_size
+
+BACKED = np.uint8(PageFlag.BACKED)
+SWAPPED = np.uint8(PageFlag.SWAPPED)
+REFERENCED = np.uint8(PageFlag.REFERENCED)
+DIRTY_LOG = np.uint8(PageFlag.DIRTY_LOG)
+CLOCK_WINDOW = 1 << 16  # pages the clock hand examines per step (a loop over windows, not pages)
+
+
+@dataclass
+class HostVM:
+    """One VM as the host sees it: its guest memory and what the host did for it."""
+
+    mem: GuestMemory
+    name: str
+    zero_fill_faults: int = 0
+    swap_ins: int = 0
+    swap_outs: int = 0
+    discarded_pages: int = 0
+    dirty_logging: bool = False
+    counters: dict = field(default_factory=dict)
+
+    @property
+    def rss_pages(self) -> int:
+        return self.mem.backed_pages
+
+    @property
+    def swap_pages(self) -> int:
+        return self.mem.swapped_pages
+
+
+class Host:
+    """A host with ``ram`` bytes for guest memory and ``swap`` bytes of swap.
+
+    ``discard=False`` models a host where RAM discard is disabled, as when a vfio-pci device is
+    assigned (``ram_block_discard_disable``): QEMU still acks balloon and reporting requests, but
+    frees nothing (hw/virtio/virtio-balloon.c ``virtio_balloon_inhibited``).
+    """
+
+    def __init__(self, ram: int, swap: int = 0, *, discard: bool = True, swapin_us: float = 100.0):
+        if ram <= 0:
+            raise ValueError(f"host ram must be positive, got {ram}")
+        if swap < 0:
+            raise ValueError(f"host swap must be >= 0, got {swap}")
+        self.ram = ram
+        self.swap = swap
+        self.discard_enabled = discard
+        self.swapin_us = swapin_us
+        self.vms: list[HostVM] = []
+        self._hand_vm = 0
+        self._hand_pfn = 0
+
+    def attach(self, mem: GuestMemory, name: str) -> HostVM:
+        vm = HostVM(mem, name)
+        self.vms.append(vm)
+        return vm
+
+    def detach(self, vm: HostVM) -> None:
+        if vm in self.vms:
+            self.vms.remove(vm)
+            self._hand_vm = 0
+
+    # --- accounting ---------------------------------------------------------------------------
+    @property
+    def ram_pages(self) -> int:
+        return self.ram >> PAGE_SHIFT
+
+    @property
+    def used_pages(self) -> int:
+        return sum(vm.rss_pages for vm in self.vms)
+
+    @property
+    def swap_used_pages(self) -> int:
+        return sum(vm.swap_pages for vm in self.vms)
+
+    @property
+    def free_pages(self) -> int:
+        return self.ram_pages - self.used_pages
+
+    # --- guest touches and discards -----------------------------------------------------------
+    def touch(self, vm: HostVM, pfns: np.ndarray) -> None:
+        """The guest wrote ``pfns``: fault in what is not backed (swap-in or zero-fill)."""
+        if len(pfns) == 0:
+            return
+        flags = vm.mem.flags
+        f = flags[pfns]
+        missing = pfns[(f & BACKED) == 0]
+        if len(missing):
+            swapped = (flags[missing] & SWAPPED) != 0
+            n_swapped = int(swapped.sum())
+            self._make_room(len(missing), exclude=vm)
+            flags[missing] = (flags[missing] & ~SWAPPED) | BACKED
+            vm.mem.backed_pages += len(missing)
+            vm.mem.swapped_pages -= n_swapped
+            vm.swap_ins += n_swapped
+            vm.zero_fill_faults += len(missing) - n_swapped
+        flags[pfns] |= REFERENCED
+        if vm.dirty_logging:
+            flags[pfns] |= DIRTY_LOG
+
+    def discard(self, vm: HostVM, pfns: np.ndarray) -> int:
+        """``ram_block_discard_range`` on ``pfns``: returns how many backed pages were freed."""
+        if not self.discard_enabled or len(pfns) == 0:
+            return 0
+        flags = vm.mem.flags
+        f = flags[pfns]
+        backed = int(((f & BACKED) != 0).sum())
+        swapped = int(((f & SWAPPED) != 0).sum())
+        flags[pfns] = f & ~(BACKED | SWAPPED | REFERENCED)
+        vm.mem.backed_pages -= backed
+        vm.mem.swapped_pages -= swapped
+        vm.discarded_pages += backed
+        return backed
+
+    def stall_ms(self, vm: HostVM) -> float:
+        """Guest time lost waiting for host swap-ins so far."""
+        return vm.swap_ins * self.swapin_us / 1000.0
+
+    # --- host reclaim -------------------------------------------------------------------------
+    def _make_room(self, n: int, exclude: HostVM | None = None) -> None:
+        need = n - self.free_pages
+        if need <= 0:
+            return
+        swap_free = (self.swap >> PAGE_SHIFT) - self.swap_used_pages
+        if need > swap_free:
+            raise HostOutOfMemory(
+                f"host out of memory: {format_size(n << PAGE_SHIFT)} more needed with "
+                f"{format_size(max(self.free_pages, 0) << PAGE_SHIFT)} RAM and "
+                f"{format_size(swap_free << PAGE_SHIFT)} swap free (ram {format_size(self.ram)}, "
+                f"swap {format_size(self.swap)})"
+            )
+        self._swap_out(need)
+
+    def _swap_out(self, need: int) -> None:
+        """Second-chance clock over every VM's backed pages, one window at a time."""
+        total_pages = sum(vm.mem.n_pages for vm in self.vms)
+        scanned = 0
+        while need > 0 and scanned <= 2 * total_pages + CLOCK_WINDOW:
+            vm = self.vms[self._hand_vm % len(self.vms)]
+            start = self._hand_pfn
+            end = min(start + CLOCK_WINDOW, vm.mem.n_pages)
+            window = vm.mem.flags[start:end]
+            backed = (window & BACKED) != 0
+            referenced = backed & ((window & REFERENCED) != 0)
+            candidates = np.flatnonzero(backed & ~referenced)
+            take = candidates[:need]
+            if len(take) == need and need > 0:
+                # the hand stops after the last page it took; referenced pages before it lose the bit
+                stop = int(take[-1]) + 1
+                window[:stop][referenced[:stop]] &= ~REFERENCED
+                self._hand_pfn = start + stop
+            else:
+                window[referenced] &= ~REFERENCED
+                self._hand_pfn = end
+            pfns = take + start
+            vm.mem.flags[pfns] = (vm.mem.flags[pfns] & ~BACKED) | SWAPPED
+            vm.mem.backed_pages -= len(pfns)
+            vm.mem.swapped_pages += len(pfns)
+            vm.swap_outs += len(pfns)
+            need -= len(pfns)
+            scanned += end - start
+            if self._hand_pfn >= vm.mem.n_pages:
+                self._hand_pfn = 0
+                self._hand_vm = (self._hand_vm + 1) % len(self.vms)
+        if need > 0:
+            raise HostOutOfMemory(f"host could not find {need} pages to swap out")

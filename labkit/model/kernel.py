@@ -1,0 +1,311 @@
+"""The guest kernel's memory management, as far as the five mechanisms see it.
+
+Zone watermarks follow mm/page_alloc.c (``init_per_zone_wmark_min``, ``__setup_per_zone_wmarks``):
+``min_free_kbytes = sqrt(lowmem_kbytes * 16)`` clamped to [128, 262144]; each zone's share of it is its
+``min``; ``low = min + max(min / 4, managed * watermark_scale_factor / 10000)`` and ``high = min + 2 x``
+that step (``watermark_scale_factor`` 10). ZONE_MOVABLE gets ``clamp(managed / 1024, 32, 128)`` as min.
+
+Allocation follows the page allocator's shape: the fast path takes pages while a zone stays above its
+low watermark; then kswapd is woken and reclaims page cache toward the high watermark; the slow path may
+go down to the min watermark; then direct reclaim; then, unless ``__GFP_NORETRY`` (balloon pages), the
+OOM path: the OOM notifier chain (virtio-balloon's deflate-on-oom), and if it freed nothing, the OOM
+killer. The guest has no swap, so anonymous and shmem pages are never reclaimed: only page cache is.
+
+Simplifications (stated here, not hidden): reclaim is instantaneous and takes the oldest file pages
+first (one LRU, no active/inactive split); the OOM killer picks the largest killable anonymous
+"process"; slab is not reclaimable; lowmem_reserve is ignored.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from labkit.errors import GuestError
+from labkit.model.buddy import ZoneAllocator
+from labkit.model.host import Host, HostVM
+from labkit.model.pages import GuestMemory, PageState
+
+SWAP_CLUSTER_MAX = 32  # include/linux/swap.h: reclaim batch
+WATERMARK_SCALE_FACTOR = 10  # mm/page_alloc.c default (0.1 % of the zone)
+MIN_FREE_KBYTES_MAX = 262144  # mm/page_alloc.c init_per_zone_wmark_min upper clamp
+MIN_FREE_KBYTES_MIN = 128
+
+FILE_STATES = (PageState.FILE_CLEAN, PageState.FILE_DIRTY)
+
+
+@dataclass
+class Watermarks:
+    min: int
+    low: int
+    high: int
+
+
+@dataclass
+class Handle:
+    """A guest allocation a workload made: a process's anonymous memory, a tmpfs file or a file."""
+
+    id: int
+    kind: str  # "anon", "shmem", "file", or the kernel's own "kernel"
+    size: int  # bytes asked for
+    pages: np.ndarray  # PFNs currently holding it (file handles lose pages to reclaim)
+    name: str = ""
+    killable: bool = True
+    alive: bool = True
+    created_ms: float = 0.0
+
+
+@dataclass
+class VmStat:
+    """The /proc/vmstat counters the balloon's stats and the notebooks read."""
+
+    pgfault: int = 0
+    pgmajfault: int = 0
+    pswpin: int = 0
+    pswpout: int = 0
+    oom_kill: int = 0
+    allocstall: int = 0
+    pgscan_kswapd: int = 0
+    pgscan_direct: int = 0
+    pgsteal_kswapd: int = 0
+    pgsteal_direct: int = 0
+    pgwriteback: int = 0
+    oom_events: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+def compute_watermarks(mem: GuestMemory, managed: np.ndarray) -> list[Watermarks]:
+    """Per-zone min/low/high watermarks in pages, as ``__setup_per_zone_wmarks`` computes them."""
+    lowmem = int(sum(m for m, z in zip(managed, mem.zones, strict=True) if not z.movable))
+    lowmem_kbytes = lowmem * 4
+    min_free_kbytes = int(math.isqrt(lowmem_kbytes * 16))
+    min_free_kbytes = min(max(min_free_kbytes, MIN_FREE_KBYTES_MIN), MIN_FREE_KBYTES_MAX)
+    pages_min = min_free_kbytes // 4
+    marks = []
+    for m, z in zip(managed, mem.zones, strict=True):
+        m = int(m)
+        if z.movable:
+            zmin = min(max(m // 1024, SWAP_CLUSTER_MAX), 128)
+        else:
+            zmin = pages_min * m // max(lowmem, 1)
+        step = max(zmin // 4, m * WATERMARK_SCALE_FACTOR // 10000)
+        marks.append(Watermarks(zmin, zmin + step, zmin + 2 * step))
+    return marks
+
+
+class Kernel:
+    """A guest kernel over a :class:`GuestMemory`, backed by a :class:`Host`.
+
+    Devices hook in the way drivers do: ``oom_notifiers`` (``register_oom_notifier``),
+    ``free_hooks`` (``page_reporting_notify_free``) and ``adjust_managed_page_count``.
+    """
+
+    def __init__(self, mem: GuestMemory, host: Host, name: str = "vm0",
+                 clock: Callable[[], float] = lambda: 0.0):
+        self.mem = mem
+        self.host = host
+        self.host_vm: HostVM = host.attach(mem, name)
+        self.clock = clock
+        self.allocators = [ZoneAllocator(mem, z) for z in mem.zones]
+        self.managed_adjust = 0  # adjust_managed_page_count() total (balloon without deflate-on-oom)
+        self.vmstat = VmStat()
+        self.handles: dict[int, Handle] = {}
+        self._next_handle = 1
+        self.oom_notifiers: list[Callable[[], int]] = []
+        self.free_hooks: list[Callable[[np.ndarray], None]] = []
+        self.dmesg: list[tuple[float, str]] = []
+        self.panicked: str | None = None
+        self.watermarks = compute_watermarks(mem, self.zone_managed())
+
+    # --- accounting ---------------------------------------------------------------------------
+    def zone_managed(self) -> np.ndarray:
+        c = self.mem.counts
+        return c.sum(axis=1) - c[:, PageState.RESERVED] - c[:, PageState.OFFLINE] - c[
+            :, PageState.ABSENT]
+
+    def totalram_pages(self) -> int:
+        """MemTotal in pages: managed pages, less what drivers took out of the count."""
+        return int(self.zone_managed().sum()) + self.managed_adjust
+
+    def adjust_managed_page_count(self, delta: int) -> None:
+        self.managed_adjust += delta
+
+    def log(self, message: str) -> None:
+        self.dmesg.append((self.clock(), message))
+
+    def zone_free(self, zone_index: int) -> int:
+        return int(self.mem.counts[zone_index, PageState.FREE])
+
+    def zonelist(self, movable: bool, node: int | None) -> list[int]:
+        """Zones to try, in order: the preferred node first; MOVABLE before NORMAL for movable."""
+        nodes = self.mem.nodes
+        preferred = nodes[0] if node is None else node
+        order = [preferred] + [n for n in nodes if n != preferred]
+        out = []
+        for n in order:
+            for i, z in enumerate(self.mem.zones):
+                if z.node == n and z.movable and movable:
+                    out.append(i)
+            for i, z in enumerate(self.mem.zones):
+                if z.node == n and not z.movable:
+                    out.append(i)
+        return out
+
+    # --- allocation ---------------------------------------------------------------------------
+    def _take(self, zones: list[int], n: int, mark: str) -> list[np.ndarray]:
+        got = []
+        for zi in zones:
+            if n <= 0:
+                break
+            headroom = self.zone_free(zi) - getattr(self.watermarks[zi], mark)
+            if headroom <= 0:
+                continue
+            pfns = self.allocators[zi].take(min(n, headroom))
+            got.append(pfns)
+            n -= len(pfns)
+        return got
+
+    def alloc_pages(self, n: int, state: PageState, *, movable: bool = True, node: int | None = None,
+                    noretry: bool = False) -> np.ndarray:
+        """Allocate ``n`` order-0 pages into ``state``; returns their PFNs.
+
+        With ``noretry`` (``__GFP_NORETRY``) the allocation gives up after one direct reclaim
+        and may return fewer pages; otherwise it goes through the OOM path until it succeeds.
+        """
+        if self.panicked:
+            raise GuestError(f"the guest kernel panicked: {self.panicked}")
+        zones = self.zonelist(movable, node)
+        parts = self._take(zones, n, "low")
+        need = n - sum(len(p) for p in parts)
+        if need > 0:
+            self._kswapd(zones)
+            parts += self._take(zones, need, "min")
+            need = n - sum(len(p) for p in parts)
+        if need > 0:
+            self.vmstat.allocstall += 1
+            self._reclaim(zones, need, direct=True)
+            parts += self._take(zones, need, "min")
+            need = n - sum(len(p) for p in parts)
+        while need > 0 and not noretry:
+            self._out_of_memory(zones)
+            parts += self._take(zones, need, "min")
+            need = n - sum(len(p) for p in parts)
+        pfns = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+        self.mem.set_state(pfns, state)
+        return pfns
+
+    def free_pages(self, pfns: np.ndarray) -> None:
+        """Return pages to the buddy allocator (``__free_pages``)."""
+        if len(pfns) == 0:
+            return
+        self.mem.set_state(pfns, PageState.FREE)
+        if len(self.mem.zones) == 1:
+            self.allocators[0].freed(pfns)
+        else:
+            zone_ids = self.mem.zone_index_of(pfns)
+            for zi in np.unique(zone_ids):
+                self.allocators[int(zi)].freed(pfns[zone_ids == zi])
+        for hook in self.free_hooks:
+            hook(pfns)
+
+    def touch(self, pfns: np.ndarray) -> None:
+        """The guest wrote these pages: the host backs them (and dirty-logs them in a migration)."""
+        self.host.touch(self.host_vm, pfns)
+
+    # --- reclaim and OOM ----------------------------------------------------------------------
+    def _kswapd(self, zones: list[int]) -> None:
+        """kswapd: reclaim page cache until the zones are back above their high watermark."""
+        short = sum(max(0, self.watermarks[z].high - self.zone_free(z)) for z in zones)
+        if short > 0:
+            self._reclaim(zones, short, direct=False)
+
+    def _reclaim(self, zones: list[int], n: int, *, direct: bool) -> int:
+        """Reclaim at least ``n`` pages (in SWAP_CLUSTER_MAX batches) of page cache, oldest first."""
+        target = -(-n // SWAP_CLUSTER_MAX) * SWAP_CLUSTER_MAX
+        freed_total = 0
+        zone_set = set(zones)
+        for clean_only in (True, False):
+            for h in sorted(self.handles.values(), key=lambda h: h.created_ms):
+                if freed_total >= target:
+                    break
+                if h.kind != "file" or not h.alive or len(h.pages) == 0:
+                    continue
+                pages = h.pages
+                st = self.mem.state[pages]
+                ok = np.isin(self.mem.zone_index_of(pages), list(zone_set)) if len(
+                    self.mem.zones) > 1 else np.ones(len(pages), bool)
+                reclaimable = ok & ((st == PageState.FILE_CLEAN) if clean_only else np.isin(
+                    st, FILE_STATES))
+                idx = np.flatnonzero(reclaimable)[: target - freed_total]
+                if len(idx) == 0:
+                    continue
+                victims = pages[idx]
+                if not clean_only:
+                    self.vmstat.pgwriteback += int((st[idx] == PageState.FILE_DIRTY).sum())
+                h.pages = np.delete(pages, idx)
+                self.free_pages(victims)
+                freed_total += len(victims)
+        if direct:
+            self.vmstat.pgscan_direct += freed_total
+            self.vmstat.pgsteal_direct += freed_total
+        else:
+            self.vmstat.pgscan_kswapd += freed_total
+            self.vmstat.pgsteal_kswapd += freed_total
+        return freed_total
+
+    def _out_of_memory(self, zones: list[int]) -> None:
+        """``out_of_memory()``: the notifier chain first; if it freed anything, no kill."""
+        self.vmstat.oom_events += 1
+        freed = sum(notifier() for notifier in self.oom_notifiers)
+        if freed > 0:
+            return
+        victims = [h for h in self.handles.values() if h.alive and h.killable and h.kind == "anon"
+                   and len(h.pages)]
+        if not victims:
+            self.panicked = "System is deadlocked on memory"
+            self.log("Kernel panic - not syncing: System is deadlocked on memory")
+            raise GuestError("Out of memory and no killable processes: the guest kernel panicked")
+        victim = max(victims, key=lambda h: len(h.pages))
+        self.vmstat.oom_kill += 1
+        self.log(f"Out of memory: Killed process {victim.id} ({victim.name or victim.kind}) "
+                 f"anon-rss:{len(victim.pages) * 4}kB")
+        pages = victim.pages
+        victim.pages = np.zeros(0, dtype=np.int64)
+        victim.alive = False
+        self.free_pages(pages)
+
+    # --- /proc/meminfo ------------------------------------------------------------------------
+    def meminfo(self) -> dict[str, int]:
+        """/proc/meminfo fields in kB, computed as fs/proc/meminfo.c and si_mem_available() do."""
+        t = self.mem.totals()
+        kb = 4
+        free = int(t[PageState.FREE])
+        file_pages = int(t[PageState.FILE_CLEAN] + t[PageState.FILE_DIRTY])
+        wmark_low = sum(w.low for w in self.watermarks)
+        totalreserve = sum(w.high for w in self.watermarks)
+        pagecache = file_pages - min(file_pages // 2, wmark_low)
+        available = max(0, free - totalreserve + pagecache)
+        kernel = int(t[PageState.KERNEL])
+        cached = file_pages + int(t[PageState.SHMEM])
+        return {
+            "MemTotal": self.totalram_pages() * kb,
+            "MemFree": free * kb,
+            "MemAvailable": available * kb,
+            "Buffers": 0,
+            "Cached": cached * kb,
+            "SwapCached": 0,
+            "Active(file)": file_pages // 2 * kb,
+            "Inactive(file)": (file_pages - file_pages // 2) * kb,
+            "SwapTotal": 0,
+            "SwapFree": 0,
+            "Dirty": int(t[PageState.FILE_DIRTY]) * kb,
+            "Writeback": 0,
+            "AnonPages": int(t[PageState.ANON]) * kb,
+            "Shmem": int(t[PageState.SHMEM]) * kb,
+            "Slab": kernel * kb,
+            "SReclaimable": 0,
+            "SUnreclaim": kernel * kb,
+        }

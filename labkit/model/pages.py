@@ -1,0 +1,186 @@
+"""A guest's physical memory as two numpy bytes a page.
+
+``state`` says who owns each 4 KiB page (exactly one state per page); ``flags`` carries what the
+host and the free-page mechanisms know about it. A 1 TiB guest is 2 x 256 Mi bytes = 512 MiB.
+
+Layout: the page index is the guest page frame number (PFN) in a compacted physical address space
+(no PCI hole below 4 GiB). Zones and NUMA nodes are contiguous PFN ranges aligned to Linux memory
+blocks (128 MiB, ``MIN_MEMORY_BLOCK_SIZE``; arch/x86/mm/init_64.c), so buddies never merge across a
+zone. Real x86-64 guests also have ZONE_DMA (16 MiB) and ZONE_DMA32 (< 4 GiB); labkit folds them into
+ZONE_NORMAL, which changes nothing the five mechanisms depend on.
+
+>>> mem = GuestMemory(1 << 18, zones=[Zone("Normal", 0, 0, 1 << 18)])
+>>> int(mem.count(PageState.FREE)) == 1 << 18
+True
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+import numpy as np
+
+from labkit.units import MiB, PAGE_SIZE
+
+MAX_PAGE_ORDER = 10  # include/linux/mmzone.h: largest buddy block, 4 MiB
+NR_PAGE_ORDERS = MAX_PAGE_ORDER + 1
+PAGEBLOCK_ORDER = 9  # x86-64 pageblock_order = HPAGE_PMD_ORDER (2 MiB)
+MEMORY_BLOCK_SIZE = 128 * MiB  # MIN_MEMORY_BLOCK_SIZE, arch/x86/mm/init_64.c (boot RAM < 64 GiB)
+PAGES_PER_MEMORY_BLOCK = MEMORY_BLOCK_SIZE // PAGE_SIZE
+STRUCT_PAGE_SIZE = 64  # bytes of memmap per 4 KiB page (include/linux/mm_types.h, x86-64)
+
+
+class PageState(enum.IntEnum):
+    """Who owns a page. One per page; the counts add up to the guest size."""
+
+    FREE = 0  # on the buddy allocator's free lists
+    RESERVED = 1  # memblock-reserved at boot (kernel image, memmap): never in MemTotal
+    KERNEL = 2  # unmovable kernel allocations: slab, page tables, stacks
+    ANON = 3  # anonymous process memory
+    SHMEM = 4  # tmpfs / shared memory (counted in Cached and Shmem)
+    FILE_CLEAN = 5  # page cache, clean
+    FILE_DIRTY = 6  # page cache, dirty (needs writeback before reclaim)
+    BALLOON = 7  # inflated into the virtio-balloon
+    HINTED = 8  # held by the balloon driver as a free page hint (free_page_list)
+    OFFLINE = 9  # PageOffline: virtio-mem unplugged or fake-offlined
+    ABSENT = 10  # no memory here (not plugged, not added)
+
+
+N_STATES = len(PageState)
+
+
+class PageFlag(enum.IntFlag):
+    """What else is known about a page, one bit each."""
+
+    REPORTED = 1 << 0  # PageReported: free and reported to the host (mm/page_reporting.c)
+    BACKED = 1 << 1  # the host has RAM behind this page (counts in QEMU's RSS)
+    SWAPPED = 1 << 2  # the host swapped this page out (content lives in host swap)
+    DIRTY_LOG = 1 << 3  # set in the migration dirty bitmap
+    REFERENCED = 1 << 4  # host accessed bit, for the host's second-chance (clock) reclaim
+    MOVABLE_PIN = 1 << 5  # a transiently pinned movable page (e.g. long-term GUP)
+
+
+@dataclass(frozen=True)
+class Zone:
+    """A zone: a name ("Normal" or "Movable"), its NUMA node and the PFN range [start, end)."""
+
+    name: str
+    node: int
+    start: int
+    end: int
+
+    @property
+    def pages(self) -> int:
+        return self.end - self.start
+
+    @property
+    def movable(self) -> bool:
+        return self.name == "Movable"
+
+
+class GuestMemory:
+    """State and flags of every page, the zone layout, and per-zone state counts kept up to date.
+
+    All changes go through :meth:`set_state` (and the flag helpers), which keep ``counts`` exact
+    without ever rescanning the arrays; :meth:`recount` rescans, for tests of that invariant.
+    """
+
+    def __init__(self, n_pages: int, zones: list[Zone], initial: PageState = PageState.FREE):
+        if n_pages <= 0:
+            raise ValueError(f"a guest needs at least one page, got {n_pages}")
+        covered = sorted((z.start, z.end) for z in zones)
+        if covered[0][0] != 0 or covered[-1][1] != n_pages or any(
+            a[1] != b[0] for a, b in zip(covered, covered[1:], strict=False)
+        ):
+            raise ValueError(f"zones must tile [0, {n_pages}) without gaps, got {covered}")
+        self.n_pages = n_pages
+        self.zones = sorted(zones, key=lambda z: z.start)
+        self.state = np.full(n_pages, int(initial), dtype=np.uint8)
+        self.flags = np.zeros(n_pages, dtype=np.uint8)
+        self._zone_starts = np.array([z.start for z in self.zones], dtype=np.int64)
+        self.counts = np.zeros((len(self.zones), N_STATES), dtype=np.int64)
+        for i, z in enumerate(self.zones):
+            self.counts[i, int(initial)] = z.pages
+        self.backed_pages = 0
+        self.swapped_pages = 0
+
+    # --- layout -------------------------------------------------------------------------------
+    @property
+    def nodes(self) -> list[int]:
+        return sorted({z.node for z in self.zones})
+
+    def node_range(self, node: int) -> tuple[int, int]:
+        zs = [z for z in self.zones if z.node == node]
+        if not zs:
+            raise ValueError(f"NUMA node {node} does not exist; nodes are {self.nodes}")
+        return min(z.start for z in zs), max(z.end for z in zs)
+
+    def zone_index_of(self, pfns: np.ndarray) -> np.ndarray:
+        return np.searchsorted(self._zone_starts, pfns, side="right") - 1
+
+    @property
+    def memory_blocks(self) -> int:
+        return -(-self.n_pages // PAGES_PER_MEMORY_BLOCK)
+
+    # --- counts -------------------------------------------------------------------------------
+    def count(self, state: PageState, zone: int | None = None) -> int:
+        if zone is None:
+            return int(self.counts[:, int(state)].sum())
+        return int(self.counts[zone, int(state)])
+
+    def totals(self) -> np.ndarray:
+        """Pages per state over the whole guest (length N_STATES)."""
+        return self.counts.sum(axis=0)
+
+    def recount(self) -> np.ndarray:
+        """Counts per zone and state, recomputed from the arrays (for invariant checks)."""
+        out = np.zeros_like(self.counts)
+        for i, z in enumerate(self.zones):
+            out[i] = np.bincount(self.state[z.start:z.end], minlength=N_STATES)
+        return out
+
+    # --- changes ------------------------------------------------------------------------------
+    def set_state(self, pfns: np.ndarray, new: PageState) -> None:
+        """Move ``pfns`` (unique page numbers) to state ``new``, keeping the counts exact."""
+        if len(pfns) == 0:
+            return
+        old = self.state[pfns]
+        zone = self._single_zone(pfns)
+        if zone is not None:
+            self.counts[zone] -= np.bincount(old, minlength=N_STATES)
+            self.counts[zone, int(new)] += len(pfns)
+        else:
+            zone_ids = self.zone_index_of(pfns)
+            k = N_STATES
+            flat = np.bincount(zone_ids * k + old, minlength=len(self.zones) * k)
+            self.counts -= flat.reshape(len(self.zones), k)
+            self.counts[:, int(new)] += np.bincount(zone_ids, minlength=len(self.zones))
+        self.state[pfns] = int(new)
+
+    def _single_zone(self, pfns: np.ndarray) -> int | None:
+        """The zone holding all of ``pfns``, or None if they span zones."""
+        if len(self.zones) == 1:
+            return 0
+        lo, hi = self.zone_index_of(np.array([pfns.min(), pfns.max()]))
+        return int(lo) if lo == hi else None
+
+    def set_range_state(self, start: int, end: int, new: PageState) -> None:
+        self.set_state(np.arange(start, end, dtype=np.int64), new)
+
+    def set_flag(self, pfns: np.ndarray, flag: PageFlag) -> None:
+        self.flags[pfns] |= np.uint8(flag)
+
+    def clear_flag(self, pfns: np.ndarray, flag: PageFlag) -> None:
+        self.flags[pfns] &= np.uint8(~flag & 0xFF)
+
+    def has_flag(self, pfns: np.ndarray | slice, flag: PageFlag) -> np.ndarray:
+        return (self.flags[pfns] & np.uint8(flag)) != 0
+
+    def pages_in(self, state: PageState, start: int = 0, end: int | None = None) -> np.ndarray:
+        """PFNs in ``state`` within [start, end), ascending."""
+        end = self.n_pages if end is None else end
+        return np.flatnonzero(self.state[start:end] == int(state)) + start
+
+    def bytes_per_state(self) -> dict[str, int]:
+        return {s.name.lower(): int(n) * PAGE_SIZE for s, n in zip(PageState, self.totals(), strict=True)}

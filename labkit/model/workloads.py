@@ -1,0 +1,192 @@
+"""What runs inside the guest: boot, and the workload steps ``vm.guest(op, ...)`` performs.
+
+Every step is seeded and goes through the kernel's allocator, so fragmentation, reclaim and reuse come
+out of the same code the mechanisms use. The ops and their meaning (the live backend does the same
+inside a real guest over its serial shell):
+
+* ``alloc(size, kind)``: ``anon`` maps and populates memory (like ``memhog``: every page is written,
+  so the host backs it); ``shmem`` writes a tmpfs file; ``file`` reads a file into the page cache
+  (``dirty=True`` writes it instead). Returns a handle.
+* ``touch(handle)``: write every page again (file: re-read what reclaim dropped; ``write=True`` dirties).
+* ``free(handle)``: the process exits / the file is removed; its pages go back to the buddy allocator.
+* ``drop_caches``: ``echo 3 > /proc/sys/vm/drop_caches``: clean page cache is freed.
+* ``sync``: dirty page cache is written back and becomes clean.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from labkit.model.kernel import Handle, Kernel
+from labkit.model.pages import STRUCT_PAGE_SIZE, GuestMemory, PageState
+from labkit.units import MiB, PAGE_SIZE, format_size
+
+KINDS = {"anon": PageState.ANON, "shmem": PageState.SHMEM, "file": PageState.FILE_CLEAN}
+
+
+@dataclass(frozen=True)
+class BootProfile:
+    """What a freshly booted guest holds, in bytes (defaults: a small Debian cloud guest).
+
+    ``kernel_image``: text, data and bss (memblock-reserved); memmap costs ``STRUCT_PAGE_SIZE`` (64 B)
+    per 4 KiB page, reserved at the top of each node; ``slab`` is unmovable kernel memory (a fixed part
+    plus a share of RAM); ``page_cache`` is what booting read from disk; ``anon`` is init and daemons.
+    """
+
+    kernel_image: int = 32 * MiB
+    slab_fixed: int = 24 * MiB
+    slab_per_gib: int = 5 * MiB
+    page_cache: int = 160 * MiB
+    anon: int = 64 * MiB
+    churn: float = 0.3  # share of boot-time allocations that were transient and freed again
+
+    @staticmethod
+    def minimal() -> BootProfile:
+        """A busybox initramfs guest, as the live backend boots."""
+        return BootProfile(kernel_image=16 * MiB, slab_fixed=8 * MiB, slab_per_gib=2 * MiB,
+                           page_cache=8 * MiB, anon=4 * MiB, churn=0.1)
+
+
+def reserve_boot_memory(mem: GuestMemory, profile: BootProfile) -> None:
+    """memblock reservations: the kernel image low in node 0, each node's memmap at its top."""
+    image = min(profile.kernel_image // PAGE_SIZE, mem.n_pages // 8)
+    mem.set_range_state(256, 256 + image, PageState.RESERVED)  # loaded at 1 MiB
+    for node in mem.nodes:
+        start, end = mem.node_range(node)
+        memmap = -(-(end - start) * STRUCT_PAGE_SIZE // PAGE_SIZE)
+        mem.set_range_state(end - memmap, end, PageState.RESERVED)
+
+
+def boot(kernel: Kernel, rng: np.random.Generator, profile: BootProfile) -> None:
+    """Boot: reserve memory, then interleave slab, page cache and anon allocations in seeded chunks,
+    and free the transient share again, leaving boot-time fragmentation behind."""
+    mem = kernel.mem
+    reserve_boot_memory(mem, profile)
+    gib = mem.n_pages * PAGE_SIZE / (1 << 30)
+    budget = {
+        "kernel": int((profile.slab_fixed + profile.slab_per_gib * gib) // PAGE_SIZE),
+        "file": profile.page_cache // PAGE_SIZE,
+        "anon": profile.anon // PAGE_SIZE,
+    }
+    free_now = kernel.mem.count(PageState.FREE)
+    scale = min(1.0, 0.5 * free_now / max(1, sum(budget.values())))
+    budget = {k: int(v * scale) for k, v in budget.items()}
+    kept = {"kernel": [], "file": [], "anon": []}
+    transient = []
+    left = dict(budget)
+    while any(v > 0 for v in left.values()):
+        kinds = [k for k, v in left.items() if v > 0]
+        kind = kinds[int(rng.integers(len(kinds)))]
+        n = int(min(left[kind], rng.integers(8, 512)))
+        state = {"kernel": PageState.KERNEL, "file": PageState.FILE_CLEAN, "anon": PageState.ANON}[kind]
+        pfns = kernel.alloc_pages(n, state, movable=kind != "kernel")
+        kernel.touch(pfns)
+        left[kind] -= n
+        if kind != "kernel" and rng.random() < profile.churn:
+            transient.append(pfns)
+        else:
+            kept[kind].append(pfns)
+    for pfns in transient:
+        kernel.free_pages(pfns)
+    cat = lambda parts: np.concatenate(parts) if parts else np.zeros(0, np.int64)  # noqa: E731
+    new_handle(kernel, "kernel", cat(kept["kernel"]), 0, name="kernel", killable=False)
+    new_handle(kernel, "file", cat(kept["file"]), 0, name="boot page cache")
+    new_handle(kernel, "anon", cat(kept["anon"]), 0, name="init", killable=False)
+
+
+def new_handle(kernel: Kernel, kind: str, pfns: np.ndarray, size: int, *, name: str = "",
+               killable: bool = True) -> Handle:
+    h = Handle(kernel._next_handle, kind, size or len(pfns) * PAGE_SIZE, pfns, name=name,
+               killable=killable, created_ms=kernel.clock())
+    kernel.handles[h.id] = h
+    kernel._next_handle += 1
+    return h
+
+
+class GuestOps:
+    """The workload steps of ``Backend.guest(op, ...)`` on the model."""
+
+    def __init__(self, kernel: Kernel):
+        self.kernel = kernel
+
+    def _handle(self, handle: int) -> Handle:
+        h = self.kernel.handles.get(handle) if isinstance(handle, int) else None
+        if h is None or h.name in ("kernel",):
+            user = [i for i, x in self.kernel.handles.items() if x.alive and x.kind != "kernel"]
+            raise ValueError(f"handle {handle!r} does not exist; live handles are {user}")
+        return h
+
+    def alloc(self, size: int, kind: str = "anon", *, node: int | None = None,
+              dirty: bool = False) -> int:
+        if kind not in KINDS:
+            raise ValueError(f"kind {kind!r} is not one of {sorted(KINDS)}")
+        if node is not None and node not in self.kernel.mem.nodes:
+            raise ValueError(f"node {node!r} does not exist; nodes are {self.kernel.mem.nodes}")
+        total = self.kernel.mem.n_pages * PAGE_SIZE
+        if size <= 0 or size % PAGE_SIZE or size > total:
+            raise ValueError(f"size must be a positive multiple of 4 KiB up to the guest's "
+                             f"{format_size(total)}, got {size}")
+        state = PageState.FILE_DIRTY if (kind == "file" and dirty) else KINDS[kind]
+        h = new_handle(self.kernel, kind, np.zeros(0, np.int64), size, name=f"{kind}-{size}")
+        n = size // PAGE_SIZE
+        # When memory is tight, populate 1 MiB at a time as a faulting process does, so the OOM
+        # killer can choose the growing process itself (it is the largest).
+        zones = self.kernel.zonelist(True, node)
+        headroom = sum(self.kernel.zone_free(z) - self.kernel.watermarks[z].low for z in zones)
+        step = n if headroom >= n else 256
+        done = 0
+        while done < n:
+            pfns = self.kernel.alloc_pages(min(step, n - done), state, node=node)
+            if not h.alive:  # the OOM killer chose this process: its pages are gone
+                self.kernel.free_pages(pfns)
+                break
+            self.kernel.touch(pfns)
+            h.pages = np.concatenate([h.pages, pfns]) if len(h.pages) else pfns
+            done += len(pfns)
+        if kind != "file":
+            self.kernel.vmstat.pgfault += done
+        return h.id
+
+    def touch(self, handle: int, *, write: bool = True) -> None:
+        h = self._handle(handle)
+        if not h.alive:
+            raise ValueError(f"handle {handle} was killed by the OOM killer or freed")
+        if h.kind == "file":
+            missing = h.size // PAGE_SIZE - len(h.pages)
+            if missing > 0:
+                state = PageState.FILE_DIRTY if write else PageState.FILE_CLEAN
+                h.pages = np.concatenate([h.pages, self.kernel.alloc_pages(missing, state)])
+                self.kernel.vmstat.pgmajfault += missing
+            if write:
+                self.kernel.mem.set_state(h.pages, PageState.FILE_DIRTY)
+        self.kernel.touch(h.pages)
+
+    def free(self, handle: int) -> None:
+        h = self._handle(handle)
+        if h.kind == "kernel" or not h.killable:
+            raise ValueError(f"handle {handle} belongs to the guest's own {h.name}; not freeable")
+        pages, h.pages, h.alive = h.pages, np.zeros(0, np.int64), False
+        self.kernel.free_pages(pages)
+        del self.kernel.handles[h.id]
+
+    def drop_caches(self) -> int:
+        """Free clean page cache; returns pages freed."""
+        freed = 0
+        for h in self.kernel.handles.values():
+            if h.kind != "file" or len(h.pages) == 0:
+                continue
+            clean = self.kernel.mem.state[h.pages] == PageState.FILE_CLEAN
+            victims = h.pages[clean]
+            h.pages = h.pages[~clean]
+            self.kernel.free_pages(victims)
+            freed += len(victims)
+        return freed
+
+    def sync(self) -> int:
+        """Write back dirty page cache; returns pages written."""
+        dirty = self.kernel.mem.pages_in(PageState.FILE_DIRTY)
+        self.kernel.mem.set_state(dirty, PageState.FILE_CLEAN)
+        self.kernel.vmstat.pgwriteback += len(dirty)
+        return len(dirty)
