@@ -162,6 +162,8 @@ class ZoneAllocator:
             chunk = self._plan_slice(self._cursor, stop)
             self._cursor = stop
             chunk = chunk[state[chunk] == FREE]
+            if out:  # pages this call already took are still FREE in the state array
+                chunk = chunk[~np.isin(chunk, np.concatenate(out))]
             out.append(chunk)
             got += len(chunk)
             if self._cursor >= total:
@@ -173,6 +175,9 @@ class ZoneAllocator:
     def _rebuild(self) -> None:
         """Order the zone's free blocks the way the free lists would hand them out."""
         self.rebuilds += 1
+        if len(self._hot):  # the hot pages become the most recent frees of the new plan
+            self._recent.append(self._hot)
+            self._hot = np.zeros(0, dtype=np.int64)
         blocks = free_blocks(self.mem, self.zone)
         recency = None
         if self._recent:

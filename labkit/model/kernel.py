@@ -27,7 +27,7 @@ import numpy as np
 from labkit.errors import GuestError
 from labkit.model.buddy import ZoneAllocator
 from labkit.model.host import Host, HostVM
-from labkit.model.pages import GuestMemory, PageState
+from labkit.model.pages import GuestMemory, PageFlag, PageState
 
 SWAP_CLUSTER_MAX = 32  # include/linux/swap.h: reclaim batch
 WATERMARK_SCALE_FACTOR = 10  # mm/page_alloc.c default (0.1 % of the zone)
@@ -155,7 +155,8 @@ class Kernel:
         return out
 
     # --- allocation ---------------------------------------------------------------------------
-    def _take(self, zones: list[int], n: int, mark: str) -> list[np.ndarray]:
+    def _take(self, zones: list[int], n: int, mark: str, state: PageState) -> list[np.ndarray]:
+        """Take up to ``n`` pages from zones above watermark ``mark``, marking them at once."""
         got = []
         for zi in zones:
             if n <= 0:
@@ -164,6 +165,7 @@ class Kernel:
             if headroom <= 0:
                 continue
             pfns = self.allocators[zi].take(min(n, headroom))
+            self.mem.set_state(pfns, state)
             got.append(pfns)
             n -= len(pfns)
         return got
@@ -178,23 +180,24 @@ class Kernel:
         if self.panicked:
             raise GuestError(f"the guest kernel panicked: {self.panicked}")
         zones = self.zonelist(movable, node)
-        parts = self._take(zones, n, "low")
+        parts = self._take(zones, n, "low", state)
         need = n - sum(len(p) for p in parts)
         if need > 0:
             self._kswapd(zones)
-            parts += self._take(zones, need, "min")
+            parts += self._take(zones, need, "min", state)
             need = n - sum(len(p) for p in parts)
         if need > 0:
             self.vmstat.allocstall += 1
             self._reclaim(zones, need, direct=True)
-            parts += self._take(zones, need, "min")
+            parts += self._take(zones, need, "min", state)
             need = n - sum(len(p) for p in parts)
         while need > 0 and not noretry:
             self._out_of_memory(zones)
-            parts += self._take(zones, need, "min")
+            parts += self._take(zones, need, "min", state)
             need = n - sum(len(p) for p in parts)
         pfns = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
-        self.mem.set_state(pfns, state)
+        # PageReported is cleared when a page leaves the free list (del_page_from_free_list)
+        self.mem.clear_flag(pfns, PageFlag.REPORTED)
         return pfns
 
     def free_pages(self, pfns: np.ndarray) -> None:
