@@ -1,0 +1,72 @@
+"""Hypothesis: ARCHITECTURE.md's invariants hold through random timelines of guest and host actions."""
+
+from __future__ import annotations
+
+import numpy as np
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import labkit
+from labkit.devices.balloon import VIRTIO_BALLOON_ARRAY_PFNS_MAX
+from labkit.model.buddy import free_blocks
+from labkit.model.pages import PageFlag, PageState
+from tests.helpers import check_invariants
+
+MiB = 1 << 20
+
+actions = st.lists(st.one_of(
+    st.tuples(st.just("alloc"), st.sampled_from(["anon", "file", "shmem"]), st.integers(1, 96)),
+    st.tuples(st.just("free"), st.integers(0, 20)),
+    st.tuples(st.just("touch"), st.integers(0, 20)),
+    st.tuples(st.just("drop_caches")),
+    st.tuples(st.just("balloon"), st.integers(64, 512)),
+    st.tuples(st.just("advance"), st.integers(0, 1500)),
+    st.tuples(st.just("step"),),
+), min_size=1, max_size=25)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(actions, st.booleans(), st.integers(0, 1000))
+def test_invariants_hold_through_random_timelines(steps, deflate_on_oom, seed):
+    with labkit.open(memory="512M", seed=seed, balloon={"deflate_on_oom": deflate_on_oom},
+                     host={"ram": "2G"}) as vm:
+        handles = []
+        for step in steps:
+            before_actual = vm.balloon_device.config.actual
+            target = vm.balloon_device.config.num_pages
+            if step[0] == "alloc":
+                handles.append(vm.guest("alloc", size=step[2] * MiB, kind=step[1]))
+            elif step[0] == "free" and handles:
+                vm.guest("free", handle=handles.pop(step[1] % len(handles)))
+            elif step[0] == "touch" and handles:
+                h = handles[step[1] % len(handles)]
+                if any(x["handle"] == h and x["alive"] for x in vm.guest("handles")):
+                    vm.guest("touch", handle=h)
+            elif step[0] == "drop_caches":
+                vm.guest("drop_caches")
+            elif step[0] == "balloon":
+                vm.qmp("balloon", value=step[1] * MiB)
+            elif step[0] == "advance":
+                vm.advance(step[1])
+            elif step[0] == "step" and vm.step():
+                moved = vm.balloon_device.config.actual - before_actual
+                # a request moves actual toward num_pages by at most 256 pages (unless an OOM
+                # deflate in between moved it the other way, which only deflate-on-oom does)
+                assert abs(moved) <= VIRTIO_BALLOON_ARRAY_PFNS_MAX
+                if moved > 0:
+                    assert vm.balloon_device.config.actual <= target
+            mem = vm.mem
+            check_invariants(mem)
+            balloon = mem.state == PageState.BALLOON
+            assert int(balloon.sum()) == vm.balloon.num_pages
+            # a discarded (ballooned) page is not backed, and reads as zero
+            assert not (mem.flags[balloon] & PageFlag.BACKED).any()
+            assert vm.sample()["host_rss"] == mem.backed_pages * 4096
+        blocks = free_blocks(vm.mem, vm.mem.zones[0])
+        assert blocks.free_pages() == vm.mem.count(PageState.FREE)
+        for k, starts in enumerate(blocks.starts):
+            assert (starts % (1 << k) == 0).all()  # aligned
+            if k < 10 and len(starts):
+                # maximal: a block's buddy of the same order is never free as a whole block too
+                buddies = starts ^ (1 << k)
+                assert not np.isin(buddies, starts).any()
