@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 import numpy as np
@@ -17,6 +18,7 @@ import psutil
 import simpy
 
 from labkit.backends.base import EventQueue, check_arguments
+from labkit.backends.qom import QomObject, QomTree
 from labkit.devices.balloon import PROPERTY_DEFAULTS, BalloonDevice, BalloonDriver
 from labkit.errors import QMPError
 from labkit.model.buddy import buddyinfo
@@ -34,6 +36,25 @@ MODEL_DEFAULTS = {
 HOST_DEFAULTS = {"ram": None, "swap": 0, "discard": True, "swapin_us": 100.0}
 BYTES_PER_PAGE_NEEDED = 8  # state + flags, plus transient masks while deriving free lists
 GUEST_OPS = ("alloc", "touch", "read", "free", "drop_caches", "sync", "handles")
+# guest kernel command-line parameters the model honours (Documentation/admin-guide/kernel-parameters)
+CMDLINE_DEFAULTS = {
+    "page_poison": 0,  # CONFIG_PAGE_POISONING's page_poison=1: poison pages on free
+    "init_on_free": 0,  # zero pages on free
+    "page_reporting.page_reporting_order": -1,  # -1: pageblock_order (mm/page_reporting.c)
+}
+CMDLINE_CHECKS = {
+    "page_poison": (lambda v: v in (0, 1), "accepted: 0 or 1"),
+    "init_on_free": (lambda v: v in (0, 1), "accepted: 0 or 1"),
+    "page_reporting.page_reporting_order": (
+        lambda v: isinstance(v, int) and -1 <= v <= 10, "accepted: -1 (default) or 0..10"),
+}
+# Mechanisms that attach themselves to a VM when its options ask for them: each module has
+# attach(backend) -> object | None, called once the kernel and the balloon exist.
+ATTACHMENTS = (
+    ("reporting", "labkit.devices.free_page_reporting"),
+    ("hinting", "labkit.devices.free_page_hinting"),
+    ("migration", "labkit.model.migration"),
+)
 
 
 def _merge(name: str, given: dict | None, defaults: dict) -> dict:
@@ -60,7 +81,7 @@ class ModelBackend:
 
     def __init__(self, memory: int | str = "4G", seed: int = 0, balloon: dict | bool | None = None,
                  host: dict | Host | None = None, numa_nodes: int = 1, model: dict | None = None,
-                 vm_name: str = "vm0"):
+                 cmdline: dict | None = None, vm_name: str = "vm0"):
         size = parse_size(memory, name="memory")
         if size < 64 * MiB or size % MiB:
             raise ValueError(f"memory must be a whole number of MiB, at least 64 MiB, got {memory!r}")
@@ -73,6 +94,10 @@ class ModelBackend:
         if not isinstance(seed, int) or isinstance(seed, bool):
             raise TypeError(f"seed must be an int, got {seed!r}")
         knobs = _merge("model", model, MODEL_DEFAULTS)
+        self.cmdline = _merge("cmdline", cmdline, CMDLINE_DEFAULTS)
+        for key, check in CMDLINE_CHECKS.items():
+            if not check[0](self.cmdline[key]):
+                raise ValueError(f"cmdline {key}={self.cmdline[key]!r}: {check[1]}")
         if knobs["boot"] not in ("default", "minimal"):
             raise ValueError(f"model boot {knobs['boot']!r} is not one of ['default', 'minimal']")
         if balloon is True or balloon is None:
@@ -80,10 +105,6 @@ class ModelBackend:
         balloon_opts = None if balloon is False else _merge("balloon", balloon, PROPERTY_DEFAULTS)
         if balloon_opts and balloon_opts["free_page_hint"] and not balloon_opts["iothread"]:
             raise ValueError("'free-page-hint' requires 'iothread' to be set")
-        for feature in ("free_page_hint", "free_page_reporting"):
-            if balloon_opts and balloon_opts[feature]:
-                raise ValueError(f"balloon option {feature}=True is not modelled yet in this "
-                                 "labkit version; use False")
         if isinstance(host, Host):
             self.host = host
         else:
@@ -106,6 +127,9 @@ class ModelBackend:
         profile = BootProfile() if knobs["boot"] == "default" else BootProfile.minimal()
         boot(self.kernel, np.random.default_rng(seed), profile)
         self.ops = GuestOps(self.kernel)
+        self.qom = QomTree()
+        self._qmp_handlers = {name: getattr(self, fn) for name, fn in self._QMP.items()}
+        self.sample_hooks: list = []  # callables returning extra sample() fields
         self.balloon_device: BalloonDevice | None = None
         self.balloon: BalloonDriver | None = None
         if balloon_opts is not None:
@@ -113,6 +137,11 @@ class ModelBackend:
                                                 balloon_opts, self._events.emit, self.wallclock)
             self.balloon = BalloonDriver(self.env, self.kernel, self.balloon_device,
                                          knobs["balloon_request_ms"])
+            self._attach_balloon_qom(self.balloon_device)
+        self.balloon_options = balloon_opts
+        self.guest_ops = {op: None for op in GUEST_OPS}
+        for attr, module in ATTACHMENTS:
+            setattr(self, attr, importlib.import_module(module).attach(self))
         self.closed = False
 
     @staticmethod
@@ -138,6 +167,10 @@ class ModelBackend:
         self._check_open()
         if not isinstance(ms, int | float) or isinstance(ms, bool) or ms < 0:
             raise ValueError(f"advance() takes milliseconds >= 0, got {ms!r}")
+        if ms == 0:  # run what is due now; simpy's run() wants a later time
+            while self.env.peek() == self.env.now:
+                self.env.step()
+            return
         self.env.run(until=self.env.now + ms)
 
     def step(self, max_ms: float = 60_000) -> bool:
@@ -155,10 +188,10 @@ class ModelBackend:
     def qmp(self, command: str, **arguments: Any) -> Any:
         """Run a QMP command as QEMU would; raise QMPError with QEMU's class and text."""
         self._check_open()
-        handler = self._QMP.get(command)
+        handler = self._qmp_handlers.get(command)
         if handler is None:
             raise QMPError("CommandNotFound", f"The command {command} has not been found")
-        return handler(self, **arguments)
+        return handler(**arguments)
 
     def _need_balloon(self) -> BalloonDevice:
         if self.balloon_device is None:
@@ -177,54 +210,39 @@ class ModelBackend:
         check_arguments(args, {}, {})
         return {"actual": self._need_balloon().logical_actual()}
 
-    def _resolve(self, path: str) -> str:
-        dev = self.balloon_device
-        if dev is not None:
-            full = f"/machine/peripheral/{dev.id}"
-            if path in (full, dev.id, f"{full}/virtio-backend"):
-                return "virtio-balloon-pci" if not path.endswith("virtio-backend") else (
-                    "virtio-balloon-device")
-        raise QMPError("DeviceNotFound", f"Device '{path}' not found")
+    def register_guest_op(self, name: str, handler) -> None:
+        """Add a guest workload op (e.g. a background writer) that ``guest(name, ...)`` runs."""
+        self.guest_ops[name] = handler
 
-    _QOM_PROPERTIES = {
-        "guest-stats": "any", "guest-stats-polling-interval": "int",
-        "deflate-on-oom": "bool", "free-page-hint": "bool", "free-page-reporting": "bool",
-        "page-poison": "bool",
-    }
+    def register_qmp(self, name: str, handler) -> None:
+        """Add a QMP command (devices and engines call this when they attach)."""
+        self._qmp_handlers[name] = handler
 
     def _qmp_qom_get(self, **args: Any) -> Any:
         check_arguments(args, {"path": str, "property": str}, {})
-        typename = self._resolve(args["path"])
-        dev = self.balloon_device
-        prop = args["property"]
-        if prop not in self._QOM_PROPERTIES:
-            raise QMPError("GenericError", f"Property '{typename}.{prop}' not found")
-        if prop == "guest-stats":
-            return dev.guest_stats()
-        if prop == "guest-stats-polling-interval":
-            return dev.stats_poll_interval
-        return bool(dev.options[prop.replace("-", "_")])
+        return self.qom.resolve(args["path"]).get(args["property"])
 
     def _qmp_qom_set(self, **args: Any) -> dict:
         check_arguments(args, {"path": str, "property": str, "value": object}, {})
-        typename = self._resolve(args["path"])
-        prop, value = args["property"], args["value"]
-        if prop not in self._QOM_PROPERTIES:
-            raise QMPError("GenericError", f"Property '{typename}.{prop}' not found")
-        if prop != "guest-stats-polling-interval":
-            raise QMPError("GenericError", f"Property '{typename}.{prop}' is not writable")
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise QMPError("GenericError", f"Invalid parameter type for '{prop}', expected: integer")
-        try:
-            self.balloon_device.set_poll_interval(value)
-        except ValueError as e:
-            raise QMPError("GenericError", str(e)) from None
+        self.qom.resolve(args["path"]).set(args["property"], args["value"])
         return {}
 
     def _qmp_qom_list(self, **args: Any) -> list:
         check_arguments(args, {"path": str}, {})
-        self._resolve(args["path"])
-        return [{"name": n, "type": t} for n, t in self._QOM_PROPERTIES.items()]
+        return self.qom.resolve(args["path"]).list()
+
+    def _attach_balloon_qom(self, dev: BalloonDevice) -> None:
+        """virtio-balloon-pci at /machine/peripheral/<id>, its virtio-backend child, their
+        properties (the PCI proxy aliases guest-stats and guest-stats-polling-interval)."""
+        base = f"/machine/peripheral/{dev.id}"
+        for path, typename, aliases in ((base, "virtio-balloon-pci", (dev.id,)),
+                                        (f"{base}/virtio-backend", "virtio-balloon-device", ())):
+            obj = self.qom.add(QomObject(path, typename, aliases))
+            obj.add("guest-stats", "any", dev.guest_stats)
+            obj.add("guest-stats-polling-interval", "int", lambda: dev.stats_poll_interval,
+                    dev.set_poll_interval)
+            for prop in ("deflate-on-oom", "free-page-hint", "free-page-reporting", "page-poison"):
+                obj.add(prop, "bool", lambda p=prop: bool(dev.options[p.replace("-", "_")]))
 
     def _qmp_query_status(self, **args: Any) -> dict:
         check_arguments(args, {}, {})
@@ -232,24 +250,26 @@ class ModelBackend:
 
     def _qmp_query_commands(self, **args: Any) -> list:
         check_arguments(args, {}, {})
-        return [{"name": name} for name in sorted(self._QMP)]
+        return [{"name": name} for name in sorted(self._qmp_handlers)]
 
     _QMP = {
-        "balloon": _qmp_balloon,
-        "query-balloon": _qmp_query_balloon,
-        "qom-get": _qmp_qom_get,
-        "qom-set": _qmp_qom_set,
-        "qom-list": _qmp_qom_list,
-        "query-status": _qmp_query_status,
-        "query-commands": _qmp_query_commands,
+        "balloon": "_qmp_balloon",
+        "query-balloon": "_qmp_query_balloon",
+        "qom-get": "_qmp_qom_get",
+        "qom-set": "_qmp_qom_set",
+        "qom-list": "_qmp_qom_list",
+        "query-status": "_qmp_query_status",
+        "query-commands": "_qmp_query_commands",
     }
 
     # --- guest --------------------------------------------------------------------------------
     def guest(self, op: str, **arguments: Any) -> Any:
         """Run a workload step in the guest: alloc, touch, read, free, drop_caches, sync, handles."""
         self._check_open()
-        if op not in GUEST_OPS:
-            raise ValueError(f"guest op {op!r} is not one of {list(GUEST_OPS)}")
+        if op not in self.guest_ops:
+            raise ValueError(f"guest op {op!r} is not one of {list(self.guest_ops)}")
+        if self.guest_ops[op] is not None:
+            return self.guest_ops[op](**arguments)
         ops = self.ops
         try:
             if op == "alloc":
@@ -297,7 +317,7 @@ class ModelBackend:
             "host_swap": self.kernel.host_vm.swap_pages * PAGE_SIZE,
             "host_free": self.host.free_pages * PAGE_SIZE,
             "oom_kills": self.kernel.vmstat.oom_kill,
-        }
+        } | {k: v for hook in self.sample_hooks for k, v in hook().items()}
 
     def snapshot(self) -> dict:
         """Copies of the page state and flag arrays, with the zone layout, for the page map."""

@@ -221,6 +221,8 @@ class BalloonDriver:
         self.oom_deflated_pages = 0
         self._queued = False
         self._wake: simpy.Event | None = None
+        self.in_flight = np.zeros(0, dtype=np.int64)
+        self.request_target = 0
         self.request_done: simpy.Event = env.event()
         device.driver = self
         if self.deflate_on_oom:
@@ -259,6 +261,7 @@ class BalloonDriver:
                 self._wake = self.env.event()
                 yield self._wake
             self._queued = False
+            self.request_target = self.device.config.num_pages  # what this run chases
             diff = self.towards_target()
             if diff == 0:
                 continue
@@ -291,8 +294,10 @@ class BalloonDriver:
         """leak_balloon: dequeue up to 256 pages, tell the host first, then free them."""
         pfns = self._dequeue(min(num, VIRTIO_BALLOON_ARRAY_PFNS_MAX))
         if len(pfns):
+            self.in_flight = pfns  # off the balloon list, not yet back in the buddy allocator
             self.device.handle_deflate(pfns)
             yield self.env.timeout(self.request_ms)
+            self.in_flight = np.zeros(0, dtype=np.int64)
             self._release(pfns)
         return len(pfns)
 

@@ -116,6 +116,8 @@ class Kernel:
         self._next_handle = 1
         self.oom_notifiers: list[Callable[[], int]] = []
         self.free_hooks: list[Callable[[np.ndarray], None]] = []
+        # shrinkers: called by reclaim with the pages still wanted; return pages freed
+        self.shrinkers: list[Callable[[int], int]] = []
         self.dmesg: list[tuple[float, str]] = []
         self.panicked: str | None = None
         self.watermarks = compute_watermarks(mem, self.zone_managed())
@@ -251,6 +253,10 @@ class Kernel:
                 h.pages = np.delete(pages, idx)
                 self.free_pages(victims)
                 freed_total += len(victims)
+        for shrinker in self.shrinkers:  # e.g. virtio-balloon's free page hint shrinker
+            if freed_total >= n:
+                break
+            freed_total += shrinker(n - freed_total)
         if direct:
             self.vmstat.pgscan_direct += freed_total
             self.vmstat.pgsteal_direct += freed_total

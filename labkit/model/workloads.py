@@ -23,6 +23,7 @@ from labkit.model.kernel import Handle, Kernel
 from labkit.model.pages import STRUCT_PAGE_SIZE, GuestMemory, PageState
 from labkit.units import MiB, PAGE_SIZE, format_size
 
+INIT_ANON = 4 * MiB  # pid 1's own memory: the OOM killer never chooses init
 KINDS = {"anon": PageState.ANON, "shmem": PageState.SHMEM, "file": PageState.FILE_CLEAN}
 
 
@@ -93,7 +94,11 @@ def boot(kernel: Kernel, rng: np.random.Generator, profile: BootProfile) -> None
     cat = lambda parts: np.concatenate(parts) if parts else np.zeros(0, np.int64)  # noqa: E731
     new_handle(kernel, "kernel", cat(kept["kernel"]), 0, name="kernel", killable=False)
     new_handle(kernel, "file", cat(kept["file"]), 0, name="boot page cache")
-    new_handle(kernel, "anon", cat(kept["anon"]), 0, name="init", killable=False)
+    anon = cat(kept["anon"])
+    init_pages = min(len(anon), INIT_ANON // PAGE_SIZE)
+    new_handle(kernel, "anon", anon[:init_pages], 0, name="init", killable=False)
+    if len(anon) > init_pages:  # journald, udevd, sshd...: what the OOM killer can choose
+        new_handle(kernel, "anon", anon[init_pages:], 0, name="daemons")
 
 
 def new_handle(kernel: Kernel, kind: str, pfns: np.ndarray, size: int, *, name: str = "",
