@@ -24,7 +24,8 @@ def naive_free_blocks(free: np.ndarray, max_order: int = 10) -> list[set[int]]:
 def check_invariants(mem: GuestMemory) -> None:
     """ARCHITECTURE.md invariants that hold at every instant."""
     assert (mem.recount() == mem.counts).all(), "per-zone counts drifted from the state array"
-    assert mem.counts.sum() == mem.n_pages, "page counts must add up to the guest size"
+    assert (mem.recount_unzoned() == mem.unzoned).all(), "counts of unzoned pages drifted"
+    assert mem.counts.sum() + mem.unzoned.sum() == mem.n_pages, "counts must add up to the size"
     backed = (mem.flags & PageFlag.BACKED) != 0
     swapped = (mem.flags & PageFlag.SWAPPED) != 0
     assert int(backed.sum()) == mem.backed_pages, "host RSS must equal the backed pages"

@@ -281,7 +281,9 @@ class BalloonDriver:
             self.out_of_puff += 1
             self.kernel.log(f"virtio_balloon virtio0: Out of puff! Can't get "
                             f"{VIRTIO_BALLOON_PAGES_PER_PAGE} pages")
+            self.in_flight = pfns  # allocated, on the local list, not yet on the balloon list
             yield self.env.timeout(OUT_OF_PUFF_SLEEP_MS)
+            self.in_flight = np.zeros(0, dtype=np.int64)
         if len(pfns):
             self._push(pfns)
             if not self.deflate_on_oom:

@@ -86,22 +86,42 @@ class GuestMemory:
     without ever rescanning the arrays; :meth:`recount` rescans, for tests of that invariant.
     """
 
-    def __init__(self, n_pages: int, zones: list[Zone], initial: PageState = PageState.FREE):
+    def __init__(self, n_pages: int, zones: list[Zone], initial: PageState = PageState.FREE,
+                 hotplug_zones: list[Zone] | None = None):
         if n_pages <= 0:
             raise ValueError(f"a guest needs at least one page, got {n_pages}")
         covered = sorted((z.start, z.end) for z in zones)
-        if covered[0][0] != 0 or covered[-1][1] != n_pages or any(
+        boot_end = covered[-1][1]
+        if covered[0][0] != 0 or boot_end > n_pages or any(
             a[1] != b[0] for a, b in zip(covered, covered[1:], strict=False)
         ):
             raise ValueError(f"zones must tile [0, {n_pages}) without gaps, got {covered}")
+        if boot_end < n_pages and not hotplug_zones:
+            raise ValueError(f"zones must tile [0, {n_pages}) without gaps, got {covered}")
         self.n_pages = n_pages
-        self.zones = sorted(zones, key=lambda z: z.start)
+        self.boot_pages = boot_end
+        self.zones = sorted(zones, key=lambda z: z.start) + list(hotplug_zones or [])
         self.state = np.full(n_pages, int(initial), dtype=np.uint8)
         self.flags = np.zeros(n_pages, dtype=np.uint8)
         self._zone_starts = np.array([z.start for z in self.zones], dtype=np.int64)
         self.counts = np.zeros((len(self.zones), N_STATES), dtype=np.int64)
-        for i, z in enumerate(self.zones):
+        self.unzoned = np.zeros(N_STATES, dtype=np.int64)  # pages in no zone (not added)
+        # Zone membership per memory block, once memory can be hot(un)plugged: a hot-plugged
+        # block joins ZONE_NORMAL or ZONE_MOVABLE when it is onlined (mm/memory_hotplug.c).
+        self.block_zone: np.ndarray | None = None
+        for i, z in enumerate(self.zones[:len(zones)]):
             self.counts[i, int(initial)] = z.pages
+        if boot_end < n_pages:
+            if boot_end % PAGES_PER_MEMORY_BLOCK and any(
+                    z.start % PAGES_PER_MEMORY_BLOCK for z in self.zones[:len(zones)]):
+                raise ValueError("with hot-pluggable memory, zones start on memory blocks")
+            self.state[boot_end:] = int(PageState.ABSENT)
+            self.unzoned[int(PageState.ABSENT)] = n_pages - boot_end
+            self.block_zone = np.full(self.memory_blocks, -1, dtype=np.int16)
+            for i, z in enumerate(self.zones[:len(zones)]):
+                first = z.start // PAGES_PER_MEMORY_BLOCK
+                last = -(-z.end // PAGES_PER_MEMORY_BLOCK)
+                self.block_zone[first:last] = i
         self.backed_pages = 0
         self.swapped_pages = 0
 
@@ -117,7 +137,35 @@ class GuestMemory:
         return min(z.start for z in zs), max(z.end for z in zs)
 
     def zone_index_of(self, pfns: np.ndarray) -> np.ndarray:
+        """Zone index of each PFN; -1 for pages in no zone (hot-pluggable space not yet added)."""
+        if self.block_zone is not None:
+            return self.block_zone[np.asarray(pfns) // PAGES_PER_MEMORY_BLOCK].astype(np.int64)
         return np.searchsorted(self._zone_starts, pfns, side="right") - 1
+
+    def zone_runs(self, zone_index: int) -> list[tuple[int, int]]:
+        """The PFN ranges [start, end) that belong to a zone, ascending."""
+        zone = self.zones[zone_index]
+        if self.block_zone is None:
+            return [(zone.start, zone.end)]
+        member = np.concatenate([[False], self.block_zone == zone_index, [False]])
+        edges = np.flatnonzero(np.diff(member.astype(np.int8)))
+        runs = []
+        for a, b in zip(edges[0::2], edges[1::2], strict=True):
+            runs.append((int(a) * PAGES_PER_MEMORY_BLOCK,
+                         min(int(b) * PAGES_PER_MEMORY_BLOCK, self.n_pages)))
+        return runs
+
+    def assign_block(self, block: int, zone_index: int) -> None:
+        """Move memory block ``block`` into zone ``zone_index`` (-1: no zone), counts included."""
+        if self.block_zone is None:
+            raise ValueError("this guest has no hot-pluggable memory")
+        a = block * PAGES_PER_MEMORY_BLOCK
+        b = min(a + PAGES_PER_MEMORY_BLOCK, self.n_pages)
+        hist = np.bincount(self.state[a:b], minlength=N_STATES)
+        old = int(self.block_zone[block])
+        (self.unzoned if old < 0 else self.counts[old]).__isub__(hist)
+        (self.unzoned if zone_index < 0 else self.counts[zone_index]).__iadd__(hist)
+        self.block_zone[block] = zone_index
 
     @property
     def memory_blocks(self) -> int:
@@ -126,18 +174,30 @@ class GuestMemory:
     # --- counts -------------------------------------------------------------------------------
     def count(self, state: PageState, zone: int | None = None) -> int:
         if zone is None:
-            return int(self.counts[:, int(state)].sum())
+            return int(self.counts[:, int(state)].sum() + self.unzoned[int(state)])
         return int(self.counts[zone, int(state)])
 
     def totals(self) -> np.ndarray:
         """Pages per state over the whole guest (length N_STATES)."""
-        return self.counts.sum(axis=0)
+        return self.counts.sum(axis=0) + self.unzoned
 
     def recount(self) -> np.ndarray:
         """Counts per zone and state, recomputed from the arrays (for invariant checks)."""
         out = np.zeros_like(self.counts)
-        for i, z in enumerate(self.zones):
-            out[i] = np.bincount(self.state[z.start:z.end], minlength=N_STATES)
+        for i in range(len(self.zones)):
+            for a, b in self.zone_runs(i):
+                out[i] += np.bincount(self.state[a:b], minlength=N_STATES)
+        return out
+
+    def recount_unzoned(self) -> np.ndarray:
+        """Counts of the pages in no zone, recomputed (for invariant checks)."""
+        if self.block_zone is None:
+            return np.zeros(N_STATES, dtype=np.int64)
+        out = np.zeros(N_STATES, dtype=np.int64)
+        for block in np.flatnonzero(self.block_zone < 0):
+            a = int(block) * PAGES_PER_MEMORY_BLOCK
+            out += np.bincount(self.state[a:min(a + PAGES_PER_MEMORY_BLOCK, self.n_pages)],
+                               minlength=N_STATES)
         return out
 
     # --- changes ------------------------------------------------------------------------------
@@ -151,19 +211,29 @@ class GuestMemory:
             self.counts[zone] -= np.bincount(old, minlength=N_STATES)
             self.counts[zone, int(new)] += len(pfns)
         else:
-            zone_ids = self.zone_index_of(pfns)
-            k = N_STATES
-            flat = np.bincount(zone_ids * k + old, minlength=len(self.zones) * k)
-            self.counts -= flat.reshape(len(self.zones), k)
-            self.counts[:, int(new)] += np.bincount(zone_ids, minlength=len(self.zones))
+            rows = self.zone_index_of(pfns) + 1  # row 0: pages in no zone
+            k, n = N_STATES, len(self.zones) + 1
+            flat = np.bincount(rows * k + old, minlength=n * k).reshape(n, k)
+            per_row = np.bincount(rows, minlength=n)
+            self.unzoned -= flat[0]
+            self.unzoned[int(new)] += per_row[0]
+            self.counts -= flat[1:]
+            self.counts[:, int(new)] += per_row[1:]
         self.state[pfns] = int(new)
 
     def _single_zone(self, pfns: np.ndarray) -> int | None:
         """The zone holding all of ``pfns``, or None if they span zones."""
-        if len(self.zones) == 1:
+        if len(self.zones) == 1 and self.block_zone is None:
             return 0
         lo, hi = self.zone_index_of(np.array([pfns.min(), pfns.max()]))
-        return int(lo) if lo == hi else None
+        if lo != hi or lo < 0:
+            return None
+        if self.block_zone is not None:  # a foreign block may sit between the two ends
+            first, last = int(pfns.min()) // PAGES_PER_MEMORY_BLOCK, int(pfns.max()) // (
+                PAGES_PER_MEMORY_BLOCK)
+            if last > first and (self.block_zone[first:last + 1] != lo).any():
+                return None
+        return int(lo)
 
     def set_range_state(self, start: int, end: int, new: PageState) -> None:
         self.set_state(np.arange(start, end, dtype=np.int64), new)
