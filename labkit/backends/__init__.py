@@ -33,7 +33,7 @@ def open(backend: str = "model", **options: Any) -> Backend:  # noqa: A001 - lab
                 name = str(e).split("'")[1]
                 raise TypeError(
                     f"unknown option {name!r}; accepted: memory, seed, balloon, host, numa_nodes, "
-                    "model, cmdline, vm_name") from None
+                    "model, cmdline, vm_name, virtio_mem, memhp_default_state") from None
             raise
     raise ValueError(f"backend {backend!r} is not available; accepted: {list(BACKENDS)}")
 

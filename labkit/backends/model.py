@@ -20,7 +20,10 @@ import simpy
 from labkit.backends.base import EventQueue, check_arguments
 from labkit.backends.qom import QomObject, QomTree
 from labkit.devices.balloon import PROPERTY_DEFAULTS, BalloonDevice, BalloonDriver
+from labkit.devices.virtio_mem import PROPERTY_DEFAULTS as VIRTIO_MEM_PROPERTIES
+from labkit.devices.virtio_mem import check_block_size
 from labkit.errors import QMPError
+from labkit.model.hotplug import ONLINE_TYPES, MemoryHotplug, plan_layout
 from labkit.model.buddy import buddyinfo
 from labkit.model.host import Host
 from labkit.model.kernel import Kernel
@@ -37,12 +40,16 @@ HOST_DEFAULTS = {"ram": None, "swap": 0, "discard": True, "swapin_us": 100.0}
 BYTES_PER_PAGE_NEEDED = 8  # state + flags, plus transient masks while deriving free lists
 GUEST_OPS = ("alloc", "touch", "read", "free", "drop_caches", "sync", "handles")
 # guest kernel command-line parameters the model honours (Documentation/admin-guide/kernel-parameters)
+VIRTIO_MEM_DEFAULTS = {k: v for k, v in VIRTIO_MEM_PROPERTIES.items()}
 CMDLINE_DEFAULTS = {
+    "memory_hotplug.online_policy": "contig-zones",  # or "auto-movable" (mm/memory_hotplug.c)
     "page_poison": 0,  # CONFIG_PAGE_POISONING's page_poison=1: poison pages on free
     "init_on_free": 0,  # zero pages on free
     "page_reporting.page_reporting_order": -1,  # -1: pageblock_order (mm/page_reporting.c)
 }
 CMDLINE_CHECKS = {
+    "memory_hotplug.online_policy": (lambda v: v in ("contig-zones", "auto-movable"),
+                                     "accepted: 'contig-zones' or 'auto-movable'"),
     "page_poison": (lambda v: v in (0, 1), "accepted: 0 or 1"),
     "init_on_free": (lambda v: v in (0, 1), "accepted: 0 or 1"),
     "page_reporting.page_reporting_order": (
@@ -54,7 +61,47 @@ ATTACHMENTS = (
     ("reporting", "labkit.devices.free_page_reporting"),
     ("hinting", "labkit.devices.free_page_hinting"),
     ("migration", "labkit.model.migration"),
+    ("virtio_mem", "labkit.devices.virtio_mem_qmp"),
 )
+
+
+def _virtio_mem_specs(specs: list[dict] | None, numa_nodes: int) -> list[dict]:
+    """Validate virtio-mem device options (QEMU property names with underscores) with QEMU's
+    texts; sizes become bytes."""
+    out, ids = [], set()
+    for i, spec in enumerate(specs or []):
+        if not isinstance(spec, dict):
+            raise TypeError(f"virtio_mem[{i}] must be a dict of device properties, got {spec!r}")
+        opts = _merge(f"virtio_mem[{i}]", spec, VIRTIO_MEM_DEFAULTS)
+        if not opts["id"] or opts["id"] in ids:
+            raise ValueError(f"virtio_mem[{i}] needs a unique 'id', got {opts['id']!r}")
+        ids.add(opts["id"])
+        if opts["size"] is None:
+            raise ValueError(f"virtio_mem[{i}] needs 'size' (the memory backend's size)")
+        for key in ("size", "requested_size", "block_size"):
+            opts[key] = parse_size(opts[key], name=key.replace("_", "-"))
+        if opts["size"] <= 0 or opts["requested_size"] < 0:
+            raise ValueError(f"virtio_mem[{i}]: size must be > 0 and requested-size >= 0, got "
+                             f"{spec.get('size')!r}, {spec.get('requested_size')!r}")
+        check_block_size(opts["block_size"])
+        node = opts["node"]
+        if not isinstance(node, int) or isinstance(node, bool) or not 0 <= node < numa_nodes:
+            raise ValueError(f"'node' property has value '{node}', which exceedsthe number of "
+                             f"numa nodes: {numa_nodes}")
+        if opts["size"] % opts["block_size"]:
+            raise ValueError(f"'memdev' property memdev size has to be multiples of'block-size' "
+                             f"(0x{opts['block_size']:x})")
+        if opts["requested_size"] % opts["block_size"]:
+            raise ValueError(f"'requested-size' property has to be multiples of 'block-size' "
+                             f"(0x{opts['block_size']:x})")
+        if opts["requested_size"] > opts["size"]:
+            raise ValueError(f"'requested-size' cannot exceed the memory backend size"
+                             f"(0x{opts['size']:x})")
+        if opts["size"] % (128 * MiB):
+            raise ValueError(f"virtio_mem[{i}] size must be a multiple of 128 MiB (a Linux memory "
+                             f"block) in this model, got {spec.get('size')!r}")
+        out.append(opts)
+    return out
 
 
 def _merge(name: str, given: dict | None, defaults: dict) -> dict:
@@ -81,7 +128,8 @@ class ModelBackend:
 
     def __init__(self, memory: int | str = "4G", seed: int = 0, balloon: dict | bool | None = None,
                  host: dict | Host | None = None, numa_nodes: int = 1, model: dict | None = None,
-                 cmdline: dict | None = None, vm_name: str = "vm0"):
+                 cmdline: dict | None = None, vm_name: str = "vm0",
+                 virtio_mem: list[dict] | None = None, memhp_default_state: str = "offline"):
         size = parse_size(memory, name="memory")
         if size < 64 * MiB or size % MiB:
             raise ValueError(f"memory must be a whole number of MiB, at least 64 MiB, got {memory!r}")
@@ -114,16 +162,26 @@ class ModelBackend:
             if ram <= 0 or swap < 0:
                 raise ValueError(f"host ram must be > 0 and swap >= 0, got {h['ram']!r}, {h['swap']!r}")
             self.host = Host(ram, swap, discard=bool(h["discard"]), swapin_us=float(h["swapin_us"]))
-        _check_fits(size)
+        self.virtio_mem_specs = _virtio_mem_specs(virtio_mem, numa_nodes)
+        if memhp_default_state not in ONLINE_TYPES:
+            raise ValueError(f"memhp_default_state {memhp_default_state!r} is not one of "
+                             f"{list(ONLINE_TYPES)}")
+        boot_pages = size // PAGE_SIZE
+        boot_zones = self._zones(boot_pages, numa_nodes)
+        n_pages, hotplug_zones, self.regions = plan_layout(boot_pages, boot_zones,
+                                                           self.virtio_mem_specs)
+        _check_fits(n_pages * PAGE_SIZE)
 
         self.memory = size
         self.seed = seed
         self.knobs = knobs
         self.env = simpy.Environment()
         self._events = EventQueue(self.env, self.wallclock)
-        n_pages = size // PAGE_SIZE
-        self.mem = GuestMemory(n_pages, self._zones(n_pages, numa_nodes))
+        self.mem = GuestMemory(n_pages, boot_zones, hotplug_zones=hotplug_zones)
         self.kernel = Kernel(self.mem, self.host, vm_name, clock=lambda: self.env.now)
+        if self.regions:
+            self.kernel.hotplug = MemoryHotplug(
+                self.kernel, memhp_default_state, self.cmdline["memory_hotplug.online_policy"])
         profile = BootProfile() if knobs["boot"] == "default" else BootProfile.minimal()
         boot(self.kernel, np.random.default_rng(seed), profile)
         self.ops = GuestOps(self.kernel)
@@ -299,7 +357,12 @@ class ModelBackend:
 
     # --- observation --------------------------------------------------------------------------
     def sample(self) -> dict[str, float]:
-        """One row of metrics, all sizes in bytes."""
+        """One row of metrics, all sizes in bytes.
+
+        ``balloon_actual`` / ``balloon_target`` are logical VM sizes as QEMU reports them;
+        ``balloon_size`` is the memory the driver holds (vb->num_pages plus a request being
+        filled), which runs ahead of ``actual`` by at most one request (256 pages) while inflating,
+        because the driver allocates before it tells the host."""
         self._check_open()
         info = self.kernel.meminfo()
         dev = self.balloon_device

@@ -227,6 +227,7 @@ class BalloonDriver:
         device.driver = self
         if self.deflate_on_oom:
             kernel.oom_notifiers.append(self.oom_notify)
+        kernel.remap_hooks.append(self._migrated)  # balloon compaction: virtballoon_migratepage
         self._worker = env.process(self._work())
         self.stats_request()  # init_vqs primes the stats queue with one buffer at probe
 
@@ -323,6 +324,14 @@ class BalloonDriver:
             self._pages = grown
         self._pages[self.num_pages:need] = pfns
         self.num_pages = need
+
+    def _migrated(self, old_sorted: np.ndarray, new_sorted: np.ndarray) -> None:
+        """Balloon pages moved by page migration: the balloon list follows them."""
+        pages = self._pages[:self.num_pages]
+        at = np.searchsorted(old_sorted, pages)
+        at[at == len(old_sorted)] = 0
+        hit = old_sorted[at] == pages
+        pages[hit] = new_sorted[at[hit]]
 
     def _update_balloon_size(self) -> None:
         """update_balloon_size: write ``actual`` into config space."""

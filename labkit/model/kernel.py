@@ -100,7 +100,7 @@ class Kernel:
     """A guest kernel over a :class:`GuestMemory`, backed by a :class:`Host`.
 
     Devices hook in the way drivers do: ``oom_notifiers`` (``register_oom_notifier``),
-    ``free_hooks`` (``page_reporting_notify_free``) and ``adjust_managed_page_count``.
+    ``free_hooks`` (``page_reporting_notify_free``), ``alloc_hooks`` and ``adjust_managed_page_count``.
     """
 
     def __init__(self, mem: GuestMemory, host: Host, name: str = "vm0",
@@ -116,8 +116,13 @@ class Kernel:
         self._next_handle = 1
         self.oom_notifiers: list[Callable[[], int]] = []
         self.free_hooks: list[Callable[[np.ndarray], None]] = []
+        # alloc_hooks: called with the PFNs just allocated, before PageReported is cleared on them
+        self.alloc_hooks: list[Callable[[np.ndarray], None]] = []
         # shrinkers: called by reclaim with the pages still wanted; return pages freed
         self.shrinkers: list[Callable[[int], int]] = []
+        # remap hooks: page owners outside the handles (the balloon list) follow migration
+        self.remap_hooks: list[Callable[[np.ndarray, np.ndarray], None]] = []
+        self.hotplug = None  # MemoryHotplug, when the guest has hot-pluggable memory
         self.dmesg: list[tuple[float, str]] = []
         self.panicked: str | None = None
         self.watermarks = compute_watermarks(mem, self.zone_managed())
@@ -198,6 +203,8 @@ class Kernel:
             parts += self._take(zones, need, "min", state)
             need = n - sum(len(p) for p in parts)
         pfns = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+        for hook in self.alloc_hooks:  # free page reporting: a split reported block loses the flag
+            hook(pfns)
         # PageReported is cleared when a page leaves the free list (del_page_from_free_list)
         self.mem.clear_flag(pfns, PageFlag.REPORTED)
         return pfns
@@ -215,6 +222,26 @@ class Kernel:
                 self.allocators[int(zi)].freed(pfns[zone_ids == zi])
         for hook in self.free_hooks:
             hook(pfns)
+
+    def recompute_watermarks(self) -> None:
+        """setup_per_zone_wmarks after memory was onlined or offlined."""
+        self.watermarks = compute_watermarks(self.mem, self.zone_managed())
+
+    def remap_pages(self, old: np.ndarray, new: np.ndarray) -> None:
+        """Page migration moved ``old[i]`` to ``new[i]``: owners follow (handles, remap_hooks)."""
+        order = np.argsort(old)
+        old_sorted, new_sorted = old[order], new[order]
+        for h in self.handles.values():
+            if len(h.pages) == 0:
+                continue
+            at = np.searchsorted(old_sorted, h.pages)
+            at[at == len(old_sorted)] = 0
+            hit = old_sorted[at] == h.pages
+            if hit.any():
+                h.pages = h.pages.copy()
+                h.pages[hit] = new_sorted[at[hit]]
+        for hook in self.remap_hooks:
+            hook(old_sorted, new_sorted)
 
     def touch(self, pfns: np.ndarray) -> None:
         """The guest wrote these pages: the host backs them (and dirty-logs them in a migration)."""

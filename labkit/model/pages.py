@@ -236,7 +236,23 @@ class GuestMemory:
         return int(lo)
 
     def set_range_state(self, start: int, end: int, new: PageState) -> None:
-        self.set_state(np.arange(start, end, dtype=np.int64), new)
+        """Move pages [start, end) to ``new``: like :meth:`set_state`, by slices (no index array)."""
+        if end <= start:
+            return
+        if self.block_zone is None:  # zones tile the guest: intersect the spans
+            pieces = [(i, max(start, z.start), min(end, z.end)) for i, z in enumerate(self.zones)]
+        else:  # zone membership per memory block: one piece per block (a loop over blocks)
+            edges = list(range(start - start % PAGES_PER_MEMORY_BLOCK + PAGES_PER_MEMORY_BLOCK,
+                               end, PAGES_PER_MEMORY_BLOCK))
+            bounds = [start, *edges, end]
+            pieces = [(int(self.block_zone[a // PAGES_PER_MEMORY_BLOCK]), a, b)
+                      for a, b in zip(bounds, bounds[1:], strict=False)]
+        for i, a, b in pieces:
+            if a < b:
+                row = self.unzoned if i < 0 else self.counts[i]
+                row -= np.bincount(self.state[a:b], minlength=N_STATES)
+                row[int(new)] += b - a
+        self.state[start:end] = int(new)
 
     def set_flag(self, pfns: np.ndarray, flag: PageFlag) -> None:
         self.flags[pfns] |= np.uint8(flag)

@@ -55,7 +55,10 @@ def reserve_boot_memory(mem: GuestMemory, profile: BootProfile) -> None:
     image = min(profile.kernel_image // PAGE_SIZE, mem.n_pages // 8)
     mem.set_range_state(256, 256 + image, PageState.RESERVED)  # loaded at 1 MiB
     for node in mem.nodes:
-        start, end = mem.node_range(node)
+        boot = [z for z in mem.zones if z.node == node and z.end <= mem.boot_pages]
+        if not boot:
+            continue
+        start, end = min(z.start for z in boot), max(z.end for z in boot)
         memmap = -(-(end - start) * STRUCT_PAGE_SIZE // PAGE_SIZE)
         mem.set_range_state(end - memmap, end, PageState.RESERVED)
 
@@ -65,6 +68,9 @@ def boot(kernel: Kernel, rng: np.random.Generator, profile: BootProfile) -> None
     and free the transient share again, leaving boot-time fragmentation behind."""
     mem = kernel.mem
     reserve_boot_memory(mem, profile)
+    # init_per_zone_wmark_min runs once memblock has handed the rest to the buddy allocator:
+    # watermarks come from managed pages, not the zones' spans
+    kernel.recompute_watermarks()
     gib = mem.n_pages * PAGE_SIZE / (1 << 30)
     budget = {
         "kernel": int((profile.slab_fixed + profile.slab_per_gib * gib) // PAGE_SIZE),
