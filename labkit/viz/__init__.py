@@ -1,0 +1,39 @@
+"""labkit.viz: Bokeh page maps and time series, and ipywidgets explorers, for notebooks.
+
+Views read ``vm.snapshot()`` and ``vm.sample()``; they change a VM only through its public calls
+(``qmp``, ``guest``, ``advance``, ``step``). In a notebook, call :func:`setup_notebook` once, then
+display a :func:`page_map`, a :class:`TimeSeries` or an :func:`explore` widget.
+
+>>> import labkit, labkit.viz
+>>> with labkit.open(memory="1G", seed=0) as vm:
+...     pm = labkit.viz.page_map(vm.snapshot())
+...     ts = labkit.viz.TimeSeries(vm)
+>>> pm.cell, len(ts)
+(1, 1)
+"""
+
+from __future__ import annotations
+
+import os
+
+from labkit.viz.explorer import Explorer, explore
+from labkit.viz.pagemap import PageMap, page_map
+from labkit.viz.palette import GUEST_CATEGORIES, HOST_CATEGORIES, classify
+from labkit.viz.timeseries import TimeSeries
+
+
+def setup_notebook() -> None:
+    """Load BokehJS into the notebook (quietly); run it before showing any plot or explorer.
+
+    BokehJS comes from the CDN, or is inlined when ``BOKEH_RESOURCES=inline`` is set in the
+    environment (no internet: CI, browser tests, offline machines).
+    """
+    from bokeh.io import output_notebook
+    from bokeh.resources import Resources
+
+    mode = os.environ.get("BOKEH_RESOURCES", "cdn").strip().lower() or "cdn"
+    output_notebook(resources=Resources(mode=mode), hide_banner=True)
+
+
+__all__ = ["GUEST_CATEGORIES", "HOST_CATEGORIES", "Explorer", "PageMap", "TimeSeries", "classify",
+           "explore", "page_map", "setup_notebook"]

@@ -1,0 +1,303 @@
+"""The balloon explorer: a target slider, Step / Play / Reset, a status line, the page map and the
+time series, all live in one ipywidgets layout.
+
+The plots are ``jupyter_bokeh`` ``BokehModel`` widgets; every control's ``.observe`` callback calls
+the backend's public API (``qmp("balloon")``, ``step()``, ``advance(ms)``), then streams a new
+``sample()`` row into the time series and gives the page map the new ``snapshot()`` (a patch of the
+changed cells, or new image data). Nothing is rebuilt, and the views never touch model state
+directly.
+
+Headless kernels (papermill, nbmake, pytest) have no frontend to tick the Play widget, so
+:meth:`Explorer.tick` does one Play tick by hand; setting ``explorer.slider.value`` in a cell fires
+the same callback a drag does.
+
+>>> import labkit
+>>> ex = explore(labkit.open(memory="1G", seed=0))
+>>> ex.slider.value = 768                 # MiB: what dragging the slider does
+>>> ex.vm.qmp("query-balloon")["actual"] == 1 << 30   # no time has passed yet
+True
+>>> ex.tick(); ex.tick()                 # two Play ticks of 100 simulated ms each
+>>> ex.vm.qmp("query-balloon")["actual"] == 768 << 20
+True
+>>> len(ex.timeseries)                   # initial row, slider change, two ticks
+4
+"""
+
+from __future__ import annotations
+
+import html
+from collections.abc import Callable
+from typing import Any
+
+import ipywidgets as widgets
+
+from labkit.units import MiB, format_size
+from labkit.viz.pagemap import PageMap
+from labkit.viz.timeseries import TimeSeries
+
+TICK_MS_CHOICES = (("1 ms", 1.0), ("10 ms", 10.0), ("100 ms", 100.0), ("1 s", 1000.0))
+
+
+def reopen_options(vm: Any) -> dict:
+    """The ``labkit.open`` arguments that re-create ``vm`` in its initial state.
+
+    Uses ``vm.open_options`` when the backend provides it; otherwise rebuilds them from a
+    ModelBackend's settings (memory, seed, balloon properties, host, NUMA nodes, model knobs). A VM
+    on a host shared with other VMs cannot be re-created alone: pass ``factory=`` to the explorer.
+    """
+    options = getattr(vm, "open_options", None)
+    if options is not None:
+        return dict(options)
+    from labkit.backends.model import ModelBackend
+    if not isinstance(vm, ModelBackend):
+        raise TypeError(f"cannot tell how {vm!r} was opened; pass factory=lambda: labkit.open(...)")
+    host = vm.host
+    if len(host.vms) > 1:
+        raise ValueError("this VM shares its host with other VMs, so Reset cannot re-create it "
+                         "alone; pass factory= that re-opens the whole setup")
+    dev = vm.balloon_device
+    return {
+        "backend": "model",
+        "memory": vm.memory,
+        "seed": vm.seed,
+        "balloon": False if dev is None else dict(dev.options),
+        "host": {"ram": host.ram, "swap": host.swap, "discard": host.discard_enabled,
+                 "swapin_us": host.swapin_us},
+        "numa_nodes": len(vm.mem.nodes),
+        "model": dict(vm.knobs),
+        "vm_name": vm.kernel.host_vm.name,
+    }
+
+
+class Explorer(widgets.VBox):
+    """The explorer widget; build it with :func:`explore`.
+
+    Controls: ``slider`` (target logical VM size in MiB, like QMP ``balloon``), ``step_button``
+    (one balloon request: ``vm.step()``), ``play`` (an ``ipywidgets.Play``; each tick advances
+    ``tick_ms`` simulated ms), ``speed`` (ms per tick), ``reset_button`` (re-open the VM with the
+    same arguments), ``view_buttons`` (guest / host page map). Views: ``page_map`` (a
+    :class:`PageMap`, or None for a backend without ``snapshot()``), ``timeseries`` (a
+    :class:`TimeSeries`), ``status_html``. ``vm`` is the current VM (a new one after Reset).
+    """
+
+    def __init__(self, vm: Any = None, *, factory: Callable[[], Any] | None = None,
+                 tick_ms: float = 100.0, view: str = "guest", play_interval_ms: int = 200,
+                 **options: Any):
+        if vm is None and factory is None:
+            if not options:
+                raise TypeError("explore() needs a VM, a factory= or labkit.open() options")
+            import labkit
+            factory = _factory(labkit.open, dict(options))
+        elif options:
+            raise TypeError(f"pass either a VM or open() options, not both (got {sorted(options)})")
+        owns = vm is None
+        if vm is None:
+            vm = factory()
+        if factory is None:
+            import labkit
+            factory = _factory(labkit.open, reopen_options(vm))
+        first = vm.sample()
+        memory_mib = _mib(_memory_of(vm, first))
+        target_mib = min(memory_mib, _mib(first["balloon_target"]))
+        slider = widgets.IntSlider(
+            value=target_mib, min=_used_mib(first, memory_mib), max=memory_mib, step=1,
+            description="target (MiB)", continuous_update=False,
+            style={"description_width": "initial"}, layout=widgets.Layout(width="420px"))
+        step_button = widgets.Button(description="Step", tooltip="one balloon request (vm.step())",
+                                     icon="step-forward", layout=widgets.Layout(width="90px"))
+        play = widgets.Play(value=0, min=0, max=1000, step=1, interval=play_interval_ms,
+                            repeat=True, show_repeat=False, description="Play")
+        speed = widgets.Dropdown(options=_tick_choices(tick_ms), value=float(tick_ms),
+                                 description="per tick", layout=widgets.Layout(width="170px"))
+        reset_button = widgets.Button(description="Reset", icon="undo",
+                                      tooltip="re-open the VM with the same arguments",
+                                      layout=widgets.Layout(width="90px"))
+        view_buttons = widgets.ToggleButtons(options=["guest", "host"], value=view,
+                                             tooltips=["page states the guest sees",
+                                                       "what QEMU's RSS is made of"],
+                                             style={"button_width": "60px"})
+        status_html = widgets.HTML()
+        has_pages = callable(getattr(vm, "snapshot", None))  # a live guest may have no page map
+        page_map = PageMap(vm.snapshot(), view=view) if has_pages else None
+        timeseries = TimeSeries([first])
+        plots = widgets.HBox(([page_map.widget()] if has_pages else []) + [timeseries.widget()],
+                             layout=widgets.Layout(flex_flow="row wrap"))
+        super().__init__(children=[
+            widgets.HBox([slider, step_button, play, speed, reset_button]),
+            widgets.HBox([view_buttons] * has_pages + [status_html]), plots])
+        self.vm = vm
+        self.factory = factory
+        self.owns_vm = owns
+        self.tick_ms = float(speed.value)
+        self.slider, self.step_button, self.play, self.speed = slider, step_button, play, speed
+        self.reset_button, self.view_buttons, self.status_html = reset_button, view_buttons, status_html
+        self.page_map, self.timeseries, self.plots = page_map, timeseries, plots
+        self.last_step: bool | None = None
+        self._syncing = False
+        self.error: BaseException | None = None  # the last error a control ran into
+        slider.observe(self._guarded(self._on_target), names="value")
+        play.observe(self._guarded(self._on_play_tick), names="value")
+        speed.observe(self._guarded(self._on_speed), names="value")
+        view_buttons.observe(self._guarded(self._on_view), names="value")
+        step_button.on_click(self._guarded(lambda _button: self.step()))
+        reset_button.on_click(self._guarded(lambda _button: self.reset()))
+        self._show_status(first)
+
+    # --- actions (what the controls do; callable from a cell too) --------------------------------
+    def set_target(self, mib: int) -> None:
+        """Ask for a logical VM size of ``mib`` MiB (QMP ``balloon``), then redraw."""
+        self.vm.qmp("balloon", value=int(mib) * MiB)
+        self.refresh()
+
+    def step(self) -> bool:
+        """One balloon request (``vm.step()``; ``advance(tick_ms)`` on a backend without it).
+
+        Returns whether a request completed (without ``step()``: whether ``actual`` moved). When
+        the balloon has nothing to do (actual already at the target), no time passes and only the
+        status line changes."""
+        row = self.vm.sample()
+        if row["balloon_actual"] == row["balloon_target"]:
+            self.last_step = False  # nothing to do (and a fresh VM's step() would wait max_ms)
+        elif hasattr(self.vm, "step"):
+            self.last_step = bool(self.vm.step())
+        else:
+            self.vm.advance(self.tick_ms)
+            self.last_step = self.vm.sample()["balloon_actual"] != row["balloon_actual"]
+        now = self.vm.sample()
+        if now["t_ms"] != row["t_ms"]:
+            self.refresh()
+        else:
+            self._show_status(now)
+        return self.last_step
+
+    def tick(self) -> None:
+        """One Play tick: advance ``tick_ms`` simulated milliseconds, then redraw."""
+        self.vm.advance(self.tick_ms)
+        self.refresh()
+
+    def reset(self) -> None:
+        """Re-open the VM with the same arguments (``factory()``); the plots start over."""
+        self.play.playing = False
+        old = self.vm
+        self.vm = self.factory()
+        if self.owns_vm:
+            old.close()
+        self.owns_vm = True
+        first = self.vm.sample()
+        memory_mib = _mib(_memory_of(self.vm, first))
+        self._syncing = True
+        try:
+            self.slider.max = max(memory_mib, self.slider.max)  # widen first: min <= max always
+            self.slider.min = _used_mib(first, memory_mib)
+            self.slider.max = memory_mib
+            self.slider.value = min(memory_mib, _mib(first["balloon_target"]))
+        finally:
+            self._syncing = False
+        self.last_step = None
+        self.timeseries.reset([first])
+        self._update_page_map()
+        self._show_status(first)
+
+    def refresh(self) -> dict:
+        """Sample the VM and push the new row and snapshot to the plots; returns the row."""
+        row = self.vm.sample()
+        self.timeseries.append(row)
+        self._update_page_map()
+        self._show_status(row)
+        return row
+
+    # --- callbacks ----------------------------------------------------------------------------
+    def _guarded(self, callback: Callable[[Any], None]) -> Callable[[Any], None]:
+        """Widget callbacks run where nobody sees a traceback (JupyterLab's log console): show
+        the error in the status line instead, keep it in ``self.error``, and stop Play."""
+        def run(argument: Any) -> None:
+            try:
+                callback(argument)
+            except Exception as e:  # shown to the user and kept in self.error
+                self.error = e
+                self.play.playing = False
+                self.status_html.value = (
+                    f'<span style="color:#D55E00"><b>{type(e).__name__}</b>: '
+                    f"{html.escape(str(e))}</span>")
+        return run
+
+    def _on_target(self, change: dict) -> None:
+        if not self._syncing:
+            self.set_target(change["new"])
+
+    def _on_play_tick(self, change: dict) -> None:
+        if change["new"] != change["old"]:
+            self.tick()
+
+    def _on_speed(self, change: dict) -> None:
+        self.tick_ms = float(change["new"])
+
+    def _on_view(self, change: dict) -> None:
+        if self.page_map is not None:
+            self.page_map.set_view(change["new"])
+
+    def _update_page_map(self) -> None:
+        if self.page_map is not None:
+            self.page_map.update(self.vm.snapshot())
+
+    def _show_status(self, row: dict) -> None:
+        balloon = getattr(self.vm, "balloon", None)
+        puff = getattr(balloon, "out_of_puff", None)
+        idle = " (balloon idle)" if self.last_step is False else ""
+        parts = [
+            f"t = {row['t_ms'] / 1000:.3f} s",
+            f"target <b>{format_size(int(row['balloon_target']))}</b>",
+            f"actual <b>{format_size(int(row['balloon_actual']))}</b>{idle}",
+            f"MemTotal {format_size(int(row['memtotal']))}",
+            f"host RSS <b>{format_size(int(row['host_rss']))}</b>",
+            f"Out of puff: {puff if puff is not None else 'n/a'}",
+            f"OOM kills: {int(row['oom_kills'])}",
+        ]
+        self.status_html.value = " &middot; ".join(parts)
+
+    def __repr__(self) -> str:
+        return f"<Explorer of {self.vm!r}>"
+
+
+def _factory(open_function: Callable[..., Any], options: dict) -> Callable[[], Any]:
+    def reopen() -> Any:
+        return open_function(**options)
+    reopen.options = options  # type: ignore[attr-defined]
+    return reopen
+
+
+def _mib(size: float) -> int:
+    return int(size) // MiB
+
+
+def _memory_of(vm: Any, row: dict) -> int:
+    return int(getattr(vm, "memory", 0) or row["balloon_target"])
+
+
+def _used_mib(row: dict, memory_mib: int) -> int:
+    """About what the guest uses now: the smallest target worth offering on the slider."""
+    used = int(row["memtotal"] - row["memavailable"])
+    return max(1, min(memory_mib - 1, -(-used // MiB)))
+
+
+def _tick_choices(ms: float) -> list[tuple[str, float]]:
+    if not isinstance(ms, int | float) or isinstance(ms, bool) or ms <= 0:
+        raise ValueError(f"tick_ms must be a number of milliseconds > 0, got {ms!r}")
+    choices = dict((value, label) for label, value in TICK_MS_CHOICES)
+    choices.setdefault(float(ms), f"{ms:g} ms")
+    return [(label, value) for value, label in sorted(choices.items())]
+
+
+def explore(vm: Any = None, *, factory: Callable[[], Any] | None = None, tick_ms: float = 100.0,
+            view: str = "guest", **options: Any) -> Explorer:
+    """An :class:`Explorer` widget for ``vm`` (or for a VM opened with ``labkit.open(**options)``).
+
+    Reset re-opens the VM: with ``factory()`` if given, else with the arguments ``vm`` was opened
+    with. Call :func:`labkit.viz.setup_notebook` once before displaying it.
+
+    >>> import labkit
+    >>> ex = explore(memory="1G", seed=0)      # the explorer opens (and owns) the VM
+    >>> ex.step()                              # nothing to do yet: the target is the full size
+    False
+    """
+    return Explorer(vm, factory=factory, tick_ms=tick_ms, view=view, **options)

@@ -1,0 +1,27 @@
+"""Shared pytest options and fixtures."""
+
+from __future__ import annotations
+
+import pytest
+
+NOTEBOOK_TIMES = pytest.StashKey[dict]()
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--update-baselines", action="store_true", default=False,
+        help="regenerate data/baselines/*.json from the current code instead of comparing to them")
+
+
+@pytest.fixture(scope="session")
+def notebook_times(pytestconfig: pytest.Config) -> dict[str, float]:
+    """Wall-clock seconds per executed notebook, printed in the terminal summary."""
+    return pytestconfig.stash.setdefault(NOTEBOOK_TIMES, {})
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+    times = config.stash.get(NOTEBOOK_TIMES, {})
+    if times:
+        terminalreporter.section("notebook execution times")
+        for name, seconds in sorted(times.items()):
+            terminalreporter.write_line(f"{seconds:7.1f} s  {name}")

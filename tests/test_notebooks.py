@@ -1,0 +1,175 @@
+"""Execute every notebook, drive one explorer widget in a live kernel, and hold 01_balloon's numbers
+against data/baselines/01_balloon.json.
+
+Notebooks run under papermill with the venv's ``python3`` kernel, ``BOKEH_RESOURCES=inline`` (no
+internet) and a temporary working directory, so nothing is written into the repository. Regenerate
+the baseline on purpose with ``pytest tests/test_notebooks.py --update-baselines``.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import sys
+import time
+from pathlib import Path
+
+import nbformat
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+NOTEBOOK_DIR = ROOT / "notebooks"
+NOTEBOOKS = sorted(p for p in NOTEBOOK_DIR.rglob("*.ipynb") if ".ipynb_checkpoints" not in p.parts)
+BASELINE_DIR = ROOT / "data" / "baselines"
+KERNEL = "python3"
+NOTEBOOK_TIMEOUT_S = 300
+# used only when a baseline is created for the first time; afterwards the file's own values rule
+DEFAULT_REGRESSION = {
+    "parameters": {"memory": "2G", "seed": 0},
+    "tolerances": [
+        ["*_bytes", {"rel": 0.01, "abs": 1048576}],
+        ["*_count", {"rel": 0.05, "abs": 1}],
+        ["*", {"rel": 0.0, "abs": 0.0}],
+    ],
+}
+
+pytestmark = pytest.mark.notebook
+
+
+def _name(path: Path) -> str:
+    return str(path.relative_to(NOTEBOOK_DIR))
+
+
+@pytest.fixture(autouse=True)
+def _offline_bokeh(monkeypatch):
+    # the kernel inherits this: BokehJS is inlined instead of fetched from the CDN
+    monkeypatch.setenv("BOKEH_RESOURCES", "inline")
+
+
+def execute(notebook: Path, workdir: Path,
+            parameters: dict | None = None) -> tuple[nbformat.NotebookNode, float]:
+    """Run ``notebook`` under papermill in ``workdir``; returns the executed notebook and seconds."""
+    import papermill
+
+    out = workdir / notebook.name
+    start = time.perf_counter()
+    result = papermill.execute_notebook(
+        str(notebook), str(out), parameters=parameters or {}, kernel_name=KERNEL, cwd=str(workdir),
+        progress_bar=False, log_output=False, execution_timeout=NOTEBOOK_TIMEOUT_S)
+    seconds = time.perf_counter() - start
+    assert seconds < NOTEBOOK_TIMEOUT_S, f"{notebook.name} took {seconds:.0f} s"
+    return result, seconds
+
+
+def test_there_are_notebooks():
+    assert {"00_start.ipynb", "01_balloon.ipynb"} <= {p.name for p in NOTEBOOKS}
+
+
+def test_kernel_is_this_venv():
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    spec = KernelSpecManager().get_kernel_spec(KERNEL)
+    # jupyter_client runs a spec whose argv[0] is "python" with sys.executable (this venv)
+    assert spec.argv[0] in ("python", "python3", sys.executable), spec.argv
+    assert spec.language == "python"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=_name)
+def test_committed_without_outputs_and_with_parameters_first(path: Path):
+    nb = nbformat.read(path, as_version=4)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert code, "a notebook with no code"
+    assert "parameters" in code[0].metadata.get("tags", []), "the first code cell must be tagged parameters"
+    assert "out_json" in code[0].source, "the parameters cell must offer out_json"
+    for cell in code:
+        assert cell.outputs == [] and cell.execution_count is None, (
+            f"commit notebooks without outputs: {cell.source[:60]!r}")
+    assert nb.metadata.get("kernelspec", {}).get("name") == KERNEL
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=_name)
+def test_notebook_executes(path: Path, tmp_path: Path, notebook_times: dict):
+    nb, seconds = execute(path, tmp_path)
+    notebook_times[_name(path)] = seconds
+    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs
+              if o.output_type == "error"]
+    assert not errors
+    assert list(tmp_path.iterdir()) == [tmp_path / path.name], "notebooks must not leave files behind"
+
+
+def test_explorer_slider_drives_the_vm_and_the_plots(tmp_path: Path, notebook_times: dict):
+    from testbook import testbook
+
+    start = time.perf_counter()
+    with testbook(str(NOTEBOOK_DIR / "00_start.ipynb"), execute=False, kernel_name=KERNEL,
+                  timeout=NOTEBOOK_TIMEOUT_S) as tb:
+        tb.execute_cell("parameters")
+        tb.inject('memory = "1G"')
+        tb.execute_cell(["setup", "explorer"])
+        tb.inject("""
+            from labkit.units import MiB
+            image_before = explorer.page_map.source.data["image"][0].copy()
+            rows_before = len(explorer.timeseries.source.data["t"])
+            new_target = explorer.slider.max - 200
+            explorer.slider.value = new_target          # what dragging the slider does
+            target_after = explorer.vm.sample()["balloon_target"]
+            for _ in range(5):
+                explorer.tick()                          # what Play does, one tick at a time
+            actual_after = explorer.vm.qmp("query-balloon")["actual"]
+            rows_after = len(explorer.timeseries.source.data["t"])
+            image_changed = bool((explorer.page_map.source.data["image"][0] != image_before).any())
+            actuals = list(explorer.timeseries.source.data["balloon_actual"])
+        """)
+        new_target = tb.value("new_target")
+        assert tb.value("target_after") == new_target * 2**20
+        assert tb.value("actual_after") == new_target * 2**20
+        assert tb.value("rows_after") >= tb.value("rows_before") + 6
+        assert tb.value("image_changed")
+        actuals = tb.value("actuals")
+        assert actuals[-1] < actuals[0]  # the plotted balloon actual followed the VM
+    notebook_times["00_start.ipynb (explorer cells, 1G, widget test)"] = time.perf_counter() - start
+
+
+def _tolerance(name: str, rules: list) -> dict:
+    for pattern, tol in rules:
+        if fnmatch.fnmatchcase(name, pattern):
+            return tol
+    return {"rel": 0.0, "abs": 0.0}
+
+
+def test_01_balloon_regression(tmp_path: Path, request, notebook_times: dict):
+    notebook = NOTEBOOK_DIR / "01_balloon.ipynb"
+    baseline_path = BASELINE_DIR / "01_balloon.json"
+    update = request.config.getoption("--update-baselines")
+    if baseline_path.exists():
+        baseline = json.loads(baseline_path.read_text())
+    elif update:
+        baseline = dict(DEFAULT_REGRESSION)
+    else:
+        pytest.fail(f"{baseline_path} is missing; create it with --update-baselines")
+    out_json = tmp_path / "metrics.json"
+    _, seconds = execute(notebook, tmp_path,
+                         {**baseline["parameters"], "out_json": str(out_json)})
+    notebook_times[f"01_balloon.ipynb (regression, {baseline['parameters']})"] = seconds
+    metrics = json.loads(out_json.read_text())
+
+    if update:
+        baseline_path.parent.mkdir(parents=True, exist_ok=True)
+        baseline_path.write_text(json.dumps(
+            {"notebook": "notebooks/01_balloon.ipynb",
+             "about": "key metrics of 01_balloon (papermill parameters below), model backend; "
+                      "regenerate on purpose with pytest tests/test_notebooks.py --update-baselines",
+             "parameters": baseline["parameters"], "tolerances": baseline["tolerances"],
+             "metrics": metrics}, indent=1, sort_keys=False) + "\n")
+        return
+
+    expected = baseline["metrics"]
+    assert sorted(metrics) == sorted(expected), (
+        f"metric names changed: new {sorted(set(metrics) - set(expected))}, "
+        f"gone {sorted(set(expected) - set(metrics))}")
+    off = []
+    for name, value in sorted(metrics.items()):
+        tol = _tolerance(name, baseline["tolerances"])
+        if value != pytest.approx(expected[name], rel=tol["rel"], abs=tol["abs"]):
+            off.append(f"{name}: {value} vs baseline {expected[name]} (rel {tol['rel']}, abs {tol['abs']})")
+    assert not off, "01_balloon drifted from its baseline:\n" + "\n".join(off)
