@@ -7,8 +7,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import labkit
-from labkit.errors import GuestError
 from labkit.devices.balloon import VIRTIO_BALLOON_ARRAY_PFNS_MAX
+from labkit.errors import GuestError
 from labkit.model.buddy import free_blocks
 from labkit.model.pages import PageFlag, PageState
 from tests.helpers import check_invariants

@@ -23,9 +23,9 @@ from labkit.devices.balloon import PROPERTY_DEFAULTS, BalloonDevice, BalloonDriv
 from labkit.devices.virtio_mem import PROPERTY_DEFAULTS as VIRTIO_MEM_PROPERTIES
 from labkit.devices.virtio_mem import check_block_size
 from labkit.errors import QMPError
-from labkit.model.hotplug import ONLINE_TYPES, MemoryHotplug, plan_layout
 from labkit.model.buddy import buddyinfo
 from labkit.model.host import Host
+from labkit.model.hotplug import ONLINE_TYPES, MemoryHotplug, plan_layout
 from labkit.model.kernel import Kernel
 from labkit.model.pages import PAGES_PER_MEMORY_BLOCK, GuestMemory, PageState, Zone
 from labkit.model.workloads import BootProfile, GuestOps, boot
@@ -153,15 +153,6 @@ class ModelBackend:
         balloon_opts = None if balloon is False else _merge("balloon", balloon, PROPERTY_DEFAULTS)
         if balloon_opts and balloon_opts["free_page_hint"] and not balloon_opts["iothread"]:
             raise ValueError("'free-page-hint' requires 'iothread' to be set")
-        if isinstance(host, Host):
-            self.host = host
-        else:
-            h = _merge("host", host, HOST_DEFAULTS)
-            ram = parse_size(h["ram"], name="host ram") if h["ram"] is not None else 2 * size
-            swap = parse_size(h["swap"], name="host swap")
-            if ram <= 0 or swap < 0:
-                raise ValueError(f"host ram must be > 0 and swap >= 0, got {h['ram']!r}, {h['swap']!r}")
-            self.host = Host(ram, swap, discard=bool(h["discard"]), swapin_us=float(h["swapin_us"]))
         self.virtio_mem_specs = _virtio_mem_specs(virtio_mem, numa_nodes)
         if memhp_default_state not in ONLINE_TYPES:
             raise ValueError(f"memhp_default_state {memhp_default_state!r} is not one of "
@@ -171,6 +162,16 @@ class ModelBackend:
         n_pages, hotplug_zones, self.regions = plan_layout(boot_pages, boot_zones,
                                                            self.virtio_mem_specs)
         _check_fits(n_pages * PAGE_SIZE)
+        if isinstance(host, Host):
+            self.host = host
+        else:  # by default the host has twice what the guest could ever be given
+            h = _merge("host", host, HOST_DEFAULTS)
+            guest_max = size + sum(spec["size"] for spec in self.virtio_mem_specs)
+            ram = parse_size(h["ram"], name="host ram") if h["ram"] is not None else 2 * guest_max
+            swap = parse_size(h["swap"], name="host swap")
+            if ram <= 0 or swap < 0:
+                raise ValueError(f"host ram must be > 0 and swap >= 0, got {h['ram']!r}, {h['swap']!r}")
+            self.host = Host(ram, swap, discard=bool(h["discard"]), swapin_us=float(h["swapin_us"]))
 
         self.memory = size
         self.seed = seed

@@ -15,8 +15,12 @@ from labkit.errors import QMPError
 
 _CHECKS = {
     "int": (lambda v: isinstance(v, int) and not isinstance(v, bool), "integer"),
-    "uint64": (lambda v: isinstance(v, int) and not isinstance(v, bool), "integer"),
-    "size": (lambda v: isinstance(v, int) and not isinstance(v, bool), "integer"),
+    # QEMU's input visitor: a negative number is no uint64/size (qobject_input_type_size)
+    "uint32": (lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**32,
+               "uint32"),
+    "uint64": (lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**64,
+               "uint64"),
+    "size": (lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**64, "size"),
     "bool": (lambda v: isinstance(v, bool), "boolean"),
     "str": (lambda v: isinstance(v, str), "string"),
     "any": (lambda v: True, "any"),

@@ -142,8 +142,8 @@ class VirtioMemDevice:
 
     def set_requested_size(self, value: int) -> None:
         """virtio_mem_set_requested_size on a realized device (qom-set requested-size)."""
-        if value < 0:
-            raise TypeError("Invalid parameter type for 'requested-size', expected: size")
+        if value < 0:  # the QOM layer refuses it first, with QEMU's visitor text
+            raise ValueError("Invalid parameter type for 'requested-size', expected: size")
         if value % self.block_size:
             raise ValueError(f"'requested-size' has to be multiples of 'block-size' "
                              f"(0x{self.block_size:x})")

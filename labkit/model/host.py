@@ -32,6 +32,8 @@ BACKED = np.uint8(PageFlag.BACKED)
 SWAPPED = np.uint8(PageFlag.SWAPPED)
 REFERENCED = np.uint8(PageFlag.REFERENCED)
 DIRTY_LOG = np.uint8(PageFlag.DIRTY_LOG)
+NOT_SWAPPED = ~SWAPPED
+KEPT_ON_DISCARD = ~(BACKED | SWAPPED | REFERENCED)  # a discarded page reads as a fresh zero page
 CLOCK_WINDOW = 1 << 16  # pages the clock hand examines per step (a loop over windows, not pages)
 
 
@@ -112,19 +114,19 @@ class Host:
             return
         flags = vm.mem.flags
         f = flags[pfns]
-        missing = pfns[(f & BACKED) == 0]
-        if len(missing):
-            swapped = (flags[missing] & SWAPPED) != 0
-            n_swapped = int(swapped.sum())
-            self._make_room(len(missing), exclude=vm)
-            flags[missing] = (flags[missing] & ~SWAPPED) | BACKED
-            vm.mem.backed_pages += len(missing)
+        unbacked = (f & BACKED) == 0
+        n_missing = int(np.count_nonzero(unbacked))
+        if n_missing:
+            n_swapped = int(np.count_nonzero(f[unbacked] & SWAPPED))
+            if self._make_room(n_missing, exclude=vm):
+                f = flags[pfns]  # the clock hand may have aged or swapped out some of these pages
+            f[unbacked] = (f[unbacked] & NOT_SWAPPED) | BACKED
+            vm.mem.backed_pages += n_missing
             vm.mem.swapped_pages -= n_swapped
             vm.swap_ins += n_swapped
-            vm.zero_fill_faults += len(missing) - n_swapped
-        flags[pfns] |= REFERENCED
-        if vm.dirty_logging:
-            flags[pfns] |= DIRTY_LOG
+            vm.zero_fill_faults += n_missing - n_swapped
+        f |= (REFERENCED | DIRTY_LOG) if vm.dirty_logging else REFERENCED
+        flags[pfns] = f
 
     def discard(self, vm: HostVM, pfns: np.ndarray) -> int:
         """``ram_block_discard_range`` on ``pfns``: returns how many backed pages were freed."""
@@ -132,9 +134,9 @@ class Host:
             return 0
         flags = vm.mem.flags
         f = flags[pfns]
-        backed = int(((f & BACKED) != 0).sum())
-        swapped = int(((f & SWAPPED) != 0).sum())
-        flags[pfns] = f & ~(BACKED | SWAPPED | REFERENCED)
+        backed = int(np.count_nonzero(f & BACKED))
+        swapped = int(np.count_nonzero(f & SWAPPED))
+        flags[pfns] = f & KEPT_ON_DISCARD
         vm.mem.backed_pages -= backed
         vm.mem.swapped_pages -= swapped
         vm.discarded_pages += backed
@@ -145,10 +147,11 @@ class Host:
         return vm.swap_ins * self.swapin_us / 1000.0
 
     # --- host reclaim -------------------------------------------------------------------------
-    def _make_room(self, n: int, exclude: HostVM | None = None) -> None:
+    def _make_room(self, n: int, exclude: HostVM | None = None) -> bool:
+        """Make room for ``n`` more backed pages; True if the host had to swap pages out."""
         need = n - self.free_pages
         if need <= 0:
-            return
+            return False
         swap_free = (self.swap >> PAGE_SHIFT) - self.swap_used_pages
         if need > swap_free:
             raise HostOutOfMemory(
@@ -158,6 +161,7 @@ class Host:
                 f"swap {format_size(self.swap)})"
             )
         self._swap_out(need)
+        return True
 
     def _swap_out(self, need: int) -> None:
         """Second-chance clock over every VM's backed pages, one window at a time."""

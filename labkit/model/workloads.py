@@ -6,7 +6,8 @@ inside a real guest over its serial shell):
 
 * ``alloc(size, kind)``: ``anon`` maps and populates memory (like ``memhog``: every page is written,
   so the host backs it); ``shmem`` writes a tmpfs file; ``file`` reads a file into the page cache
-  (``dirty=True`` writes it instead). Returns a handle.
+  (``dirty=True`` writes it instead); ``slab`` makes the kernel allocate unmovable memory (what
+  walking a large directory tree does to the dentry and inode caches). Returns a handle.
 * ``touch(handle)``: write every page again (file: re-read what reclaim dropped; ``write=True`` dirties).
 * ``free(handle)``: the process exits / the file is removed; its pages go back to the buddy allocator.
 * ``drop_caches``: ``echo 3 > /proc/sys/vm/drop_caches``: clean page cache is freed.
@@ -24,7 +25,10 @@ from labkit.model.pages import STRUCT_PAGE_SIZE, GuestMemory, PageState
 from labkit.units import MiB, PAGE_SIZE, format_size
 
 INIT_ANON = 4 * MiB  # pid 1's own memory: the OOM killer never chooses init
-KINDS = {"anon": PageState.ANON, "shmem": PageState.SHMEM, "file": PageState.FILE_CLEAN}
+# "slab": unmovable kernel memory a workload makes the kernel allocate (dentries, inodes, page
+# tables): it lands wherever the unmovable allocation finds room, and pins that memory block
+KINDS = {"anon": PageState.ANON, "shmem": PageState.SHMEM, "file": PageState.FILE_CLEAN,
+         "slab": PageState.KERNEL}
 
 
 @dataclass(frozen=True)
@@ -71,7 +75,7 @@ def boot(kernel: Kernel, rng: np.random.Generator, profile: BootProfile) -> None
     # init_per_zone_wmark_min runs once memblock has handed the rest to the buddy allocator:
     # watermarks come from managed pages, not the zones' spans
     kernel.recompute_watermarks()
-    gib = mem.n_pages * PAGE_SIZE / (1 << 30)
+    gib = mem.boot_pages * PAGE_SIZE / (1 << 30)  # hot-pluggable regions are not there yet
     budget = {
         "kernel": int((profile.slab_fixed + profile.slab_per_gib * gib) // PAGE_SIZE),
         "file": profile.page_cache // PAGE_SIZE,
@@ -144,19 +148,20 @@ class GuestOps:
         n = size // PAGE_SIZE
         # When memory is tight, populate 1 MiB at a time as a faulting process does, so the OOM
         # killer can choose the growing process itself (it is the largest).
-        zones = self.kernel.zonelist(True, node)
+        movable = kind != "slab"
+        zones = self.kernel.zonelist(movable, node)
         headroom = sum(self.kernel.zone_free(z) - self.kernel.watermarks[z].low for z in zones)
         step = n if headroom >= n else 256
         done = 0
         while done < n:
-            pfns = self.kernel.alloc_pages(min(step, n - done), state, node=node)
+            pfns = self.kernel.alloc_pages(min(step, n - done), state, movable=movable, node=node)
             if not h.alive:  # the OOM killer chose this process: its pages are gone
                 self.kernel.free_pages(pfns)
                 break
             self.kernel.touch(pfns)
             h.pages = np.concatenate([h.pages, pfns]) if len(h.pages) else pfns
             done += len(pfns)
-        if kind != "file":
+        if kind in ("anon", "shmem"):
             self.kernel.vmstat.pgfault += done
         return h.id
 
