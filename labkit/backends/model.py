@@ -22,6 +22,7 @@ from labkit.backends.qom import QomObject, QomTree
 from labkit.devices.balloon import PROPERTY_DEFAULTS, BalloonDevice, BalloonDriver
 from labkit.devices.virtio_mem import PROPERTY_DEFAULTS as VIRTIO_MEM_PROPERTIES
 from labkit.devices.virtio_mem import check_block_size
+from labkit.devices.virtio_pmem import validate_specs as validate_virtio_pmem
 from labkit.errors import QMPError
 from labkit.model.buddy import buddyinfo
 from labkit.model.host import Host
@@ -62,6 +63,7 @@ ATTACHMENTS = (
     ("hinting", "labkit.devices.free_page_hinting"),
     ("migration", "labkit.model.migration"),
     ("virtio_mem", "labkit.devices.virtio_mem_qmp"),
+    ("virtio_pmem", "labkit.devices.virtio_pmem"),
 )
 
 
@@ -129,7 +131,8 @@ class ModelBackend:
     def __init__(self, memory: int | str = "4G", seed: int = 0, balloon: dict | bool | None = None,
                  host: dict | Host | None = None, numa_nodes: int = 1, model: dict | None = None,
                  cmdline: dict | None = None, vm_name: str = "vm0",
-                 virtio_mem: list[dict] | None = None, memhp_default_state: str = "offline"):
+                 virtio_mem: list[dict] | None = None, memhp_default_state: str = "offline",
+                 virtio_pmem: list[dict] | None = None):
         size = parse_size(memory, name="memory")
         if size < 64 * MiB or size % MiB:
             raise ValueError(f"memory must be a whole number of MiB, at least 64 MiB, got {memory!r}")
@@ -154,6 +157,7 @@ class ModelBackend:
         if balloon_opts and balloon_opts["free_page_hint"] and not balloon_opts["iothread"]:
             raise ValueError("'free-page-hint' requires 'iothread' to be set")
         self.virtio_mem_specs = _virtio_mem_specs(virtio_mem, numa_nodes)
+        self.virtio_pmem_specs = validate_virtio_pmem(virtio_pmem, [s["id"] for s in self.virtio_mem_specs])
         if memhp_default_state not in ONLINE_TYPES:
             raise ValueError(f"memhp_default_state {memhp_default_state!r} is not one of "
                              f"{list(ONLINE_TYPES)}")
@@ -201,6 +205,13 @@ class ModelBackend:
         self.guest_ops = {op: None for op in GUEST_OPS}
         for attr, module in ATTACHMENTS:
             setattr(self, attr, importlib.import_module(module).attach(self))
+        # the arguments this VM was opened with (for Reset buttons and re-runs)
+        self.open_options = {
+            "memory": memory, "seed": seed, "balloon": balloon, "host": host,
+            "numa_nodes": numa_nodes, "model": model, "cmdline": cmdline, "vm_name": vm_name,
+            "virtio_mem": virtio_mem, "memhp_default_state": memhp_default_state,
+            "virtio_pmem": virtio_pmem,
+        }
         self.closed = False
 
     @staticmethod
@@ -237,7 +248,11 @@ class ModelBackend:
 
         Returns False, without moving time, if the driver has nothing to do."""
         self._check_open()
-        if self.balloon is None or self.balloon.idle:
+        b = self.balloon
+        nothing_to_do = b is None or (  # target met and acknowledged, nothing queued or held
+            not b._queued and b.towards_target() == 0 and len(b.in_flight) == 0
+            and self.balloon_device.config.actual == b.num_pages)
+        if b is None or b.idle or nothing_to_do:
             return False
         done = self.balloon.request_done
         self.env.run(until=simpy.AnyOf(self.env, [done, self.env.timeout(max_ms)]))
@@ -349,6 +364,15 @@ class ModelBackend:
     def meminfo(self) -> dict[str, int]:
         self._check_open()
         return self.kernel.meminfo()
+
+    def vmstat(self) -> dict[str, int]:
+        """The guest's /proc/vmstat counters the mechanisms move (names as in /proc/vmstat)."""
+        self._check_open()
+        v = self.kernel.vmstat
+        return {"pgfault": v.pgfault, "pgmajfault": v.pgmajfault, "pswpin": v.pswpin,
+                "pswpout": v.pswpout, "oom_kill": v.oom_kill, "allocstall_normal": v.allocstall,
+                "pgscan_kswapd": v.pgscan_kswapd, "pgscan_direct": v.pgscan_direct,
+                "pgsteal_kswapd": v.pgsteal_kswapd, "pgsteal_direct": v.pgsteal_direct}
 
     def buddyinfo(self) -> str:
         return buddyinfo(self.mem)
