@@ -1,0 +1,129 @@
+"""Vectorised queries on the high-order buddy blocks of the page model, for free page reporting.
+
+The buddy free lists are derived from page states (:mod:`labkit.model.buddy`); reporting needs only the
+orders from ``page_reporting_order`` up, and, on every free and allocation, the merged block around
+the pages concerned. These helpers answer both without a Python loop over pages:
+
+* :func:`reporting_free_lists`: the blocks of orders ``lo``..10 from one reduction over the state
+  array (``PageState.FREE`` is 0: a run is free when its bytes, read as machine words, are zero);
+* :func:`runs_all_free`, :func:`still_own_block`: is a block still a free buddy of its order;
+* :func:`hit_runs`, :func:`window_rows`, :func:`merged_runs`: the aligned 4 MiB windows some pages
+  touch (no buddy block crosses one), and the largest all-free (or all-reported) aligned runs in
+  them that hold one of those pages: the merged buddy block of a free, the reported block an
+  allocation split.
+
+>>> mask = np.zeros(1024, dtype=bool); mask[512:] = True      # an order-9 free block
+>>> hit = np.zeros(2, dtype=bool); hit[1] = True             # a page freed in it
+>>> int(merged_runs(mask, hit, 9).sum())
+512
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from labkit.model.pages import MAX_PAGE_ORDER, NR_PAGE_ORDERS, GuestMemory, PageFlag, Zone
+
+REPORTED = np.uint8(PageFlag.REPORTED)
+WINDOW_ORDER = MAX_PAGE_ORDER  # aligned 4 MiB windows: no buddy block crosses one
+WINDOW = 1 << WINDOW_ORDER
+
+
+def _words(arr: np.ndarray, order: int) -> tuple[np.ndarray, int]:
+    """``arr`` (uint8, a multiple of 8 long) read as the widest words a 2^order run divides into."""
+    itemsize = min(8, 1 << order)
+    return arr.view(np.dtype(f"u{itemsize}")), itemsize
+
+
+def reporting_free_lists(mem: GuestMemory, zone: Zone, lo: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """The zone's buddy free blocks of orders ``lo``..MAX_PAGE_ORDER (``starts[k - lo]``, absolute,
+    ascending) and whether each is reported: the blocks :func:`labkit.model.buddy.free_blocks`
+    derives, from one reduction over the state array. PageState.FREE is 0, so a 2^lo run is free
+    when its bytes read as machine words are all zero; the levels above are tiny.
+    """
+    size = zone.pages >> lo << lo  # a partial run at the zone's end holds no block of order >= lo
+    words, itemsize = _words(mem.state[zone.start:zone.start + size], lo)
+    full = ~words.reshape(-1, (1 << lo) // itemsize).any(axis=1)
+    pad = -len(full) % (1 << (MAX_PAGE_ORDER - lo))
+    if pad:
+        full = np.concatenate([full, np.zeros(pad, dtype=bool)])
+    levels = [full]
+    for _ in range(lo, MAX_PAGE_ORDER):
+        levels.append(levels[-1].reshape(-1, 2).all(axis=1))
+    starts, reported = [], []
+    for i, k in enumerate(range(lo, NR_PAGE_ORDERS)):
+        own = levels[i] & ~np.repeat(levels[i + 1], 2) if k < MAX_PAGE_ORDER else levels[i]
+        s = (np.flatnonzero(own) << k) + zone.start
+        starts.append(s)
+        reported.append((mem.flags[s] & REPORTED) != 0)
+    return starts, reported
+
+
+def runs_all_free(state: np.ndarray, starts: np.ndarray, order: int, zone: Zone) -> np.ndarray:
+    """Per start: the aligned run [s, s + 2^order) lies inside ``zone`` and every page is free."""
+    inside = (starts >= zone.start) & (starts + (1 << order) <= zone.end)
+    out = np.zeros(len(starts), dtype=bool)
+    s = starts[inside]
+    if len(s):
+        words, itemsize = _words(state, order)
+        idx = (s // itemsize)[:, None] + np.arange((1 << order) // itemsize)
+        out[inside] = ~words[idx].any(axis=1)
+    return out
+
+
+def still_own_block(state: np.ndarray, starts: np.ndarray, order: int, zone: Zone) -> np.ndarray:
+    """Per start: still a free buddy block of exactly ``order``: all free, and its buddy is not
+    (with perfect coalescing two free buddies are one block of the next order)."""
+    ok = runs_all_free(state, starts, order, zone)
+    if order < MAX_PAGE_ORDER and ok.any():
+        ok &= ~runs_all_free(state, starts ^ (1 << order), order, zone)
+    return ok
+
+
+def expand_blocks(starts: np.ndarray, order: int) -> np.ndarray:
+    """Every PFN of the blocks of ``order`` starting at ``starts``."""
+    return (starts[:, None] + np.arange(1 << order, dtype=np.int64)).ravel()
+
+
+def hit_runs(pfns: np.ndarray, n_pages: int, lo: int) -> tuple[np.ndarray, np.ndarray]:
+    """The aligned 4 MiB windows ``pfns`` touch, and which 2^lo runs of those windows (laid end to
+    end) hold one of them: one bool scatter over the guest's runs, no sort, no per-PFN index."""
+    runs = np.zeros(-(-n_pages >> WINDOW_ORDER) << (WINDOW_ORDER - lo), dtype=bool)
+    runs[pfns >> lo] = True
+    per_window = runs.reshape(-1, 1 << (WINDOW_ORDER - lo))
+    windows = np.flatnonzero(per_window.any(axis=1))
+    return windows, per_window[windows].ravel()
+
+
+def window_rows(arr: np.ndarray, windows: np.ndarray, fill: int) -> np.ndarray:
+    """Copies of ``arr`` over ``windows``, one row each, ``fill`` past the array's end."""
+    whole = len(arr) >> WINDOW_ORDER
+    rows = arr[:whole << WINDOW_ORDER].reshape(whole, WINDOW)
+    if len(windows) == 0 or windows[-1] < whole:
+        return rows[windows]
+    out = np.full((len(windows), WINDOW), fill, dtype=arr.dtype)
+    inside = windows < whole
+    out[inside] = rows[windows[inside]]
+    tail = arr[whole << WINDOW_ORDER:]
+    out[~inside, :len(tail)] = tail
+    return out
+
+
+def window_pfns(windows: np.ndarray, flat: np.ndarray) -> np.ndarray:
+    return (windows[flat >> WINDOW_ORDER] << WINDOW_ORDER) | (flat & (WINDOW - 1))
+
+
+def merged_runs(mask: np.ndarray, hit: np.ndarray, lo: int) -> np.ndarray:
+    """Pages (flat, whole windows) of the largest all-True aligned runs of order ``lo``..10 that
+    contain a hit (``hit``: one bool per 2^lo run): with ``mask`` = free pages and the runs of freed
+    pages, the merged buddy blocks of order >= ``lo`` the free produced; with ``mask`` =
+    PageReported and the runs of allocated pages, the reported blocks they came from."""
+    full = [mask.reshape(-1, 1 << lo).all(axis=1)]
+    hit_levels = [hit]
+    for _ in range(lo, MAX_PAGE_ORDER):
+        full.append(full[-1].reshape(-1, 2).all(axis=1))
+        hit_levels.append(hit_levels[-1].reshape(-1, 2).any(axis=1))
+    cover = full[-1] & hit_levels[-1]
+    for i in range(len(full) - 2, -1, -1):
+        cover = np.repeat(cover, 2) | (full[i] & hit_levels[i])
+    return np.repeat(cover, 1 << lo)
