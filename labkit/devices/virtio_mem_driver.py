@@ -263,11 +263,12 @@ class VirtioMemDriver:
         a = (self.first_mb + mb) * PAGES_PER_MEMORY_BLOCK
         units = np.flatnonzero(self.plugged[self.mb_units(mb)] if not self.bbm else
                                self.plugged[mb // self.mbs_per_unit:mb // self.mbs_per_unit + 1])
-        if self.bbm:
-            plugged = np.arange(a, a + PAGES_PER_MEMORY_BLOCK) if len(units) else np.zeros(0, int)
+        if self.bbm or len(units) == self.units_per_mb:  # the whole block: one arange
+            plugged = np.arange(a, a + PAGES_PER_MEMORY_BLOCK * (len(units) > 0), dtype=np.int64)
         else:
-            plugged = (units[:, None] * self.unit_pages + np.arange(self.unit_pages)).ravel() + a
-        self.hotplug.online(self.first_mb + mb, self.node, movable, plugged.astype(np.int64))
+            plugged = (units[:, None] * self.unit_pages + np.arange(self.unit_pages, dtype=np.int64)
+                       ).ravel() + a
+        self.hotplug.online(self.first_mb + mb, self.node, movable, plugged)
         self.offline_size -= MEMORY_BLOCK_BYTES
         self._refresh_state(mb)
 
@@ -404,7 +405,7 @@ class VirtioMemDriver:
                 rc = yield from self._send(Request.UNPLUG, int(unit), 1)
                 if rc:
                     self.hotplug.fake_online(np.flatnonzero(
-                        self.kernel.mem.state[a:b] == PageState.OFFLINE) + a)
+                        self.kernel.mem.state[a:b] == int(PageState.OFFLINE)) + a)
                     return rc
                 for mb in mbs:
                     was_offline = self.mb_online_zone(mb) is None

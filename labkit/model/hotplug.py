@@ -39,6 +39,10 @@ ONLINE_TYPES = ("offline", "online", "online_kernel", "online_movable")
 MOVABLE_STATES = (PageState.ANON, PageState.SHMEM, PageState.FILE_CLEAN, PageState.FILE_DIRTY,
                   PageState.BALLOON)
 UNMOVABLE_STATES = (PageState.KERNEL, PageState.RESERVED, PageState.HINTED)
+_UNMOVABLE_LUT = np.zeros(256, dtype=bool)  # one gather a page instead of np.isin's sort
+_UNMOVABLE_LUT[list(UNMOVABLE_STATES)] = True
+_MOVABLE_LUT = np.zeros(256, dtype=bool)
+_MOVABLE_LUT[list(MOVABLE_STATES)] = True
 
 
 @dataclass(frozen=True)
@@ -163,7 +167,7 @@ class MemoryHotplug:
     def offline_and_remove(self, block: int) -> int:
         """offline_and_remove_memory for a block whose pages are all PageOffline: 0 or -EBUSY."""
         a, b = self.block_range(block)
-        if (self.mem.state[a:b] != PageState.OFFLINE).any():
+        if (self.mem.state[a:b] != int(PageState.OFFLINE)).any():
             return -errno.EBUSY
         if block in self.online_blocks:
             self.mem.assign_block(block, -1)
@@ -180,20 +184,27 @@ class MemoryHotplug:
         Returns 0, -EBUSY (an unmovable or pinned page) or -ENOMEM (nowhere to migrate to).
         Nothing changes on failure."""
         state = self.mem.state[start:end]
-        if np.isin(state, UNMOVABLE_STATES).any():
+        if _UNMOVABLE_LUT[state].any():
             return -errno.EBUSY
-        pinned = (self.mem.flags[start:end] & PageFlag.MOVABLE_PIN) != 0
+        pinned = (self.mem.flags[start:end] & np.uint8(PageFlag.MOVABLE_PIN)) != 0
         if pinned.any():
             if attempts <= 1:
                 return -errno.EBUSY
-            self.mem.flags[start:end][pinned] &= np.uint8(~PageFlag.MOVABLE_PIN & 0xFF)
-        free = np.flatnonzero(state == PageState.FREE) + start
-        self.mem.set_state(free, PageState.OFFLINE)  # isolated: the allocator can't hand them out
-        for zi in np.unique(self.mem.zone_index_of(np.array([start, end - 1]))):
+            self.mem.flags[start:end][pinned] &= np.uint8(~int(PageFlag.MOVABLE_PIN) & 0xFF)
+        free = np.flatnonzero(state == int(PageState.FREE)) + start
+        # isolating free pages takes them off the free lists: PageReported goes, as on allocation
+        for hook in self.kernel.alloc_hooks:
+            hook(free)
+        self.mem.flags[start:end] &= np.uint8(~int(PageFlag.REPORTED) & 0xFF)
+        if len(free) == end - start:  # an empty range: slices, not an index array
+            self.mem.set_range_state(start, end, PageState.OFFLINE)
+        else:
+            self.mem.set_state(free, PageState.OFFLINE)  # isolated: the allocator can't hand them out
+        for zi in {int(z) for z in self.mem.zone_index_of(np.array([start, end - 1]))}:
             if zi >= 0:
                 self.kernel.allocators[int(zi)].invalidate()
         moved_old, moved_new = [], []
-        for s in MOVABLE_STATES:
+        for s in MOVABLE_STATES if _MOVABLE_LUT[state].any() else ():  # an empty range: no scan
             old = np.flatnonzero(self.mem.state[start:end] == s) + start
             if len(old) == 0:
                 continue
@@ -205,7 +216,7 @@ class MemoryHotplug:
                     self.kernel.free_pages(n)
                 self.kernel.free_pages(free)
                 return -errno.ENOMEM
-            backed = (self.mem.flags[old] & (PageFlag.BACKED | PageFlag.SWAPPED)) != 0
+            backed = (self.mem.flags[old] & np.uint8(PageFlag.BACKED | PageFlag.SWAPPED)) != 0
             self.kernel.touch(new[backed])  # the copy writes the target pages
             moved_old.append(old)
             moved_new.append(new)

@@ -1,0 +1,408 @@
+"""virtio-mem, drawn: memory blocks and subblocks as a grid, and requested vs plugged size over time.
+
+**The grid** (:class:`MemoryBlockGrid`): one row per 128 MiB Linux memory block of each device's
+region, one cell per 2 MiB subblock (64 a row, Sub Block Mode; mechanisms.md §5.3), or one cell
+spanning the row per big block (Big Block Mode). A cell's colour says what the driver and the guest
+kernel hold there: unplugged (inside or outside the usable region, §5.2); plugged but the block not
+added yet; plugged in an added but offline block; online in ZONE_MOVABLE or ZONE_NORMAL; and
+**busy**: an online subblock holding unmovable pages (slab, page tables, the memmap of later blocks:
+``PageState.KERNEL``), where ``alloc_contig_range`` fails and unplug returns -EBUSY (§5.5). It is
+computed with numpy from the driver's ``plugged`` bitmap, ``kernel.hotplug.online_blocks`` and the
+page states (a loop over devices and over online blocks, never over pages).
+
+**The timeline** (:class:`ResizeTimeline`): requested and plugged size (and MemTotal) from
+``vm.sample()`` rows, with a marker for every driver work run that failed (-EBUSY, -ETXTBSY,
+-ENOMEM, -ENOSPC) and the retry timer each failure armed: 50 s, then 100 s, 200 s, 300 s (§5.6).
+
+:func:`explore_virtio_mem` puts both in a widget with a requested-size slider, Step (until the next
+driver event), Play / Pause and Reset; it lives in :mod:`labkit.viz.memblocks_explorer`.
+
+>>> import labkit
+>>> vm = labkit.open(memory="1G", memhp_default_state="online_movable",
+...                  virtio_mem=[{"id": "vm0", "size": "1G"}])
+>>> _ = vm.qmp("qom-set", path="vm0", property="requested-size", value=200 << 20)
+>>> vm.advance(100)
+>>> grid = MemoryBlockGrid(vm)
+>>> grid.image.shape                       # 8 memory blocks of 64 subblocks
+(8, 64)
+>>> int((grid.image == MOVABLE).sum())     # 100 subblocks of 2 MiB plugged and online
+100
+>>> vm.close()
+"""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from bokeh.layouts import column
+from bokeh.models import ColumnDataSource, CustomJSHover, HoverTool, LinearColorMapper, Range1d
+from bokeh.plotting import figure
+
+from labkit.devices.virtio_mem_driver import VIRTIO_MEM_RETRY_TIMER_MAX_MS, VIRTIO_MEM_RETRY_TIMER_MIN_MS
+from labkit.model.hotplug import UNMOVABLE_STATES
+from labkit.model.pages import PAGES_PER_MEMORY_BLOCK
+from labkit.units import GiB, MiB, PAGE_SIZE, format_size
+from labkit.viz.palette import Category
+from labkit.viz.timeseries import _rows_of
+
+UNPLUGGED, NOT_USABLE, NOT_ADDED, OFFLINE, MOVABLE, NORMAL, BUSY = range(7)
+BLOCK_CATEGORIES: tuple[Category, ...] = (  # Okabe-Ito colours; greys for "no memory here"
+    Category("unplugged", "#D4D4D4", 1),
+    Category("unplugged, outside the usable region", "#F4F4F4", 1),
+    Category("plugged, block not added yet", "#F0E442", 1),
+    Category("plugged, block added but offline", "#E69F00", 1),
+    Category("plugged, online ZONE_MOVABLE", "#56B4E9", 1),
+    Category("plugged, online ZONE_NORMAL", "#0072B2", 1),
+    Category("busy: unmovable pages inside (unplug -EBUSY)", "#D55E00", 1),
+)
+_UNMOVABLE = np.zeros(256, dtype=bool)
+_UNMOVABLE[[int(s) for s in UNMOVABLE_STATES]] = True
+RETRY_ERRORS = (-errno.EBUSY, -errno.ETXTBSY, -errno.ENOMEM)  # virtio_mem_run_wq arms the timer
+DEFAULT_MAX_BLOCKS = 256  # rows drawn per device: 32 GiB of a region
+
+
+def _drivers(vm: Any) -> list:
+    vmem = getattr(vm, "virtio_mem", None)
+    if vmem is None or not vmem.drivers:
+        raise ValueError("this VM has no virtio-mem device: open it with virtio_mem=[{'id': 'vm0', "
+                         "'size': '4G'}] (and a memhp_default_state)")
+    return list(vmem.drivers)
+
+
+@dataclass
+class BlockGrid:
+    """The grid's data: ``image`` (uint8 categories, rows x ``cols``) and, per row, its device
+    index, memory block number, guest address and units (subblocks, or 1 big block) per row."""
+
+    image: np.ndarray
+    device: np.ndarray
+    block: np.ndarray
+    addr: np.ndarray
+    units: np.ndarray
+    devices: list[str]
+
+    @property
+    def counts(self) -> np.ndarray:
+        """Cells per category, each cell weighted by its share of a row (bytes = x 128 MiB)."""
+        width = self.image.shape[1]
+        return np.bincount(self.image.ravel(), minlength=len(BLOCK_CATEGORIES)) / width
+
+
+def block_grid(vm: Any, max_blocks: int = DEFAULT_MAX_BLOCKS) -> BlockGrid:
+    """Compute the grid of every virtio-mem device of ``vm`` (the first ``max_blocks`` memory
+    blocks of each region). See the module docstring for the categories."""
+    if not isinstance(max_blocks, int) or isinstance(max_blocks, bool) or max_blocks < 1:
+        raise ValueError(f"max_blocks must be an int >= 1, got {max_blocks!r}")
+    drivers = _drivers(vm)
+    hotplug = vm.kernel.hotplug
+    cols = max(1 if d.bbm else d.units_per_mb for d in drivers)
+    parts, rows = [], {"device": [], "block": [], "addr": [], "units": []}
+    for i, drv in enumerate(drivers):
+        n_mb = min(drv.n_mb, max_blocks)
+        upm = 1 if drv.bbm else drv.units_per_mb
+        if drv.bbm:  # a big block may span several memory blocks
+            plugged = np.repeat(drv.plugged, drv.mbs_per_unit)[:n_mb, None]
+        else:
+            plugged = drv.plugged[:n_mb * upm].reshape(n_mb, upm)
+        unit_bytes = PAGES_PER_MEMORY_BLOCK * PAGE_SIZE // upm
+        usable = (np.arange(n_mb * upm) < drv.device.config.usable_region_size // unit_bytes)
+        blocks = drv.first_mb + np.arange(n_mb)
+        zone = np.full(n_mb, OFFLINE, dtype=np.uint8)
+        for block, name in hotplug.online_blocks.items():  # a loop over online blocks
+            if drv.first_mb <= block < drv.first_mb + n_mb:
+                zone[block - drv.first_mb] = MOVABLE if name == "Movable" else NORMAL
+        added = np.isin(blocks, np.fromiter(hotplug.memmap, dtype=np.int64))
+        plugged_code = np.where(added, zone, NOT_ADDED)[:, None]
+        codes = np.where(usable.reshape(n_mb, upm), UNPLUGGED, NOT_USABLE).astype(np.uint8)
+        codes = np.where(plugged, plugged_code, codes).astype(np.uint8)
+        online = np.flatnonzero(zone != OFFLINE)
+        if len(online):  # unmovable pages, only in the online blocks' pages
+            state = vm.mem.state[drv.region.start:drv.region.start + n_mb * PAGES_PER_MEMORY_BLOCK]
+            busy = _UNMOVABLE[state.reshape(n_mb, upm, -1)[online]].any(axis=2)
+            codes[online] = np.where(busy & plugged[online], BUSY, codes[online])
+        parts.append(np.repeat(codes, cols // upm, axis=1))
+        rows["device"].append(np.full(n_mb, i))
+        rows["block"].append(blocks)
+        rows["addr"].append(drv.region.memaddr + np.arange(n_mb) * PAGES_PER_MEMORY_BLOCK * PAGE_SIZE)
+        rows["units"].append(np.full(n_mb, upm))
+    return BlockGrid(np.concatenate(parts), *(np.concatenate(v) for v in rows.values()),
+                     devices=[d.device.id for d in drivers])
+
+
+def _patch_image(source: ColumnDataSource, image: np.ndarray) -> None:
+    """Send a new image: nothing if unchanged, a patch of the changed rows if few, else all."""
+    old = source.data["image"][0]
+    if old.shape != image.shape:
+        source.data = dict(source.data, image=[image])
+        return
+    rows = np.flatnonzero((old != image).any(axis=1))
+    if len(rows) == 0:
+        return
+    r0, r1 = int(rows[0]), int(rows[-1]) + 1
+    if (r1 - r0) * 4 > len(image):
+        source.data = dict(source.data, image=[image])
+        return
+    source.patch({"image": [((0, slice(r0, r1), slice(0, image.shape[1])), image[r0:r1].ravel())]})
+
+
+class _Widget:
+    """Display as a live ``jupyter_bokeh`` widget of ``self.layout`` (one per view)."""
+
+    _bokeh_model = None
+
+    def widget(self):
+        """A live ``jupyter_bokeh`` widget of the figure (call ``setup_notebook()`` first)."""
+        if self._bokeh_model is None:
+            from jupyter_bokeh.widgets import BokehModel
+            self._bokeh_model = BokehModel(self.layout)
+        return self._bokeh_model
+
+    def _repr_mimebundle_(self, **kwargs: Any):
+        bundle = self.widget()._repr_mimebundle_(**kwargs)
+        if isinstance(bundle, dict) and "text/plain" in bundle:
+            bundle["text/plain"] = repr(self)  # not the widget's long render bundle
+        return bundle
+
+
+class MemoryBlockGrid(_Widget):
+    """A Bokeh grid of the memory blocks of ``vm``'s virtio-mem devices; :meth:`update` redraws it
+    from the VM by patching the image source (see the module docstring).
+
+    Attributes: ``figure``, ``source`` (the image), ``legend_source`` (sizes per category),
+    ``rows_source`` (per-row labels for the hover), ``grid`` (the last :class:`BlockGrid`).
+    """
+
+    def __init__(self, vm: Any, max_blocks: int = DEFAULT_MAX_BLOCKS, cell_px: int = 8,
+                 title: str | None = None):
+        self.max_blocks = max_blocks
+        self._title = title
+        self.grid = block_grid(vm, max_blocks)
+        n_rows, cols = self.grid.image.shape
+        self.source = ColumnDataSource({"image": [self.grid.image], "x": [0], "y": [0],
+                                        "dw": [cols], "dh": [n_rows]})
+        self.rows_source = ColumnDataSource(self._rows_data())
+        self.legend_source = ColumnDataSource(self._legend_data())
+        k = len(BLOCK_CATEGORIES)
+        mapper = LinearColorMapper(palette=[c.color for c in BLOCK_CATEGORIES], low=-0.5,
+                                   high=k - 0.5)
+        fig = figure(frame_width=max(256, cols * cell_px), title=self._title_text(),
+                     frame_height=int(np.clip(n_rows * cell_px, 96, 512)),
+                     x_range=Range1d(0, cols, bounds=(0, cols)),
+                     y_range=Range1d(n_rows, 0, bounds=(0, n_rows)),
+                     tools="pan,wheel_zoom,box_zoom,reset,save", toolbar_location="above",
+                     x_axis_label="subblock (2 MiB each)" if cols > 1 else "big block",
+                     y_axis_label="memory block (128 MiB), from the region's start")
+        fig.grid.visible = False
+        image = fig.image(image="image", x="x", y="y", dw="dw", dh="dh", source=self.source,
+                          color_mapper=mapper)
+        self._add_lines(fig, n_rows, cols)
+        fig.scatter(x="x", y="y", color="color", marker="square", size=12, legend_field="label",
+                    source=self.legend_source)
+        fig.legend[0].label_text_font_size = "9pt"
+        fig.legend[0].spacing = 0
+        fig.add_layout(fig.legend[0], "right")
+        row_js = ("const r = Math.min(Math.max(Math.floor(special_vars.y), 0), "
+                  "rows.data.label.length - 1); const d = rows.data;")
+        where = CustomJSHover(args={"rows": self.rows_source}, code=row_js + (
+            f"const u = d.units[r], s = Math.floor(special_vars.x / ({cols} / u));"
+            "return u > 1 ? `${d.label[r]}, subblock ${s}` : d.label[r];"))
+        shows = CustomJSHover(args={"legend": self.legend_source},
+                              code="return legend.data.name[value] ?? String(value);")
+        fig.add_tools(HoverTool(renderers=[image], tooltips=[("block", "$x{where}"),
+                                                             ("shows", "@image{shows}")],
+                                formatters={"$x": where, "@image": shows}))
+        self.figure = self.layout = fig
+
+    def _add_lines(self, fig, n_rows: int, cols: int) -> None:
+        """Thin lines between rows and every 8 subblocks; a dark one between devices."""
+        ys = [float(y) for y in range(1, n_rows)] if n_rows <= 128 else []
+        xs = [float(x) for x in range(8, cols, 8)]
+        fig.segment(x0=[0.0] * len(ys) + xs, x1=[float(cols)] * len(ys) + xs,
+                    y0=ys + [0.0] * len(xs), y1=ys + [float(n_rows)] * len(xs),
+                    line_color="#FFFFFF", line_width=1, line_alpha=0.8)
+        starts = np.flatnonzero(np.diff(self.grid.device)) + 1.0
+        fig.segment(x0=0.0, x1=float(cols), y0=starts, y1=starts, line_color="#000000", line_width=2)
+
+    def _rows_data(self) -> dict[str, list]:
+        g = self.grid
+        label = [f"{g.devices[d]} block {b} (0x{a:x})" for d, b, a in zip(g.device, g.block, g.addr,
+                                                                             strict=True)]
+        return {"label": label, "units": [int(u) for u in g.units]}
+
+    def _legend_data(self) -> dict[str, list]:
+        counts = self.grid.counts
+        labels = [f"{c.name}: {format_size(int(round(n * 128)) * MiB)}"
+                  for c, n in zip(BLOCK_CATEGORIES, counts, strict=True)]
+        k = len(BLOCK_CATEGORIES)
+        return {"x": [np.nan] * k, "y": [np.nan] * k, "color": [c.color for c in BLOCK_CATEGORIES],
+                "label": labels, "name": [c.name for c in BLOCK_CATEGORIES]}
+
+    def _title_text(self) -> str:
+        if self._title:
+            return self._title
+        g = self.grid
+        plugged = (g.counts[[NOT_ADDED, OFFLINE, MOVABLE, NORMAL, BUSY]].sum()) * 128 * MiB
+        return f"virtio-mem {', '.join(g.devices)}: {format_size(int(round(plugged)))} plugged"
+
+    @property
+    def image(self) -> np.ndarray:
+        """The uint8 category image currently in the source."""
+        return self.source.data["image"][0]
+
+    def update(self, vm: Any) -> None:
+        """Recompute from ``vm`` and send only what changed (a patch of the changed rows)."""
+        self.grid = block_grid(vm, self.max_blocks)
+        _patch_image(self.source, self.grid.image)
+        legend = self._legend_data()
+        if legend["label"] != self.legend_source.data["label"]:
+            self.legend_source.data = legend
+        rows = self._rows_data()
+        if rows != self.rows_source.data:
+            self.rows_source.data = rows
+        self.figure.title.text = self._title_text()
+
+    def __repr__(self) -> str:
+        return f"<MemoryBlockGrid {self.image.shape[0]} blocks x {self.image.shape[1]} cells>"
+
+
+# --- the retry backoff ------------------------------------------------------------------------------
+def retry_schedule(history: list[tuple[float, str, int]]) -> list[dict]:
+    """The driver's failed work runs and the retry timer each one armed, replayed from its
+    ``history`` [(t_ms, "plug"/"unplug"/"idle", rc)] with virtio_mem_run_wq's rules (§5.6): -EBUSY,
+    -ETXTBSY and -ENOMEM arm the timer unless it is already running; each expiry doubles the delay
+    (50 s up to 300 s); a success resets it to 50 s. Returns one dict per failure: ``t_ms``,
+    ``what``, ``rc``, ``error`` (e.g. "EBUSY"), ``retry_ms`` (the delay armed, or None) and
+    ``retry_at_ms``.
+
+    >>> [(f["error"], f["retry_ms"]) for f in retry_schedule(
+    ...     [(0, "unplug", -16), (50_000, "unplug", -16), (150_000, "unplug", -16)])]
+    [('EBUSY', 50000), ('EBUSY', 100000), ('EBUSY', 200000)]
+    """
+    delay, timer_end, out = VIRTIO_MEM_RETRY_TIMER_MIN_MS, None, []
+    for t, what, rc in history:
+        if timer_end is not None and timer_end <= t:  # the timer fired: doubled, then the work ran
+            delay, timer_end = min(delay * 2, VIRTIO_MEM_RETRY_TIMER_MAX_MS), None
+        if rc == 0:
+            delay = VIRTIO_MEM_RETRY_TIMER_MIN_MS
+            continue
+        armed = rc in RETRY_ERRORS and timer_end is None
+        if armed:
+            timer_end = t + delay
+        out.append({"t_ms": float(t), "what": what, "rc": int(rc),
+                    "error": errno.errorcode.get(-rc, str(rc)), "retry_ms": delay if armed else None,
+                    "retry_at_ms": float(t + delay) if armed else None})
+    return out
+
+
+TIMELINE_LINES = (  # (sample key, legend label, colour, dash)
+    ("virtio_mem_requested", "requested-size", "#E69F00", "dashed"),
+    ("virtio_mem_plugged", "size (plugged)", "#0072B2", "solid"),
+    ("memtotal", "guest MemTotal", "#000000", "dotted"),
+)
+
+
+class ResizeTimeline(_Widget):
+    """Requested vs plugged size (and MemTotal) over time, with the driver's failures and retry
+    timers; ``append(row)`` streams a ``vm.sample()`` row, ``update_history(vm)`` redraws the
+    markers from the drivers' histories. ``unit`` is "GiB" or "MiB" (default by size).
+
+    >>> tl = ResizeTimeline([{"t_ms": 0, "virtio_mem_requested": 0, "virtio_mem_plugged": 0,
+    ...                       "memtotal": 1 << 30}])
+    >>> tl.set_history([(0.0, "unplug", -16), (50_000.0, "unplug", -16)])
+    >>> tl.failures.data["label"]
+    ['EBUSY, retry in 50 s', 'EBUSY, retry in 100 s']
+    """
+
+    def __init__(self, data: Any, unit: str | None = None, width: int = 520, height: int = 260):
+        rows = _rows_of(data)
+        if unit is None:
+            biggest = max((float(r.get(k, 0) or 0) for r in rows for k, *_ in TIMELINE_LINES), default=0)
+            unit = "GiB" if biggest >= 2 * GiB else "MiB"
+        if unit not in ("GiB", "MiB"):
+            raise ValueError(f"unit {unit!r} is not one of ['GiB', 'MiB']")
+        self.unit, self._scale = unit, GiB if unit == "GiB" else MiB
+        self.source = ColumnDataSource(self._columns(rows))
+        self.failures = ColumnDataSource({"t": [], "y": [], "label": []})
+        self.retries = ColumnDataSource({"t": [], "y": [], "label": []})
+        fig = figure(width=width, height=height, x_axis_label="time (s)", y_axis_label=unit,
+                     title="virtio-mem: requested vs plugged", toolbar_location="above",
+                     tools="pan,wheel_zoom,box_zoom,reset,save")
+        for key, label, color, dash in TIMELINE_LINES:
+            fig.line("t", key, source=self.source, color=color, line_dash=dash, line_width=2,
+                     legend_label=label)
+        fig.scatter("t", "y", source=self.failures, marker="x", size=12, line_width=3,
+                    color="#D55E00", legend_label="work run failed (rc != 0)")
+        fig.text("t", "y", text="label", source=self.failures, text_font_size="8pt", angle=0.5,
+                 x_offset=4, y_offset=-4, text_color="#D55E00")
+        fig.scatter("t", "y", source=self.retries, marker="inverted_triangle", size=10,
+                    fill_alpha=0, line_width=2, color="#D55E00", legend_label="retry timer fires")
+        fig.y_range.start = 0
+        fig.legend.location = "top_left"
+        fig.legend.label_text_font_size = "8pt"
+        fig.legend.background_fill_alpha = 0.6
+        fig.add_tools(HoverTool(tooltips=[("t", "@t{0.000} s"), ("", "@label")],
+                                renderers=fig.renderers[3:4]))
+        self.figure = fig
+        self.layout = column(fig)
+
+    def _columns(self, rows: list[Mapping]) -> dict[str, list[float]]:
+        out = {"t": [float(r["t_ms"]) / 1000.0 for r in rows]}
+        for key, *_ in TIMELINE_LINES:
+            out[key] = [float(r.get(key, np.nan)) / self._scale for r in rows]
+        return out
+
+    def append(self, row: Mapping) -> None:
+        """Stream one ``vm.sample()`` row."""
+        self.source.stream(self._columns([row]))
+
+    def extend(self, rows: Any) -> None:
+        """Stream several rows (a list of rows, a Run, or a dict of columns)."""
+        rows = _rows_of(rows)
+        if rows:
+            self.source.stream(self._columns(rows))
+
+    def reset(self, data: Any) -> None:
+        """Replace all rows and markers (e.g. after re-opening the VM)."""
+        self.source.data = self._columns(_rows_of(data))
+        self.set_history([])
+
+    def update_history(self, vm: Any) -> None:
+        """Redraw the failure and retry markers from every virtio-mem driver of ``vm``."""
+        vmem = getattr(vm, "virtio_mem", None)
+        drivers = vmem.drivers if vmem is not None else []
+        self.set_history(sorted(e for d in drivers for e in d.history))
+
+    def set_history(self, history: list[tuple[float, str, int]]) -> None:
+        """Markers for a driver history [(t_ms, what, rc)]: failures at the plugged size of that
+        moment, labelled with the error and the retry delay armed, and the retry firings."""
+        fails = retry_schedule(history)
+        t = np.array(self.source.data["t"], dtype=float)
+        plugged = np.array(self.source.data["virtio_mem_plugged"], dtype=float)
+
+        def level(times: list[float]) -> list[float]:
+            if len(t) == 0:
+                return [0.0] * len(times)
+            return [float(v) for v in np.interp(np.array(times) / 1000.0, t, np.nan_to_num(plugged))]
+
+        labels = [f"{f['error']}" + (f", retry in {f['retry_ms'] / 1000:.0f} s" if f["retry_ms"]
+                                     else "") for f in fails]
+        times = [f["t_ms"] for f in fails]
+        new = {"t": [x / 1000.0 for x in times], "y": level(times), "label": labels}
+        if new != dict(self.failures.data):
+            self.failures.data = new
+        armed = [f for f in fails if f["retry_at_ms"] is not None]
+        at = [f["retry_at_ms"] for f in armed]
+        new = {"t": [x / 1000.0 for x in at], "y": level(at),
+               "label": [f"retry after {f['retry_ms'] / 1000:.0f} s" for f in armed]}
+        if new != dict(self.retries.data):
+            self.retries.data = new
+
+    def __len__(self) -> int:
+        return len(self.source.data["t"])
+
+    def __repr__(self) -> str:
+        return f"<ResizeTimeline {len(self)} rows in {self.unit}>"

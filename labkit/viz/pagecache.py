@@ -1,0 +1,208 @@
+"""Where file data lives: the page cache split between guests and host, and a file's pages.
+
+* :func:`copies_figure`: one stacked bar per transport of :func:`labkit.scenarios.pmem.shared_image`
+  (host page cache copy, guest page cache copies, pmem struct pages, the rest of guest RAM); the
+  bars' ``ColumnDataSource`` is ``source_of(fig)``, so a widget can replace its data.
+* :func:`file_map`: the host page cache state of an image file, one cell per run of pages (not
+  cached, clean, dirty, writeback error, lost in a crash), the worst state of a cell winning.
+* :class:`CopiesExplorer`: a slider for the number of VMs that re-runs the comparison.
+* :class:`WritebackStepper`: buttons that advance a VM 5 s at a time or crash its host, with bars of
+  the dirty data at risk (guest page cache, host page cache) and the file map.
+
+>>> from labkit.scenarios.pmem import SharedImageParams, shared_image, shared_image_table
+>>> runs = [shared_image(SharedImageParams(n_vms=2, transport=t)) for t in ("blk-writeback", "pmem")]
+>>> fig = copies_figure(shared_image_table(runs))
+>>> list(source_of(fig).data["transport"])
+['blk-writeback', 'pmem']
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from bokeh.layouts import column
+from bokeh.models import ColumnDataSource, HoverTool, LinearColorMapper
+from bokeh.plotting import figure
+
+from labkit.model.pagecache import CachedFile, FilePage
+from labkit.units import GiB, MiB
+
+PARTS = (("host_copy", "image in the host page cache", "#0072B2"),
+         ("guest_copies", "image in guest page caches", "#D55E00"),
+         ("memmap", "pmem struct pages (guest RAM)", "#CC79A7"),
+         ("other", "rest of guest RAM (host-backed)", "#BBBBBB"))
+# file map categories: FilePage values, then "lost" (the disk is stale after a crash)
+FILE_NAMES = ("not cached", "clean (cached)", "dirty (not on disk)", "writeback error", "lost in crash")
+FILE_COLORS = ("#E6E6E6", "#44AA99", "#D55E00", "#882255", "#000000")
+FILE_RANK = np.array([0, 1, 3, 4, 2])  # which state wins a cell: error > dirty > lost > clean > none
+LOST = 4
+
+
+def _split(table: dict, unit: int) -> dict[str, list]:
+    other = [max(0.0, r - g - m) for r, g, m in zip(table["guests_rss"], table["guest_copies"],
+                                                    table["memmap"], strict=True)]
+    data = {"transport": list(table["transport"]), "other": [v / unit for v in other]}
+    for key, *_ in PARTS[:3]:
+        data[key] = [v / unit for v in table[key]]
+    return data
+
+
+def copies_figure(table: dict, unit: str = "MiB", width: int = 560, height: int = 260):
+    """Stacked bars of host memory per transport (``shared_image_table`` rows)."""
+    scale = {"MiB": MiB, "GiB": GiB}[unit]
+    source = ColumnDataSource(_split(table, scale))
+    fig = figure(y_range=list(source.data["transport"]), width=width, height=height,
+                 title="host memory: who holds a copy of the image", x_axis_label=unit,
+                 toolbar_location=None)
+    keys = [k for k, *_ in PARTS]
+    fig.hbar_stack(keys, y="transport", height=0.6, source=source, color=[c for *_, c in PARTS],
+                   legend_label=[label for _, label, _ in PARTS])
+    fig.add_tools(HoverTool(tooltips=[("transport", "@transport")] + [
+        (label, f"@{key}{{0}} {unit}") for key, label, _ in PARTS]))
+    fig.legend.location = "bottom_right"
+    fig.legend.label_text_font_size = "8pt"
+    fig.x_range.start = 0
+    return fig
+
+
+def file_cells(f: CachedFile, cells: int = 512, pages: int | None = None) -> np.ndarray:
+    """Category per cell (``FILE_NAMES`` index) of the first ``pages`` pages of ``f``."""
+    n = f.n_pages if pages is None else min(pages, f.n_pages)
+    cat = f.state[:n].astype(np.uint8)
+    cat = np.where(f.lost[:n] & (cat == FilePage.NOT_CACHED), np.uint8(LOST), cat)
+    per = -(-n // cells)
+    padded = np.zeros(per * cells, np.uint8)
+    padded[:n] = cat
+    rank = FILE_RANK[padded.reshape(cells, per)].max(axis=1)
+    return np.argsort(FILE_RANK)[rank].astype(np.uint8)
+
+
+def file_map(f: CachedFile, cells: int = 512, pages: int | None = None, width: int = 560,
+             height: int = 90, title: str | None = None):
+    """One strip of ``cells`` cells over the file's first ``pages`` pages (default: all)."""
+    row = file_cells(f, cells, pages)
+    source = ColumnDataSource({"image": [row.reshape(1, -1)]})
+    mapper = LinearColorMapper(palette=list(FILE_COLORS), low=-0.5, high=len(FILE_COLORS) - 0.5)
+    fig = figure(width=width, height=height, x_range=(0, cells), y_range=(0, 1), toolbar_location=None,
+                 title=title or f"host page cache of {f.path.rsplit('/', 1)[-1]}")
+    fig.image(image="image", x=0, y=0, dw=cells, dh=1, source=source, color_mapper=mapper)
+    for name, color in zip(FILE_NAMES, FILE_COLORS, strict=True):
+        fig.scatter([], [], marker="square", size=8, color=color, legend_label=name)
+    fig.legend.orientation = "horizontal"
+    fig.legend.label_text_font_size = "7pt"
+    fig.add_layout(fig.legend[0], "below")
+    fig.yaxis.visible = False
+    per_cell = -(-(f.n_pages if pages is None else min(pages, f.n_pages)) // cells)
+    fig.xaxis.axis_label = f"file offset (one cell = {per_cell * 4} KiB)"
+    return fig
+
+
+def source_of(fig) -> ColumnDataSource:
+    """The data source of a figure made here (its first renderer's), to replace its data."""
+    return fig.renderers[0].data_source
+
+
+class CopiesExplorer:
+    """A slider for the number of VMs over :func:`copies_figure`: ``compare(n)`` must return a
+    ``shared_image_table`` for ``n`` VMs; moving ``slider`` recomputes it and replaces the bars'
+    data (the figure is not rebuilt)."""
+
+    def __init__(self, compare: Any, n: int = 4, max_n: int = 8, unit: str = "MiB"):
+        self.compare, self.unit = compare, unit
+        self.table = compare(n)
+        self.figure = copies_figure(self.table, unit=unit)
+        self._widget = None
+        import ipywidgets as widgets
+
+        self.slider = widgets.IntSlider(value=n, min=1, max=max_n, description="VMs")
+        self.slider.observe(self._on_n, names="value")
+
+    def _on_n(self, change: dict) -> None:
+        self.table = self.compare(change["new"])
+        source_of(self.figure).data = _split(self.table, {"MiB": MiB, "GiB": GiB}[self.unit])
+
+    def widget(self):
+        if self._widget is None:
+            import ipywidgets as widgets
+            from jupyter_bokeh.widgets import BokehModel
+
+            self._widget = widgets.VBox([self.slider, BokehModel(self.figure)])
+        return self._widget
+
+    def _repr_mimebundle_(self, **kwargs: Any):
+        return self.widget()._repr_mimebundle_(**kwargs)
+
+
+class WritebackStepper:
+    """Step a VM through writeback and crash its host: ``step()`` advances ``step_ms``;
+    ``crash()`` crashes the host (labkit.model.pagecache.host_crash). ``widget()`` shows buttons,
+    the at-risk bars and the file map; ``history`` holds one row per step."""
+
+    def __init__(self, vm: Any, f: CachedFile, pages: int | None = None, step_ms: float = 5000.0):
+        self.vm, self.file, self.pages, self.step_ms = vm, f, pages, step_ms
+        self.history: list[dict] = []
+        self.crashed = False
+        self.bars = ColumnDataSource(self._bar_data())
+        fig = figure(x_range=["guest page cache", "host page cache"], width=300, height=220,
+                     title="dirty data at risk (MiB)", toolbar_location=None)
+        fig.vbar(x="where", top="mib", width=0.6, source=self.bars, color="#D55E00")
+        fig.y_range.start = 0
+        self.bar_figure = fig
+        self.map_figure = file_map(f, pages=pages, width=560)
+        self._widget = None
+
+    def _bar_data(self) -> dict:
+        if self.crashed:
+            return {"where": ["guest page cache", "host page cache"], "mib": [0.0, 0.0]}
+        s = self.vm.sample()
+        row = {"t_ms": s["t_ms"], "guest_dirty": s["guest_dirty"], "host_dirty": s["host_page_cache_dirty"]}
+        self.history.append(row)
+        return {"where": ["guest page cache", "host page cache"],
+                "mib": [row["guest_dirty"] / MiB, row["host_dirty"] / MiB]}
+
+    def refresh(self) -> None:
+        self.bars.data = self._bar_data()
+        source_of(self.map_figure).data = {"image": [file_cells(self.file, pages=self.pages).reshape(1, -1)]}
+        if self._widget is not None:
+            self._status.value = self.status()
+
+    def status(self) -> str:
+        if self.crashed:
+            lost = int(self.file.lost[: self.pages].sum()) if self.pages else int(self.file.lost.sum())
+            return f"<b>host crashed</b>: {lost * 4 // 1024} MiB of written data lost"
+        return f"t = {self.vm.now_ms / 1000:.1f} s"
+
+    def step(self) -> None:
+        if not self.crashed:
+            self.vm.advance(self.step_ms)
+            self.refresh()
+
+    def crash(self) -> dict:
+        from labkit.model.pagecache import host_crash
+
+        if self.crashed:
+            return {}
+        lost = host_crash(self.vm.host, [self.vm])
+        self.crashed = True
+        self.refresh()
+        return lost
+
+    def widget(self):
+        """Buttons "advance 5 s" and "crash the host", the status line and both figures."""
+        if self._widget is None:
+            import ipywidgets as widgets
+            from jupyter_bokeh.widgets import BokehModel
+
+            step = widgets.Button(description=f"advance {self.step_ms / 1000:g} s")
+            crash = widgets.Button(description="crash the host", button_style="danger")
+            step.on_click(lambda _: self.step())
+            crash.on_click(lambda _: self.crash())
+            self.step_button, self.crash_button = step, crash
+            self._status = widgets.HTML(self.status())
+            self._widget = widgets.VBox([widgets.HBox([step, crash, self._status]),
+                                         BokehModel(column(self.bar_figure, self.map_figure))])
+        return self._widget
+
+    def _repr_mimebundle_(self, **kwargs: Any):
+        return self.widget()._repr_mimebundle_(**kwargs)
