@@ -17,6 +17,11 @@ from __future__ import annotations
 import os
 
 from labkit.viz.explorer import Explorer, explore
+from labkit.viz.memblocks import MemoryBlockGrid, ResizeTimeline
+from labkit.viz.memblocks_explorer import VirtioMemExplorer, explore_virtio_mem
+from labkit.viz.migration import MigrationRecorder, MigrationView, comparison
+from labkit.viz.migration_explorer import MigrationExplorer, PolicySwitch
+from labkit.viz.overcommit import OvercommitView, ReportingExplorer, policy_bars, staircase
 from labkit.viz.pagemap import PageMap, page_map
 from labkit.viz.palette import GUEST_CATEGORIES, HOST_CATEGORIES, classify
 from labkit.viz.timeseries import TimeSeries
@@ -35,5 +40,7 @@ def setup_notebook() -> None:
     output_notebook(resources=Resources(mode=mode), hide_banner=True)
 
 
-__all__ = ["GUEST_CATEGORIES", "HOST_CATEGORIES", "Explorer", "PageMap", "TimeSeries", "classify",
-           "explore", "page_map", "setup_notebook"]
+__all__ = ["GUEST_CATEGORIES", "HOST_CATEGORIES", "Explorer", "MigrationExplorer", "MigrationRecorder",
+           "MigrationView", "OvercommitView", "PageMap", "PolicySwitch", "ReportingExplorer", "TimeSeries",
+           "classify", "comparison", "explore", "page_map", "policy_bars", "setup_notebook", "staircase"]
+__all__ += ["MemoryBlockGrid", "ResizeTimeline", "VirtioMemExplorer", "explore_virtio_mem"]
