@@ -6,6 +6,7 @@
 #   make lab HEADLESS=1 [PORT=N]   no browser: start on 127.0.0.1 and print the URL with its token
 #                                  (the same as `make lab-headless`)
 #   make test PYTEST_ARGS="-k balloon -x"   pass options to pytest
+#   make test-live                 the live QEMU tests (a real Linux guest under QEMU, opt in)
 #   make clean                     remove .venv and the caches
 #
 # The install step is skipped while pyproject.toml and binder/requirements.txt are unchanged (their
@@ -21,7 +22,7 @@ PYTEST_ARGS ?=
 HEADLESS ?=
 PORT ?=
 
-.PHONY: help install lab lab-headless test clean
+.PHONY: help install lab lab-headless test test-live clean
 
 help:
 	@sed -n '3,9s/^# \{0,1\}//p' Makefile
@@ -57,6 +58,11 @@ test: install
 	  $(BIN)/python -m pytest $(PYTEST_ARGS) || rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "labkit: pytest collected no tests (exit 5)"; exit 0; fi; \
 	exit $$rc
+
+# the live QEMU tests and notebook (need qemu-system-x86, busybox-static and gcc from apt; see binder/apt.txt)
+test-live: install
+	LABKIT_LIVE=1 BOKEH_RESOURCES=inline PATH="$(abspath $(BIN)):$$PATH" \
+	  $(BIN)/python -m pytest -m live tests/live $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis labkit.egg-info

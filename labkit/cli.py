@@ -62,7 +62,7 @@ class Command:
 
 
 COMMANDS: dict[str, Command] = {}
-COMMAND_MODULES: tuple[str, ...] = ()  # modules that register more commands when imported
+COMMAND_MODULES: tuple[str, ...] = ("labkit.backends.qemu.commands",)  # more commands, on import
 
 
 def command(name: str, *, help: str,

@@ -102,7 +102,8 @@ def test_bad_options_are_refused_with_the_value_named(kwargs, exc, fragment):
 
 
 def test_unknown_backend_is_refused():
-    with pytest.raises(ValueError, match=r"backend 'xen' is not available; accepted: \['model'\]"):
+    with pytest.raises(ValueError,
+                       match=r"backend 'xen' is not available; accepted: \['model', 'qemu'\]"):
         labkit.open(backend="xen")
 
 

@@ -7,7 +7,7 @@ from typing import Any
 from labkit.backends.base import Backend
 from labkit.backends.model import ModelBackend
 
-BACKENDS = ("model",)
+BACKENDS = ("model", "qemu")
 
 
 def open(backend: str = "model", **options: Any) -> Backend:  # noqa: A001 - labkit.open, like io.open
@@ -18,6 +18,8 @@ def open(backend: str = "model", **options: Any) -> Backend:  # noqa: A001 - lab
     ``free_page_hint``, ``page_poison``, ``iothread``; ``False`` for no balloon), ``host``
     (``ram``, ``swap``, ``discard``, ``swapin_us``, or a shared :class:`labkit.model.host.Host`),
     ``numa_nodes``, and ``model`` (model-only knobs: ``balloon_request_ms``, ``boot``, ``epoch``).
+    ``backend="qemu"`` boots a real Linux guest under QEMU with the same options, plus ``qemu``
+    (``accel``, ``kernel``, ``thp``, ``boot_timeout_s``, ``smp``, ``extra_args``, ...).
 
     >>> import labkit
     >>> vm = labkit.open(memory="1G", seed=1)
@@ -33,7 +35,19 @@ def open(backend: str = "model", **options: Any) -> Backend:  # noqa: A001 - lab
                 name = str(e).split("'")[1]
                 raise TypeError(
                     f"unknown option {name!r}; accepted: memory, seed, balloon, host, numa_nodes, "
-                    "model, cmdline, vm_name, virtio_mem, memhp_default_state") from None
+                    "model, cmdline, vm_name, virtio_mem, memhp_default_state, virtio_pmem") from None
+            raise
+    if backend == "qemu":  # a real QEMU and Linux guest (labkit.backends.qemu); same options
+        from labkit.backends.qemu import open_qemu
+
+        try:
+            return open_qemu(**options)
+        except TypeError as e:
+            if "unexpected keyword argument" in str(e):
+                name = str(e).split("'")[1]
+                raise TypeError(
+                    f"unknown option {name!r}; accepted: memory, seed, balloon, host, numa_nodes, "
+                    "model, cmdline, vm_name, virtio_mem, memhp_default_state, qemu") from None
             raise
     raise ValueError(f"backend {backend!r} is not available; accepted: {list(BACKENDS)}")
 

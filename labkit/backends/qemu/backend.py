@@ -1,0 +1,381 @@
+"""QemuBackend: a real Linux guest under QEMU, behind the same methods as ModelBackend.
+
+>>> vm = open_qemu(memory="512M", balloon={"deflate_on_oom": True})  # doctest: +SKIP
+>>> vm.qmp("balloon", value=384 << 20); vm.advance(2000)  # doctest: +SKIP
+>>> vm.qmp("query-balloon")  # doctest: +SKIP
+{'actual': 402653184}
+>>> vm.close()  # doctest: +SKIP
+
+The options are those of :func:`labkit.open`. What differs from the model:
+
+* ``seed`` is ignored (a real guest is not seeded), and so are ``model`` (model-only knobs) and
+  ``host`` (the host is this machine: its RAM, swap and discard behaviour are real; a warning says so
+  when non-default values are given).
+* ``cmdline`` entries become guest kernel parameters (``{"init_on_free": 1}`` → ``init_on_free=1``).
+* ``virtio_mem`` (a list of device property dicts, validated as on the model) and
+  ``memhp_default_state`` become ``virtio-mem-pci`` devices on their own ``memory-backend-ram``
+  (``-m ...,maxmem=...``) and the guest's kernel parameter; ``guest("memory_blocks")`` and
+  ``guest("online_memory", zone=...)`` read and online the guest's memory blocks from sysfs.
+* ``qemu`` holds live-only knobs: ``accel`` (``"auto"``: KVM when it boots a guest, else TCG),
+  ``kernel`` (a vmlinuz), ``thp`` (``False``: QEMU runs with transparent huge pages disabled, so the
+  host backs guest RAM in 4 KiB pages like the model; ``True``: the host's own THP policy),
+  ``boot_timeout_s``, ``kvm_boot_timeout_s``, ``scratch_disk``, ``smp``, ``extra_args``, ``poll_ms``.
+* time is wall-clock: ``advance(ms)`` really waits (polling QMP, host RSS and QEMU's health) and
+  ``t_ms`` counts from the moment the guest shell was ready.
+* ``snapshot()`` raises: the page states of a real guest can't be read from outside.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+import warnings
+import weakref
+from collections import deque
+from typing import Any
+
+import psutil
+
+from labkit.backends.qemu import accel as accel_choice
+from labkit.backends.qemu.guest import LiveGuestOps, parse_meminfo, parse_vmstat
+from labkit.backends.qemu.guestfiles import MODULE_FAILED_MARKER, READY_MARKER
+from labkit.backends.qemu.hostmem import read_host_memory
+from labkit.backends.qemu.image import GuestImage, build_guest_image
+from labkit.backends.qemu.process import (
+    QemuConfig,
+    QemuError,
+    QemuProcess,
+    check_requirements,
+    connect_serial,
+    describe_exit,
+    node_sizes,
+)
+from labkit.backends.qemu.qmp import ConnectError, QMPConnection, QMPConnectionLost
+from labkit.backends.qemu.serial import GuestDied, GuestTimeout, SerialShell
+from labkit.errors import GuestError
+from labkit.units import MiB, TiB, format_size, parse_size
+
+log = logging.getLogger("labkit.qemu")
+
+QEMU_DEFAULTS = {
+    "accel": "auto", "kernel": None, "thp": False, "boot_timeout_s": 120.0, "kvm_boot_timeout_s": 10.0,
+    "scratch_disk": True, "smp": 1, "extra_args": (), "poll_ms": 50.0, "bios": "auto",
+}
+HOST_DEFAULTS = {"ram": None, "swap": 0, "discard": True, "swapin_us": 100.0}
+STEP_MS = 100.0
+TRACE_POINTS = 200_000
+
+
+def merge_options(name: str, given: dict | None, defaults: dict) -> dict:
+    given = dict(given or {})
+    unknown = sorted(set(given) - set(defaults))
+    if unknown:
+        raise ValueError(f"unknown {name} option(s) {unknown}; accepted: {sorted(defaults)}")
+    return {**defaults, **given}
+
+
+def _shutdown(parts: dict) -> None:
+    """Stop QEMU and close its channels; safe to call twice, after a crash, and at exit."""
+    qmp, serial, process = parts.pop("qmp", None), parts.pop("serial", None), parts.pop("process", None)
+    if qmp is not None:
+        with contextlib.suppress(Exception):
+            qmp.execute("quit", timeout=2.0)
+        qmp.close()
+    if serial is not None:
+        serial.close()
+    if process is not None:
+        process.stop()
+
+
+class QemuBackend:
+    """A live VM. See the module docstring and :func:`labkit.open` for the arguments."""
+
+    name = "qemu"
+
+    def __init__(self, memory: int | str = "4G", seed: int = 0, balloon: dict | bool | None = None,
+                 host: dict | object | None = None, numa_nodes: int = 1, model: dict | None = None,
+                 cmdline: dict | None = None, vm_name: str = "vm0", qemu: dict | None = None,
+                 virtio_mem: list[dict] | None = None, memhp_default_state: str = "offline",
+                 virtio_pmem: list[dict] | None = None):
+        size = parse_size(memory, name="memory")
+        if size < 128 * MiB or size % MiB or size > TiB:
+            raise ValueError(f"memory must be a whole number of MiB from 128 MiB to 1 TiB on the live "
+                             f"backend, got {memory!r}")
+        if not isinstance(numa_nodes, int) or isinstance(numa_nodes, bool) or not (
+                1 <= numa_nodes <= 8) or size < numa_nodes * 128 * MiB:
+            raise ValueError(f"numa_nodes must be an int from 1 to 8 with at least 128 MiB per node, "
+                             f"got {numa_nodes!r} for {format_size(size)}")
+        if not isinstance(seed, int) or isinstance(seed, bool):
+            raise TypeError(f"seed must be an int, got {seed!r}")
+        from labkit.devices.balloon import PROPERTY_DEFAULTS
+
+        if balloon is True or balloon is None:
+            balloon = {}
+        balloon_opts = None if balloon is False else merge_options("balloon", balloon, PROPERTY_DEFAULTS)
+        if balloon_opts and balloon_opts["free_page_hint"] and not balloon_opts["iothread"]:
+            raise ValueError("'free-page-hint' requires 'iothread' to be set")
+        knobs = merge_options("qemu", qemu, QEMU_DEFAULTS)
+        if knobs["accel"] not in ("auto", "kvm", "tcg"):
+            raise ValueError(f"qemu accel {knobs['accel']!r} is not one of ['auto', 'kvm', 'tcg']")
+        if isinstance(host, dict) and merge_options("host", host, HOST_DEFAULTS) != HOST_DEFAULTS:
+            warnings.warn("host options describe the model's host; the live backend runs on this "
+                          "machine's real host, so they are ignored", stacklevel=3)
+        from labkit.backends.model import _virtio_mem_specs
+        from labkit.model.hotplug import ONLINE_TYPES
+
+        if memhp_default_state not in ONLINE_TYPES:
+            raise ValueError(f"memhp_default_state {memhp_default_state!r} is not one of "
+                             f"{list(ONLINE_TYPES)}")
+        self.virtio_mem_specs = _virtio_mem_specs(virtio_mem, numa_nodes)
+        if virtio_pmem:
+            raise NotImplementedError(
+                "virtio_pmem is not wired on the live backend yet (the guest image has its modules; "
+                "QEMU's memory-backend-file + virtio-pmem-pci and the pmem_write/pmem_flush ops are "
+                "not done): use labkit.open(backend='model', virtio_pmem=[...])")
+        self.memhp_default_state = memhp_default_state
+        self.cmdline = self._kernel_params(cmdline)
+        self.memory, self.seed, self.knobs, self.vm_name = size, seed, knobs, vm_name
+        self.balloon_options = balloon_opts
+        self.numa_nodes = numa_nodes
+        self.node_sizes = node_sizes(size, numa_nodes) + [d["size"] for d in self.virtio_mem_specs]
+        check_requirements()
+        self.image: GuestImage = build_guest_image(knobs["kernel"])
+        self.closed = False
+        self._parts: dict = {}
+        self._finalizer = weakref.finalize(self, _shutdown, self._parts)
+        self.balloon_target = size
+        self.trace: deque[tuple[float, int, int]] = deque(maxlen=TRACE_POINTS)  # (t_ms, actual, rss)
+        try:
+            self._boot()
+        except BaseException:
+            self.close()
+            raise
+        self.ops = LiveGuestOps(self._run, size, self.image.helper, bool(knobs["scratch_disk"]),
+                                memory_devices=self._memory_devices)
+        if self.virtio_mem_specs:  # the driver plugs requested-size as soon as it probes
+            self._run("insmod /lib/modules/virtio_mem.ko", timeout=60)
+
+    @staticmethod
+    def _kernel_params(cmdline: dict | None) -> str:
+        from labkit.backends.model import CMDLINE_CHECKS, CMDLINE_DEFAULTS
+
+        given = merge_options("cmdline", cmdline, CMDLINE_DEFAULTS)
+        for key, (check, accepted) in CMDLINE_CHECKS.items():
+            if not check(given[key]):
+                raise ValueError(f"cmdline {key}={given[key]!r}: {accepted}")
+        return " ".join(f"{k}={v}" for k, v in (cmdline or {}).items())
+
+    # --- boot ---------------------------------------------------------------------------------
+    def _config(self, accel: str) -> QemuConfig:
+        k = self.knobs
+        return QemuConfig(memory=self.memory, balloon=self.balloon_options, numa_nodes=self.numa_nodes,
+                          accel=accel, smp=k["smp"], cmdline=self.cmdline,
+                          scratch_disk=bool(k["scratch_disk"]), bios=k["bios"],
+                          extra_args=tuple(k["extra_args"]), virtio_mem=tuple(self.virtio_mem_specs),
+                          memhp_default_state=self.memhp_default_state)
+
+    def _boot(self) -> None:
+        accel, self.accel_reason = accel_choice.choose(self.knobs["accel"])
+        if accel == "kvm":
+            try:
+                self._start("kvm", self.knobs["kvm_boot_timeout_s"])
+                return
+            except (QemuError, GuestError) as e:
+                if self.knobs["accel"] == "kvm":
+                    raise
+                reason = f"KVM boot failed: {str(e).strip().splitlines()[0].split('; last output')[0][:200]}"
+                accel_choice.remember_kvm_failure(reason)
+                log.warning("%s; falling back to TCG", reason)
+                self.accel_reason = reason
+                _shutdown(self._parts)
+        self._start("tcg", self.knobs["boot_timeout_s"])
+
+    def _start(self, accel: str, timeout: float) -> None:
+        started = time.monotonic()
+        self.accel = accel
+        process = QemuProcess(self._config(accel), str(self.image.kernel), str(self.image.initramfs),
+                              thp=bool(self.knobs["thp"]))
+        self._parts["process"] = process
+        self.process = process
+        sock = connect_serial(process, 30.0)
+        self.serial = SerialShell(sock, alive=process.alive)
+        self._parts["serial"] = self.serial
+        try:
+            self.qmp_conn = QMPConnection(process.qmp_path, name=self.vm_name)
+            self._parts["qmp"] = self.qmp_conn
+            console = self.serial.wait_for(READY_MARKER, timeout)
+        except (GuestDied, QMPConnectionLost, ConnectError, ConnectionError, OSError) as e:
+            raise self._died(e) from None
+        except GuestTimeout as e:
+            raise GuestTimeout(f"the guest did not boot within {timeout:g} s under {accel}: {e}") from None
+        process.forget_paths()  # connected for good: no socket (or disk image) left on disk from here on
+        failed = [line.split()[1] for line in console.splitlines() if line.startswith(MODULE_FAILED_MARKER)]
+        if failed:
+            log.warning("guest modules that failed to load: %s", failed)
+        self.modules_failed = failed
+        self.boot_s = time.monotonic() - started
+        self._t0 = time.monotonic()
+        log.info("guest ready in %.1f s under %s (%s)", self.boot_s, accel, self.accel_reason)
+
+    def _died(self, cause: BaseException) -> QemuError:
+        process = self._parts.get("process") or getattr(self, "process", None)
+        if process is not None:
+            deadline = time.monotonic() + 2.0
+            while process.alive() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if not process.alive():
+                return QemuError(describe_exit(process))
+        return QemuError(f"lost the guest: {cause}")
+
+    # --- channels -----------------------------------------------------------------------------
+    def _check_open(self) -> None:
+        if self.closed:
+            raise RuntimeError("this VM was closed; open a new one with labkit.open()")
+
+    def _run(self, command: str, timeout: float = 30.0, check: bool = True) -> tuple[str, int]:
+        self._check_open()
+        try:
+            return self.serial.run(command, timeout=timeout, check=check)
+        except GuestDied as e:
+            raise self._died(e) from None
+
+    def qmp(self, command: str, **arguments: Any) -> Any:
+        """Run a QMP command on QEMU; QEMU's errors come back as :class:`labkit.QMPError`."""
+        self._check_open()
+        try:
+            result = self.qmp_conn.execute(command, arguments)
+        except QMPConnectionLost as e:
+            raise self._died(e) from None
+        if command == "balloon":
+            self.balloon_target = int(arguments["value"])
+        return result
+
+    # --- guest --------------------------------------------------------------------------------
+    def guest(self, op: str, **arguments: Any) -> Any:
+        """Run a workload step in the guest: alloc, touch, read, free, drop_caches, sync, handles."""
+        self._check_open()
+        return self.ops.call(op, arguments)
+
+    def meminfo(self) -> dict[str, int]:
+        return parse_meminfo(self._run("cat /proc/meminfo")[0])
+
+    def vmstat(self) -> dict[str, int]:
+        return parse_vmstat(self._run("cat /proc/vmstat")[0])
+
+    def dmesg(self) -> list[str]:
+        return self._run("dmesg")[0].splitlines()
+
+    def buddyinfo(self) -> str:
+        return self._run("cat /proc/buddyinfo")[0]
+
+    # --- time ---------------------------------------------------------------------------------
+    @property
+    def now_ms(self) -> float:
+        return (time.monotonic() - self._t0) * 1000.0
+
+    def _memory_devices(self) -> list[dict]:
+        """virtio-mem devices as ``query-memory-devices`` reports them (``data`` of each)."""
+        return [d["data"] for d in self.qmp("query-memory-devices") if d.get("type") == "virtio-mem"]
+
+    def host_memory(self) -> dict[str, int]:
+        try:
+            return read_host_memory(self.process.pid, self.node_sizes)
+        except OSError as e:
+            raise self._died(e) from None
+
+    def _poll(self) -> None:
+        if not self.process.alive():
+            raise self._died(RuntimeError("QEMU exited"))
+        actual = self.qmp("query-balloon")["actual"] if self.balloon_options is not None else self.memory
+        self.trace.append((self.now_ms, actual, self.host_memory()["guest_ram_rss"]))
+
+    def advance(self, ms: float) -> None:
+        """Wait ``ms`` milliseconds of wall-clock time, polling QMP, host RSS and QEMU's health."""
+        self._check_open()
+        if not isinstance(ms, int | float) or isinstance(ms, bool) or ms < 0:
+            raise ValueError(f"advance() takes milliseconds >= 0, got {ms!r}")
+        end = time.monotonic() + ms / 1000.0
+        self._poll()
+        while (left := end - time.monotonic()) > 0:
+            time.sleep(min(left, self.knobs["poll_ms"] / 1000.0))
+            self._poll()
+
+    def step(self, max_ms: float = STEP_MS) -> bool:
+        """Wait for the next BALLOON_CHANGE event, at most ``max_ms`` (default ~100 ms).
+
+        Returns False at once when the balloon has reached its target (nothing to do), else whether
+        ``actual`` moved."""
+        self._check_open()
+        if self.balloon_options is None:
+            return False
+        before = self.qmp("query-balloon")["actual"]
+        if before == self.balloon_target:
+            return False
+        self.qmp_conn.wait_event("BALLOON_CHANGE", self.qmp_conn.event_count, max_ms / 1000.0)
+        self._poll()
+        return self.trace[-1][1] != before
+
+    # --- observation --------------------------------------------------------------------------
+    def sample(self) -> dict[str, float]:
+        """One row of metrics with the model's keys (bytes), plus QEMU's whole-process RSS."""
+        out = self._run("cat /proc/meminfo; echo @@; cat /proc/vmstat")[0]
+        meminfo_text, _, vmstat_text = out.partition("@@\n")
+        info, vmstat = parse_meminfo(meminfo_text), parse_vmstat(vmstat_text)
+        actual = self.qmp("query-balloon")["actual"] if self.balloon_options is not None else self.memory
+        host = self.host_memory()
+        return {
+            "t_ms": self.now_ms,
+            "memtotal": info["MemTotal"] * 1024,
+            "memfree": info["MemFree"] * 1024,
+            "memavailable": info["MemAvailable"] * 1024,
+            "cached": info["Cached"] * 1024,
+            "anon": info["AnonPages"] * 1024,
+            "balloon_actual": actual,
+            "balloon_target": self.balloon_target if self.balloon_options is not None else self.memory,
+            "balloon_size": self.memory - actual,
+            "host_rss": host["guest_ram_rss"],
+            "host_swap": host["guest_ram_swap"],
+            "host_free": psutil.virtual_memory().available,
+            "oom_kills": vmstat.get("oom_kill", 0),
+            "qemu_rss": host["qemu_rss"],
+            "qemu_rss_anon": host["qemu_rss_anon"],
+            "qemu_rss_file": host["qemu_rss_file"],
+        } | self._virtio_mem_sample()
+
+    def _virtio_mem_sample(self) -> dict:
+        if not self.virtio_mem_specs:
+            return {}
+        devices = self._memory_devices()
+        return {"virtio_mem_plugged": sum(d["size"] for d in devices),
+                "virtio_mem_requested": sum(d["requested-size"] for d in devices)}
+
+    def snapshot(self) -> dict:
+        raise NotImplementedError(
+            "the live backend has no page map: a real guest's page states can't be read from "
+            "outside. Use labkit.open(backend='model') for the page map, and sample() here for totals")
+
+    def events(self) -> list[dict]:
+        return self.qmp_conn.events()
+
+    # --- lifetime -----------------------------------------------------------------------------
+    def close(self) -> None:
+        """Stop QEMU (by PID), close QMP and the console, remove the sockets' directory."""
+        self.closed = True
+        self._finalizer()
+
+    def __enter__(self) -> QemuBackend:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else f"pid {self.process.pid}"
+        return f"<QemuBackend {format_size(self.memory)} {getattr(self, 'accel', '?')} {state}>"
+
+
+def open_qemu(**options: Any) -> QemuBackend:
+    """Boot a live VM with the options of :func:`labkit.open` (see :class:`QemuBackend`)."""
+    return QemuBackend(**options)
+

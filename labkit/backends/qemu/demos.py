@@ -1,0 +1,152 @@
+"""Scripted runs that work on every backend: live, model, and a replay of a recorded live run.
+
+Each demo is a VM's options and a script that only uses the Backend protocol, so
+``run_demo(name, vm)`` gives rows of ``vm.sample()`` (plus a ``label``) on the model, on a live
+guest, and on a :class:`~labkit.backends.qemu.record.ReplayBackend` of a recording made by
+:func:`record_demo` (the project ships those under ``data/recorded/``).
+
+>>> import labkit
+>>> with labkit.open(backend="model", **model_options("balloon")) as vm:
+...     rows = run_demo("balloon", vm)
+>>> [r["label"] for r in rows]
+['boot', 'inflate to 768 MiB', 'deflate to 1024 MiB']
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from labkit.backends.qemu.twin import balloon_timeline
+
+MiB = 1 << 20
+RECORDED_DIR = Path(__file__).resolve().parents[3] / "data" / "recorded"
+
+
+def _balloon(vm: Any) -> list[dict]:
+    rows = balloon_timeline(vm, [768 * MiB, 1024 * MiB])
+    for row, label in zip(rows, ("boot", "inflate to 768 MiB", "deflate to 1024 MiB"), strict=True):
+        row["label"] = label
+    return rows
+
+
+def _reporting(vm: Any) -> list[dict]:
+    """Allocate 256 MiB of anon memory, free it, and watch host RSS for 8 s (free page reporting
+    gives the freed 2 MiB blocks back to the host about 2 s after they are freed)."""
+    rows = [vm.sample() | {"label": "boot"}]
+    handle = vm.guest("alloc", size=256 * MiB, kind="anon")
+    rows.append(vm.sample() | {"label": "alloc 256 MiB"})
+    vm.guest("free", handle=handle)
+    rows.append(vm.sample() | {"label": "free"})
+    for i in range(16):
+        vm.advance(500)
+        rows.append(vm.sample() | {"label": f"+{(i + 1) * 0.5:.1f} s"})
+    return rows
+
+
+def _oom(vm: Any) -> list[dict]:
+    """Balloon a 512 MiB guest down to 320 MiB, then allocate 32 MiB more anon memory than the
+    guest has available: with deflate-on-oom the OOM notifier gives balloon pages back (1 MiB per
+    OOM event) instead of the OOM killer taking the process."""
+    rows = balloon_timeline(vm, [320 * MiB])
+    rows[0]["label"], rows[1]["label"] = "boot", "inflate to 320 MiB"
+    size = (int(rows[1]["memavailable"]) // MiB + 32) * MiB
+    vm.guest("alloc", size=size, kind="anon")
+    rows.append(vm.sample() | {"label": f"alloc {size // MiB} MiB"})
+    vm.advance(1500)  # QEMU holds a BALLOON_CHANGE for up to 1 s (event throttle)
+    rows.append(vm.sample() | {"label": "+1.5 s"})
+    return rows
+
+
+def _wait_size(vm: Any, device: str, target: int, limit_ms: float) -> float:
+    """Advance until virtio-mem ``device``'s plugged size is ``target`` (at most ``limit_ms``)."""
+    waited = 0.0
+    while vm.qmp("qom-get", path=device, property="size") != target and waited < limit_ms:
+        vm.advance(200)
+        waited += 200
+    return waited
+
+
+def _virtio_mem(vm: Any) -> list[dict]:
+    """Plug 512 MiB, run 384 MiB of anon memory through it, ask for everything back, wait 20 s."""
+    rows = [vm.sample() | {"label": "boot"}]
+    vm.qmp("qom-set", path="vm0", property="requested-size", value=512 * MiB)
+    _wait_size(vm, "vm0", 512 * MiB, 30_000)
+    rows.append(vm.sample() | {"label": "plug 512 MiB"})
+    handle = vm.guest("alloc", size=384 * MiB, kind="anon")
+    rows.append(vm.sample() | {"label": "alloc 384 MiB"})
+    vm.guest("free", handle=handle)
+    vm.qmp("qom-set", path="vm0", property="requested-size", value=0)
+    _wait_size(vm, "vm0", 0, 20_000)
+    rows.append(vm.sample() | {"label": "unplug to 0 (<= 20 s)"})
+    return rows
+
+
+VIRTIO_MEM_VM = {"memory": 512 * MiB, "virtio_mem": [{"id": "vm0", "size": 1024 * MiB}]}
+DEMOS: dict[str, tuple[dict, Callable[[Any], list[dict]]]] = {
+    "balloon": ({"memory": 1024 * MiB, "balloon": {"deflate_on_oom": False}}, _balloon),
+    "balloon_deflate_on_oom": ({"memory": 1024 * MiB, "balloon": {"deflate_on_oom": True}}, _balloon),
+    "reporting": ({"memory": 1024 * MiB, "balloon": {"free_page_reporting": True}}, _reporting),
+    "oom_deflate": ({"memory": 512 * MiB, "balloon": {"deflate_on_oom": True}}, _oom),
+    "virtio_mem_movable": (VIRTIO_MEM_VM | {"memhp_default_state": "online_movable"}, _virtio_mem),
+    "virtio_mem_kernel": (VIRTIO_MEM_VM | {"memhp_default_state": "online_kernel"}, _virtio_mem),
+}
+
+
+def _check(name: str) -> None:
+    if name not in DEMOS:
+        raise ValueError(f"demo {name!r} is not one of {sorted(DEMOS)}")
+
+
+def live_options(name: str) -> dict:
+    """``labkit.open`` options of a demo's VM."""
+    _check(name)
+    return copy.deepcopy(DEMOS[name][0])
+
+
+def model_options(name: str) -> dict:
+    """The same VM on the model, booted as the live busybox guest is (``boot="minimal"``)."""
+    return live_options(name) | {"seed": 0, "model": {"boot": "minimal"}}
+
+
+def run_demo(name: str, vm: Any) -> list[dict]:
+    """Run demo ``name``'s script on ``vm``; returns its sample rows, each with a ``label``."""
+    _check(name)
+    return DEMOS[name][1](vm)
+
+
+def recording_path(name: str) -> Path:
+    _check(name)
+    return RECORDED_DIR / f"{name}.json"
+
+
+def record_demo(name: str, path: str | Path | None = None) -> Path:
+    """Boot a live VM, run demo ``name`` under a Recorder, save it (default:
+    ``data/recorded/<name>.json``) and return the path."""
+    from labkit.backends.qemu.backend import open_qemu
+    from labkit.backends.qemu.record import Recorder
+
+    with Recorder(open_qemu(**live_options(name)), note=f"labkit demo {name!r}") as vm:
+        run_demo(name, vm)
+        return vm.save(path or recording_path(name))
+
+
+def open_demo(name: str, mode: str = "auto") -> tuple[Any, str]:
+    """``(vm, mode)`` for demo ``name``: ``"live"`` boots QEMU, ``"replay"`` reads the recording,
+    ``"auto"`` boots QEMU when it and a guest kernel are available, else replays."""
+    if mode not in ("auto", "live", "replay"):
+        raise ValueError(f"mode {mode!r} is not one of ['auto', 'live', 'replay']")
+    from labkit.backends.qemu.record import ReplayBackend
+
+    if mode == "replay":
+        return ReplayBackend(recording_path(name)), "replay"
+    from labkit.backends.qemu.backend import open_qemu
+
+    try:
+        return open_qemu(**live_options(name)), "live"
+    except (FileNotFoundError, ModuleNotFoundError, RuntimeError) as e:
+        if mode == "live":
+            raise
+        return ReplayBackend(recording_path(name)), f"replay (live unavailable: {str(e)[:160]})"

@@ -1,0 +1,81 @@
+"""The host's view of a live VM: how much of the guest's RAM QEMU really holds.
+
+The model's ``host_rss`` counts the guest pages the host backs. On a real host the closest figure is
+the resident size of QEMU's guest-RAM mappings (one ``memory-backend-ram`` per NUMA node: private
+anonymous ``rw-p`` mappings of exactly the node's size, or a little more for QEMU's alignment), read
+from ``/proc/<pid>/smaps``. The whole process (``VmRSS``, with its anonymous and file parts from
+``/proc/<pid>/status``) also carries QEMU's own code, heap and, under TCG, the translation cache:
+reported separately as ``qemu_rss``, ``qemu_rss_anon``, ``qemu_rss_file``.
+
+>>> smaps = '''7f0000000000-7f0040200000 rw-p 00000000 00:00 0
+... Size:            1050624 kB
+... Rss:              204800 kB
+... Swap:                  0 kB
+... 7f1000000000-7f1000001000 r-xp 00000000 08:01 42    /usr/bin/qemu
+... Size:                  4 kB
+... Rss:                   4 kB
+... '''
+>>> guest_ram_usage(smaps, [1 << 30])
+{'rss': 209715200, 'swap': 0, 'mappings': 1}
+"""
+
+from __future__ import annotations
+
+import re
+
+from labkit.units import KiB, MiB
+
+ALIGNMENT_SLACK = 4 * MiB  # QEMU maps a RAM block with its alignment and a guard page
+_HEADER = re.compile(r"^([0-9a-f]+)-([0-9a-f]+) (\S{4}) \S+ \S+ (\d+)\s*(.*)$")
+
+
+def guest_ram_usage(smaps: str, node_sizes: list[int]) -> dict[str, int]:
+    """Sum Rss and Swap (bytes) over the mappings that hold guest RAM: private anonymous ``rw-p``
+    mappings whose size is within :data:`ALIGNMENT_SLACK` above one of ``node_sizes`` (each node
+    claims one mapping, largest first)."""
+    mappings = []  # (size, rss, swap)
+    current = None
+    for line in smaps.splitlines():
+        header = _HEADER.match(line)
+        if header:
+            start, end, perms, inode, path = header.groups()
+            anon = inode == "0" and (path == "" or path.startswith("[anon"))
+            current = [int(end, 16) - int(start, 16), 0, 0] if perms == "rw-p" and anon else None
+            if current is not None:
+                mappings.append(current)
+        elif current is not None:
+            key, _, value = line.partition(":")
+            if key == "Rss":
+                current[1] = int(value.split()[0]) * KiB
+            elif key == "Swap":
+                current[2] = int(value.split()[0]) * KiB
+    rss = swap = found = 0
+    pool = sorted(mappings, key=lambda m: -m[0])
+    for size in sorted(node_sizes, reverse=True):
+        match = next((m for m in pool if size <= m[0] <= size + ALIGNMENT_SLACK), None)
+        if match is not None:
+            pool.remove(match)
+            rss, swap, found = rss + match[1], swap + match[2], found + 1
+    return {"rss": rss, "swap": swap, "mappings": found}
+
+
+def process_status(status: str) -> dict[str, int]:
+    """``VmRSS``, ``RssAnon``, ``RssFile``, ``RssShmem``, ``VmSwap`` from /proc/<pid>/status, in bytes."""
+    out = {}
+    for line in status.splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "RssAnon", "RssFile", "RssShmem", "VmSwap"):
+            out[key] = int(value.split()[0]) * KiB
+    return out
+
+
+def read_host_memory(pid: int, node_sizes: list[int]) -> dict[str, int]:
+    """Guest-RAM RSS and swap, and the whole QEMU process's RSS, in bytes."""
+    with open(f"/proc/{pid}/smaps") as f:
+        ram = guest_ram_usage(f.read(), node_sizes)
+    with open(f"/proc/{pid}/status") as f:
+        status = process_status(f.read())
+    return {"guest_ram_rss": ram["rss"], "guest_ram_swap": ram["swap"],
+            "guest_ram_mappings": ram["mappings"], "qemu_rss": status.get("VmRSS", 0),
+            "qemu_rss_anon": status.get("RssAnon", 0), "qemu_rss_file": status.get("RssFile", 0),
+            "qemu_swap": status.get("VmSwap", 0)}
