@@ -157,7 +157,8 @@ class ModelBackend:
         if balloon_opts and balloon_opts["free_page_hint"] and not balloon_opts["iothread"]:
             raise ValueError("'free-page-hint' requires 'iothread' to be set")
         self.virtio_mem_specs = _virtio_mem_specs(virtio_mem, numa_nodes)
-        self.virtio_pmem_specs = validate_virtio_pmem(virtio_pmem, [s["id"] for s in self.virtio_mem_specs])
+        self.virtio_pmem_specs = validate_virtio_pmem(virtio_pmem, [s["id"] for s in self.virtio_mem_specs],
+                                                      memory=size)
         if memhp_default_state not in ONLINE_TYPES:
             raise ValueError(f"memhp_default_state {memhp_default_state!r} is not one of "
                              f"{list(ONLINE_TYPES)}")

@@ -363,7 +363,8 @@ class ZoneAllocator:
 
     def _recency(self):
         """How recently each block was freed: a function of (block starts, block size) giving, per
-        block, the latest batch of ``_recent`` that freed a page inside it (0: none).
+        block, the sequence number of the last page freed inside it (0: none; frees are numbered
+        page by page across ``_recent``, oldest first).
 
         Sorted (page, batch) keys and a segmented max, so the cost follows the recent frees, not
         the zone's size (a 1 TiB zone would need a GiB for a per-page array)."""

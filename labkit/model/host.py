@@ -79,6 +79,7 @@ class Host:
         self.vms: list[HostVM] = []
         self._hand_vm = 0
         self._hand_pfn = 0
+        self.page_cache = None  # labkit.model.pagecache.HostPageCache, created on first use
 
     def attach(self, mem: GuestMemory, name: str) -> HostVM:
         vm = HostVM(mem, name)
@@ -97,7 +98,8 @@ class Host:
 
     @property
     def used_pages(self) -> int:
-        return sum(vm.rss_pages for vm in self.vms)
+        cache = self.page_cache.host_pages if self.page_cache is not None else 0
+        return sum(vm.rss_pages for vm in self.vms) + cache
 
     @property
     def swap_used_pages(self) -> int:
@@ -152,6 +154,10 @@ class Host:
         need = n - self.free_pages
         if need <= 0:
             return False
+        if self.page_cache is not None:  # clean page cache is dropped before anything is swapped
+            need -= self.page_cache.shrink(need)
+            if need <= 0:
+                return False
         swap_free = (self.swap >> PAGE_SHIFT) - self.swap_used_pages
         if need > swap_free:
             raise HostOutOfMemory(

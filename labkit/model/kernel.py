@@ -125,6 +125,7 @@ class Kernel:
         self.hotplug = None  # MemoryHotplug, when the guest has hot-pluggable memory
         self.dmesg: list[tuple[float, str]] = []
         self.panicked: str | None = None
+        self._zonelists: dict = {}
         self.watermarks = compute_watermarks(mem, self.zone_managed())
 
     # --- accounting ---------------------------------------------------------------------------
@@ -148,6 +149,13 @@ class Kernel:
 
     def zonelist(self, movable: bool, node: int | None) -> list[int]:
         """Zones to try, in order: the preferred node first; MOVABLE before NORMAL for movable."""
+        key = (movable, node, tuple(self.mem.zones))  # zones are frozen dataclasses
+        cached = self._zonelists.get(key)
+        if cached is None:
+            cached = self._zonelists[key] = self._build_zonelist(movable, node)
+        return list(cached)
+
+    def _build_zonelist(self, movable: bool, node: int | None) -> list[int]:
         nodes = self.mem.nodes
         preferred = nodes[0] if node is None else node
         order = [preferred] + [n for n in nodes if n != preferred]
@@ -214,11 +222,12 @@ class Kernel:
         if len(pfns) == 0:
             return
         self.mem.set_state(pfns, PageState.FREE)
-        if len(self.mem.zones) == 1:
-            self.allocators[0].freed(pfns)
+        zone = 0 if len(self.mem.zones) == 1 else self.mem._single_zone(pfns)
+        if zone is not None:  # the common case: one call, no per-page zone lookup
+            self.allocators[zone].freed(pfns)
         else:
             zone_ids = self.mem.zone_index_of(pfns)
-            for zi in np.unique(zone_ids):
+            for zi in np.flatnonzero(np.bincount(zone_ids + 1)) - 1:  # not np.unique: no sort/hash
                 self.allocators[int(zi)].freed(pfns[zone_ids == zi])
         for hook in self.free_hooks:
             hook(pfns)
@@ -269,14 +278,14 @@ class Kernel:
                 st = self.mem.state[pages]
                 ok = np.isin(self.mem.zone_index_of(pages), list(zone_set)) if len(
                     self.mem.zones) > 1 else np.ones(len(pages), bool)
-                reclaimable = ok & ((st == PageState.FILE_CLEAN) if clean_only else np.isin(
+                reclaimable = ok & ((st == int(PageState.FILE_CLEAN)) if clean_only else np.isin(
                     st, FILE_STATES))
                 idx = np.flatnonzero(reclaimable)[: target - freed_total]
                 if len(idx) == 0:
                     continue
                 victims = pages[idx]
                 if not clean_only:
-                    self.vmstat.pgwriteback += int((st[idx] == PageState.FILE_DIRTY).sum())
+                    self.vmstat.pgwriteback += int((st[idx] == int(PageState.FILE_DIRTY)).sum())
                 h.pages = np.delete(pages, idx)
                 self.free_pages(victims)
                 freed_total += len(victims)

@@ -101,7 +101,9 @@ class GuestMemory:
         self.n_pages = n_pages
         self.boot_pages = boot_end
         self.zones = sorted(zones, key=lambda z: z.start) + list(hotplug_zones or [])
-        self.state = np.full(n_pages, int(initial), dtype=np.uint8)
+        # np.zeros is calloc: pages never written stay unallocated (1 TiB guest: ~240 MiB less RSS)
+        self.state = (np.zeros(n_pages, dtype=np.uint8) if initial == PageState.FREE
+                      else np.full(n_pages, int(initial), dtype=np.uint8))
         self.flags = np.zeros(n_pages, dtype=np.uint8)
         self._zone_starts = np.array([z.start for z in self.zones], dtype=np.int64)
         self.counts = np.zeros((len(self.zones), N_STATES), dtype=np.int64)
@@ -255,10 +257,11 @@ class GuestMemory:
         self.state[start:end] = int(new)
 
     def set_flag(self, pfns: np.ndarray, flag: PageFlag) -> None:
-        self.flags[pfns] |= np.uint8(flag)
+        self.flags[pfns] |= np.uint8(int(flag))
 
     def clear_flag(self, pfns: np.ndarray, flag: PageFlag) -> None:
-        self.flags[pfns] &= np.uint8(~flag & 0xFF)
+        # int() first: IntFlag's own ~ and & go through the enum machinery (~5 us a call)
+        self.flags[pfns] &= np.uint8(~int(flag) & 0xFF)
 
     def has_flag(self, pfns: np.ndarray | slice, flag: PageFlag) -> np.ndarray:
         return (self.flags[pfns] & np.uint8(flag)) != 0

@@ -193,7 +193,7 @@ class GuestOps:
         for h in self.kernel.handles.values():
             if h.kind != "file" or len(h.pages) == 0:
                 continue
-            clean = self.kernel.mem.state[h.pages] == PageState.FILE_CLEAN
+            clean = self.kernel.mem.state[h.pages] == int(PageState.FILE_CLEAN)
             victims = h.pages[clean]
             h.pages = h.pages[~clean]
             self.kernel.free_pages(victims)

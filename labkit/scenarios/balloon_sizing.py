@@ -173,7 +173,8 @@ def idle_backed_bytes(vm: Backend) -> int:
     snapshot = getattr(vm, "snapshot", None)
     if snapshot is not None:
         snap = snapshot()
-        free_backed = (snap["state"] == PageState.FREE) & ((snap["flags"] & PageFlag.BACKED) != 0)
+        free_backed = (snap["state"] == int(PageState.FREE)) & (
+            (snap["flags"] & np.uint8(PageFlag.BACKED)) != 0)
         return int(np.count_nonzero(free_backed)) * PAGE_SIZE
     s = vm.sample()
     return int(max(0.0, s["host_rss"] - (s["balloon_actual"] - s["memfree"])))
