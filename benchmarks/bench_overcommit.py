@@ -4,7 +4,7 @@ A script, not a test: it prints wall time, the ratio to the 30 s target and simu
 wall second, and (``--profile``) the functions where the time goes. Target: <= 30 s wall per run.
 
     .venv/bin/python benchmarks/bench_overcommit.py                      # none, mom, reporting, both
-    .venv/bin/python benchmarks/bench_overcommit.py --policies none --profile
+    .venv/bin/python benchmarks/bench_overcommit.py --policies mom --profile --sort cumulative
     .venv/bin/python benchmarks/bench_overcommit.py --quick              # 10 simulated minutes
 
 The VMs replay the shipped GWA-T-12-format traces (VM i plays trace i mod 4) at real speed; the host
@@ -33,7 +33,7 @@ def params(policy: str, duration_s: float) -> OvercommitParams:
                             sample_s=1.0, seed=0)
 
 
-def bench(policy: str, duration_s: float, profile: bool, top: int) -> None:
+def bench(policy: str, duration_s: float, profile: bool, top: int, sort: str = "tottime") -> None:
     p = params(policy, duration_s)
     profiler = cProfile.Profile() if profile else None
     t0, c0 = time.perf_counter(), time.process_time()
@@ -56,7 +56,7 @@ def bench(policy: str, duration_s: float, profile: bool, top: int) -> None:
           f"reporting {s['returned_reporting_bytes'] / MiB:.0f}), under pressure {s['pressure_s']:.0f} s")
     if profiler:
         out = io.StringIO()
-        pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(top)
+        pstats.Stats(profiler, stream=out).sort_stats(sort).print_stats(top)
         print(out.getvalue())
 
 
@@ -67,12 +67,13 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="10 simulated minutes instead of an hour")
     parser.add_argument("--profile", action="store_true", help="cProfile each run, print the top functions")
     parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--sort", default="tottime", choices=["tottime", "cumulative"])
     args = parser.parse_args()
     print(f"python {platform.python_version()} on {platform.machine()}, load average "
           f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs (CPU time is less sensitive to load); "
           f"8 VMs x 8 GiB, host 24 GiB RAM + 64 GiB swap, 1 s steps")
     for policy in args.policies:
-        bench(policy, 600.0 if args.quick else 3600.0, args.profile, args.top)
+        bench(policy, 600.0 if args.quick else 3600.0, args.profile, args.top, args.sort)
 
 
 if __name__ == "__main__":

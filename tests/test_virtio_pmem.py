@@ -324,3 +324,13 @@ def test_a_region_whose_struct_pages_would_starve_the_guest_is_refused(tmp_path)
     with pytest.raises(labkit.QMPError, match="cannot hold 128 MiB of struct pages"):
         vm.qmp("device_add", driver="virtio-pmem-pci", memdev="m", id="p")
     assert vm.qmp("query-memory-devices") == []
+
+
+def test_guest_sync_also_flushes_the_pmem_region(image):
+    # sync(2) -> sync_fs of the DAX filesystem -> REQ_PREFLUSH bio -> async_pmem_flush (§4.2)
+    vm = pmem_vm(image)
+    vm.guest("pmem_write", device="vpmem0", size="4M")
+    t0 = vm.now_ms
+    vm.guest("sync")
+    assert vm.sample()["host_page_cache_dirty"] == 0 and vm.now_ms > t0
+    assert vm.virtio_pmem.devices[0].requests == 1

@@ -9,9 +9,10 @@
   is not), one virtqueue of ``VIRTIO_PMEM_QUEUE_SIZE`` (128). A request is one u32 ``type``, only
   ``VIRTIO_PMEM_REQ_TYPE_FLUSH`` (0); QEMU runs ``fsync(fd)`` of the backing file in the main
   AioContext's thread pool (``THREAD_POOL_MAX_THREADS`` 64, util/thread-pool.c) and answers ``ret``
-  0, or 1 if fsync failed. Since QEMU 6.0 ``ret`` is stored with ``virtio_stl_p`` (32 bits); older
-  QEMU used ``virtio_stw_p``, a 16-bit store into the 32-bit field (the patch by Wang Liang, 2021;
-  mechanisms.md §8.10 describes the older file).
+  0, or 1 if fsync failed. QEMU 6.x and later store ``ret`` with ``virtio_stl_p`` (32 bits); older
+  QEMU used ``virtio_stw_p``, a 16-bit store into the 32-bit field, leaving the upper half as the
+  guest left it (fixed by Wang Liang's 2021 patch, seen as patch text, merged through the virtio
+  tree; mechanisms.md §8.10 describes the older file). The model answers with the 32-bit value.
 * **Linux driver** (:class:`VirtioPmemDriver`, drivers/nvdimm/virtio_pmem.c, nd_virtio.c): reads
   ``start``/``size``, registers an nvdimm region with ``ND_REGION_PAGEMAP`` and ``ND_REGION_ASYNC``;
   ``async_pmem_flush`` -> ``virtio_pmem_flush`` queues one FLUSH and sleeps until the host acks; a

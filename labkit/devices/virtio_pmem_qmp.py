@@ -12,7 +12,8 @@ ops; and, because they are the other half of the same story, the guest's writeba
   page cache), ``pmem_flush`` (``requests`` concurrent fsync/msync calls: each one FLUSH request;
   runs simulated time until every one is answered), ``pmem_mmap`` (``map_sync=True`` ->
   EOPNOTSUPP), ``pmem_devices``; ``blk_read``, ``blk_write``; ``sync`` (all dirty page cache, then
-  every disk flushed) and ``sysctl`` (``vm.dirty_*``).
+  every disk and every pmem region flushed; the latter runs the clock) and ``sysctl``
+  (``vm.dirty_*``).
 * Knobs: :meth:`VirtioPmem.inject_fsync_error` (the host's disk fails the next fsyncs: the guest
   gets EIO); ``vm.host.page_cache`` for the host's cache and its sysctls.
 * ``vm.sample()`` gains ``host_page_cache``, ``host_page_cache_dirty`` (host-wide), ``guest_dirty``,
@@ -57,6 +58,8 @@ class VirtioPmem:
         self.writeback = GuestWriteback(backend.env, backend.kernel, backend.ops)
         self.blk = VirtioBlk(backend, self.writeback)
         self.blk.on_host_dirty = self._arm_host_flusher
+        # sync(2) -> ->sync_fs of the DAX filesystem -> REQ_PREFLUSH -> async_pmem_flush
+        self.writeback.sync_hooks.append(self._sync_pmem)
         self.devices: list[VirtioPmemDevice] = []
         self.drivers: list[VirtioPmemDriver] = []
         self.objects: dict[str, dict] = {}  # memory-backend-file objects by id
@@ -198,6 +201,10 @@ class VirtioPmem:
                 "written_bytes": (d.file.stats["written_back"] - written) * PAGE_SIZE,
                 "max_in_flight": drv.max_in_flight, "dirty_pages": int(np.count_nonzero(
                     d.file.state == FilePage.DIRTY))}
+
+    def _sync_pmem(self) -> None:
+        for d in self.devices:
+            self.flush(d.id)
 
     def mmap(self, device: str, map_sync: bool = False) -> dict:
         """mmap(MAP_SHARED_VALIDATE | MAP_SYNC) of a file on the DAX filesystem: refused, because
