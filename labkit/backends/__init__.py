@@ -28,28 +28,25 @@ def open(backend: str = "model", **options: Any) -> Backend:  # noqa: A001 - lab
     >>> vm.close()
     """
     if backend == "model":
-        try:
-            return ModelBackend(**options)
-        except TypeError as e:
-            if "unexpected keyword argument" in str(e):
-                name = str(e).split("'")[1]
-                raise TypeError(
-                    f"unknown option {name!r}; accepted: memory, seed, balloon, host, numa_nodes, "
-                    "model, cmdline, vm_name, virtio_mem, memhp_default_state, virtio_pmem") from None
-            raise
+        return _opened(ModelBackend, options, "virtio_pmem")
     if backend == "qemu":  # a real QEMU and Linux guest (labkit.backends.qemu); same options
         from labkit.backends.qemu import open_qemu
 
-        try:
-            return open_qemu(**options)
-        except TypeError as e:
-            if "unexpected keyword argument" in str(e):
-                name = str(e).split("'")[1]
-                raise TypeError(
-                    f"unknown option {name!r}; accepted: memory, seed, balloon, host, numa_nodes, "
-                    "model, cmdline, vm_name, virtio_mem, memhp_default_state, qemu") from None
-            raise
+        return _opened(open_qemu, options, "qemu")
     raise ValueError(f"backend {backend!r} is not available; accepted: {list(BACKENDS)}")
+
+
+def _opened(factory, options: dict, extra: str) -> Backend:
+    """Call a backend's constructor; an unknown keyword becomes an error listing what is accepted."""
+    try:
+        return factory(**options)
+    except TypeError as e:
+        if "unexpected keyword argument" in str(e):
+            name = str(e).split("'")[1]
+            raise TypeError(
+                f"unknown option {name!r}; accepted: memory, seed, balloon, host, numa_nodes, "
+                f"model, cmdline, vm_name, virtio_mem, memhp_default_state, {extra}") from None
+        raise
 
 
 __all__ = ["BACKENDS", "Backend", "ModelBackend", "open"]

@@ -47,6 +47,7 @@ from labkit.model.hotplug import UNMOVABLE_STATES
 from labkit.model.pages import PAGES_PER_MEMORY_BLOCK
 from labkit.units import GiB, MiB, PAGE_SIZE, format_size
 from labkit.viz.palette import Category
+from labkit.viz.shown import Shown
 from labkit.viz.timeseries import _rows_of
 
 UNPLUGGED, NOT_USABLE, NOT_ADDED, OFFLINE, MOVABLE, NORMAL, BUSY = range(7)
@@ -149,26 +150,7 @@ def _patch_image(source: ColumnDataSource, image: np.ndarray) -> None:
     source.patch({"image": [((0, slice(r0, r1), slice(0, image.shape[1])), image[r0:r1].ravel())]})
 
 
-class _Widget:
-    """Display as a live ``jupyter_bokeh`` widget of ``self.layout`` (one per view)."""
-
-    _bokeh_model = None
-
-    def widget(self):
-        """A live ``jupyter_bokeh`` widget of the figure (call ``setup_notebook()`` first)."""
-        if self._bokeh_model is None:
-            from jupyter_bokeh.widgets import BokehModel
-            self._bokeh_model = BokehModel(self.layout)
-        return self._bokeh_model
-
-    def _repr_mimebundle_(self, **kwargs: Any):
-        bundle = self.widget()._repr_mimebundle_(**kwargs)
-        if isinstance(bundle, dict) and "text/plain" in bundle:
-            bundle["text/plain"] = repr(self)  # not the widget's long render bundle
-        return bundle
-
-
-class MemoryBlockGrid(_Widget):
+class MemoryBlockGrid(Shown):
     """A Bokeh grid of the memory blocks of ``vm``'s virtio-mem devices; :meth:`update` redraws it
     from the VM by patching the image source (see the module docstring).
 
@@ -305,7 +287,7 @@ TIMELINE_LINES = (  # (sample key, legend label, colour, dash)
 )
 
 
-class ResizeTimeline(_Widget):
+class ResizeTimeline(Shown):
     """Requested vs plugged size (and MemTotal) over time, with the driver's failures and retry
     timers; ``append(row)`` streams a ``vm.sample()`` row, ``update_history(vm)`` redraws the
     markers from the drivers' histories. ``unit`` is "GiB" or "MiB" (default by size).

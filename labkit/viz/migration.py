@@ -49,28 +49,10 @@ from labkit.viz.migration_data import (
     hinting_status,
     migration_data,
 )
+from labkit.viz.shown import Shown
 
 NORMAL_COLOR, ZERO_COLOR = "#0072B2", "#56B4E9"
 BACKLOG_COLOR, THRESHOLD_COLOR, HINT_COLOR, HELD_COLOR = "#000000", "#D55E00", "#F0E442", "#997700"
-
-
-class Shown:
-    """Display as a live jupyter_bokeh widget (call ``labkit.viz.setup_notebook()`` first)."""
-
-    layout: Any
-    _bokeh_model = None
-
-    def widget(self):
-        if self._bokeh_model is None:
-            from jupyter_bokeh.widgets import BokehModel
-            self._bokeh_model = BokehModel(self.layout)
-        return self._bokeh_model
-
-    def _repr_mimebundle_(self, **kwargs: Any):
-        bundle = self.widget()._repr_mimebundle_(**kwargs)
-        if isinstance(bundle, dict) and "text/plain" in bundle:
-            bundle["text/plain"] = repr(self)
-        return bundle
 
 
 class MigrationView(Shown):

@@ -38,7 +38,7 @@ from bokeh.models import ColumnDataSource, FactorRange, HoverTool, Span
 from bokeh.plotting import figure
 
 from labkit.units import MiB, format_size
-from labkit.viz.migration import Shown
+from labkit.viz.shown import Shown
 
 BAR_METRICS = (  # (summary key, title, scale, colour)
     ("swap_out_bytes", "host swap-out (MiB)", MiB, "#CC79A7"),

@@ -33,8 +33,6 @@ True
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 from bokeh.events import RangesUpdate
 from bokeh.models import (
@@ -52,6 +50,7 @@ from labkit.model.pages import PAGEBLOCK_ORDER, PAGES_PER_MEMORY_BLOCK
 from labkit.units import PAGE_SIZE, format_size
 from labkit.viz import palette
 from labkit.viz.palette import downsample
+from labkit.viz.shown import Shown
 
 MAX_CELLS = 1024  # per axis: browser repaint of 1024² uint8 cells is ~0.35 s on 2 cores
 MIN_ROW_PAGES = 1 << PAGEBLOCK_ORDER
@@ -83,7 +82,7 @@ def _inside(inner: tuple[int, int, int, int], outer: tuple[int, int, int, int]) 
         inner[3] <= outer[3])
 
 
-class PageMap:
+class PageMap(Shown):
     """A Bokeh page map of one snapshot; see the module docstring. Build with :func:`page_map`.
 
     ``width`` and ``height`` are the plot area in screen pixels (axes, title and legend come on
@@ -345,19 +344,8 @@ class PageMap:
                                       image[r0:r1, c0:c1].ravel())]})
 
     # --- display ------------------------------------------------------------------------------
-    def widget(self):
-        """A live ``jupyter_bokeh`` widget of the figure (one per PageMap; call
-        :func:`labkit.viz.setup_notebook` first)."""
-        if self._bokeh_model is None:
-            from jupyter_bokeh.widgets import BokehModel
-            self._bokeh_model = BokehModel(self.figure)
-        return self._bokeh_model
-
-    def _repr_mimebundle_(self, **kwargs: Any):
-        bundle = self.widget()._repr_mimebundle_(**kwargs)
-        if isinstance(bundle, dict) and "text/plain" in bundle:
-            bundle["text/plain"] = repr(self)  # not the widget's long render bundle
-        return bundle
+    def _root(self):
+        return self.figure
 
     def __repr__(self) -> str:
         return (f"<PageMap {self.view} view, {self.n_pages} pages, {self.rows}x{self.row_pages} "

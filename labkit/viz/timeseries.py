@@ -34,6 +34,7 @@ from bokeh.models import ColumnDataSource, HoverTool
 from bokeh.plotting import figure
 
 from labkit.units import GiB, MiB
+from labkit.viz.shown import Shown
 
 # (sample key, legend label, colour, dash): Okabe-Ito colours
 GUEST_LINES = (
@@ -70,7 +71,7 @@ def _rows_of(data: Any) -> list[Mapping]:
                     f"row, a list of rows or a dict of columns, got {type(data).__name__}")
 
 
-class TimeSeries:
+class TimeSeries(Shown):
     """Guest and host memory over time; ``append(row)`` streams a new ``vm.sample()`` row.
 
     ``unit`` is "GiB" or "MiB" (default: GiB for guests of 2 GiB and more). Attributes: ``source``
@@ -144,18 +145,5 @@ class TimeSeries:
         return len(self.source.data["t"])
 
     # --- display ------------------------------------------------------------------------------
-    def widget(self):
-        """A live ``jupyter_bokeh`` widget of both figures (call ``setup_notebook()`` first)."""
-        if self._bokeh_model is None:
-            from jupyter_bokeh.widgets import BokehModel
-            self._bokeh_model = BokehModel(self.layout)
-        return self._bokeh_model
-
-    def _repr_mimebundle_(self, **kwargs: Any):
-        bundle = self.widget()._repr_mimebundle_(**kwargs)
-        if isinstance(bundle, dict) and "text/plain" in bundle:
-            bundle["text/plain"] = repr(self)  # not the widget's long render bundle
-        return bundle
-
     def __repr__(self) -> str:
         return f"<TimeSeries {len(self)} rows in {self.unit}>"
