@@ -273,3 +273,17 @@ def test_plugged_size_stays_a_multiple_of_the_block_size_within_requested():
                 assert dev.size <= dev.config.usable_region_size
             check_invariants(vm.mem)
         assert SbmState.UNUSED == 0 and PAGES_PER_MEMORY_BLOCK == 32768
+
+
+def test_plug_during_a_live_migration_is_busy_then_retried():
+    # §5.2: every plug and unplug returns BUSY while a migration runs; §5.6: -ETXTBSY arms the timer
+    with open_vm() as vm:
+        vm.qmp("migrate-set-parameters", **{"max-bandwidth": 8 << 20})  # a slow link: long migration
+        vm.qmp("migrate", uri="tcp:127.0.0.1:4444")
+        vm.advance(50)
+        assert vm.qmp("query-migrate")["status"] == "active"
+        assert resize(vm, 512 * MiB, ms=500) == 0
+        assert vm.virtio_mem.drivers[0].history[-1][2] == -26  # -ETXTBSY: device BUSY
+        vm.qmp("migrate_cancel")
+        vm.advance(VIRTIO_MEM_RETRY_TIMER_MIN_MS + 1000)
+        assert vm.qmp("qom-get", path="vm0", property="size") == 512 * MiB

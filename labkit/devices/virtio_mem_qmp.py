@@ -51,8 +51,11 @@ class VirtioMem:
         backend.sample_hooks.append(self._sample)
 
     def _migration_running(self) -> bool:
+        """QEMU's migration_is_running(): setup, active or cancelling (virtio_mem_is_busy)."""
+        from labkit.model.migration import RUNNING_STATES
+
         migration = getattr(self.backend, "migration", None)
-        return bool(migration is not None and getattr(migration, "running", False))
+        return migration is not None and getattr(migration, "status", "none") in RUNNING_STATES
 
     def _qom(self, d: VirtioMemDevice) -> None:
         obj = self.backend.qom.add(QomObject(d.qom_path, "virtio-mem-pci", (d.id,)))
