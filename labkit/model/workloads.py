@@ -173,7 +173,9 @@ class GuestOps:
             missing = h.size // PAGE_SIZE - len(h.pages)
             if missing > 0:
                 state = PageState.FILE_DIRTY if write else PageState.FILE_CLEAN
-                h.pages = np.concatenate([h.pages, self.kernel.alloc_pages(missing, state)])
+                # allocate first: reclaim inside alloc_pages may take pages from this very file
+                fresh = self.kernel.alloc_pages(missing, state)
+                h.pages = np.concatenate([h.pages, fresh])
                 self.kernel.vmstat.pgmajfault += missing
             if write:
                 self.kernel.mem.set_state(h.pages, PageState.FILE_DIRTY)
