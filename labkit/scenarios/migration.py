@@ -2,9 +2,9 @@
 inflation, with free page hinting, and with free page reporting.
 
 For each policy a fresh VM is opened with the same memory and seed (only the balloon's properties
-differ), the workload starts, time runs for ``prepare_ms`` (the policy acts meanwhile: the balloon is
-inflated down to what the guest uses plus ``balloon_headroom``; reporting discards free memory on its
-2 s cadence), then ``migrate`` runs with the given ``max-bandwidth``, ``downtime-limit`` and
+differ), the workload starts, time runs for ``prepare_ms`` (the policy acts meanwhile: the balloon
+takes all of MemAvailable but ``balloon_headroom``; reporting discards free memory on its 2 s
+cadence), then ``migrate`` runs with the given ``max-bandwidth``, ``downtime-limit`` and
 auto-converge, sampled every ``sample_ms`` until it completes or ``timeout_ms`` passes. What each
 policy changes, with mechanisms.md behind it:
 
@@ -125,10 +125,10 @@ def write_heavy(**overrides: Any) -> MigrationParams:
 
 # --- policies -----------------------------------------------------------------------------------
 def _inflate_balloon(vm: Backend, p: MigrationParams) -> None:
-    """Inflate down to what the guest uses (MemTotal - MemAvailable) plus the headroom."""
-    info = vm.meminfo()
-    used = (info["MemTotal"] - info["MemAvailable"]) * 1024
-    target = min(p.memory, (used + p.balloon_headroom) // MiB * MiB)
+    """Inflate until the guest keeps only the headroom available: the balloon takes MemAvailable
+    less the headroom, so the logical size (QMP ``balloon``) is memory - MemAvailable + headroom."""
+    available = vm.meminfo()["MemAvailable"] * 1024
+    target = min(p.memory, (p.memory - available + p.balloon_headroom) // MiB * MiB)
     vm.qmp("balloon", value=max(target, 64 * MiB))
 
 
