@@ -7,6 +7,15 @@ import pytest
 NOTEBOOK_TIMES = pytest.StashKey[dict]()
 
 
+@pytest.fixture
+def image(tmp_path) -> str:
+    """A sparse 1 GiB disk-image file (for virtio-blk and virtio-pmem backing files)."""
+    path = tmp_path / "disk.img"
+    with open(path, "wb") as f:
+        f.truncate(1 << 30)
+    return str(path)
+
+
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption(
         "--update-baselines", action="store_true", default=False,

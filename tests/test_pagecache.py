@@ -27,14 +27,6 @@ MiB, GiB = 1 << 20, 1 << 30
 PAGE = 4096
 
 
-@pytest.fixture
-def image(tmp_path):
-    path = tmp_path / "disk.img"
-    with open(path, "wb") as f:
-        f.truncate(GiB)
-    return str(path)
-
-
 def small_vm(**kw):
     kw.setdefault("memory", "1G")
     kw.setdefault("model", {"boot": "minimal"})

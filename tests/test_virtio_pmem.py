@@ -35,14 +35,6 @@ MiB, GiB = 1 << 20, 1 << 30
 PAGE = 4096
 
 
-@pytest.fixture
-def image(tmp_path):
-    path = tmp_path / "disk.img"
-    with open(path, "wb") as f:
-        f.truncate(GiB)
-    return str(path)
-
-
 def pmem_vm(path, size="1G", memory="1G", **kw):
     spec = {"id": "vpmem0", "path": path, "size": size, **kw.pop("spec", {})}
     return labkit.open(memory=memory, seed=0, model={"boot": "minimal"}, virtio_pmem=[spec], **kw)

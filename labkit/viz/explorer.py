@@ -25,13 +25,13 @@ True
 
 from __future__ import annotations
 
-import html
 from collections.abc import Callable
 from typing import Any
 
 import ipywidgets as widgets
 
 from labkit.units import MiB, format_size
+from labkit.viz.controls import SteppingControls
 from labkit.viz.pagemap import PageMap
 from labkit.viz.timeseries import TimeSeries
 
@@ -69,7 +69,7 @@ def reopen_options(vm: Any) -> dict:
     }
 
 
-class Explorer(widgets.VBox):
+class Explorer(SteppingControls, widgets.VBox):
     """The explorer widget; build it with :func:`explore`.
 
     Controls: ``slider`` (target logical VM size in MiB, like QMP ``balloon``), ``step_button``
@@ -103,15 +103,9 @@ class Explorer(widgets.VBox):
             value=target_mib, min=_used_mib(first, memory_mib), max=memory_mib, step=1,
             description="target (MiB)", continuous_update=False,
             style={"description_width": "initial"}, layout=widgets.Layout(width="420px"))
-        step_button = widgets.Button(description="Step", tooltip="one balloon request (vm.step())",
-                                     icon="step-forward", layout=widgets.Layout(width="90px"))
-        play = widgets.Play(value=0, min=0, max=1000, step=1, interval=play_interval_ms,
-                            repeat=True, show_repeat=False, description="Play")
-        speed = widgets.Dropdown(options=_tick_choices(tick_ms), value=float(tick_ms),
-                                 description="per tick", layout=widgets.Layout(width="170px"))
-        reset_button = widgets.Button(description="Reset", icon="undo",
-                                      tooltip="re-open the VM with the same arguments",
-                                      layout=widgets.Layout(width="90px"))
+        self._build_controls(step_tooltip="one balloon request (vm.step())",
+                             tick_choices=_tick_choices(tick_ms), tick_ms=tick_ms,
+                             play_interval_ms=play_interval_ms)
         view_buttons = widgets.ToggleButtons(options=["guest", "host"], value=view,
                                              tooltips=["page states the guest sees",
                                                        "what QEMU's RSS is made of"],
@@ -123,24 +117,18 @@ class Explorer(widgets.VBox):
         plots = widgets.HBox(([page_map.widget()] if has_pages else []) + [timeseries.widget()],
                              layout=widgets.Layout(flex_flow="row wrap"))
         super().__init__(children=[
-            widgets.HBox([slider, step_button, play, speed, reset_button]),
+            widgets.HBox([slider, self.step_button, self.play, self.speed, self.reset_button]),
             widgets.HBox([view_buttons] * has_pages + [status_html]), plots])
         self.vm = vm
         self.factory = factory
         self.owns_vm = owns
-        self.tick_ms = float(speed.value)
-        self.slider, self.step_button, self.play, self.speed = slider, step_button, play, speed
-        self.reset_button, self.view_buttons, self.status_html = reset_button, view_buttons, status_html
+        self.slider, self.view_buttons, self.status_html = slider, view_buttons, status_html
         self.page_map, self.timeseries, self.plots = page_map, timeseries, plots
         self.last_step: bool | None = None
         self._syncing = False
-        self.error: BaseException | None = None  # the last error a control ran into
         slider.observe(self._guarded(self._on_target), names="value")
-        play.observe(self._guarded(self._on_play_tick), names="value")
-        speed.observe(self._guarded(self._on_speed), names="value")
         view_buttons.observe(self._guarded(self._on_view), names="value")
-        step_button.on_click(self._guarded(lambda _button: self.step()))
-        reset_button.on_click(self._guarded(lambda _button: self.reset()))
+        self._wire_controls()
         self._show_status(first)
 
     # --- actions (what the controls do; callable from a cell too) --------------------------------
@@ -169,11 +157,6 @@ class Explorer(widgets.VBox):
         else:
             self._show_status(now)
         return self.last_step
-
-    def tick(self) -> None:
-        """One Play tick: advance ``tick_ms`` simulated milliseconds, then redraw."""
-        self.vm.advance(self.tick_ms)
-        self.refresh()
 
     def reset(self) -> None:
         """Re-open the VM with the same arguments (``factory()``); the plots start over."""
@@ -207,30 +190,9 @@ class Explorer(widgets.VBox):
         return row
 
     # --- callbacks ----------------------------------------------------------------------------
-    def _guarded(self, callback: Callable[[Any], None]) -> Callable[[Any], None]:
-        """Widget callbacks run where nobody sees a traceback (JupyterLab's log console): show
-        the error in the status line instead, keep it in ``self.error``, and stop Play."""
-        def run(argument: Any) -> None:
-            try:
-                callback(argument)
-            except Exception as e:  # shown to the user and kept in self.error
-                self.error = e
-                self.play.playing = False
-                self.status_html.value = (
-                    f'<span style="color:#D55E00"><b>{type(e).__name__}</b>: '
-                    f"{html.escape(str(e))}</span>")
-        return run
-
     def _on_target(self, change: dict) -> None:
         if not self._syncing:
             self.set_target(change["new"])
-
-    def _on_play_tick(self, change: dict) -> None:
-        if change["new"] != change["old"]:
-            self.tick()
-
-    def _on_speed(self, change: dict) -> None:
-        self.tick_ms = float(change["new"])
 
     def _on_view(self, change: dict) -> None:
         if self.page_map is not None:

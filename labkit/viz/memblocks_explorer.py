@@ -30,7 +30,8 @@ from typing import Any
 import ipywidgets as widgets
 
 from labkit.units import MiB, format_size
-from labkit.viz.explorer import Explorer, _factory, _tick_choices, reopen_options
+from labkit.viz.controls import SteppingControls
+from labkit.viz.explorer import _factory, _tick_choices, reopen_options
 from labkit.viz.memblocks import DEFAULT_MAX_BLOCKS, MemoryBlockGrid, ResizeTimeline, _drivers, retry_schedule
 
 EXTRA_TICKS = (("10 s", 10_000.0), ("1 min", 60_000.0))  # the retry backoff is 50 s to 300 s
@@ -60,7 +61,7 @@ def step_driver(vm: Any, max_ms: float = STEP_MAX_MS) -> bool:
     return False
 
 
-class VirtioMemExplorer(widgets.VBox):
+class VirtioMemExplorer(SteppingControls, widgets.VBox):
     """The virtio-mem explorer widget; build it with :func:`explore_virtio_mem`.
 
     Controls: ``slider`` (requested-size in MiB of device ``device``, steps of its block size),
@@ -68,7 +69,6 @@ class VirtioMemExplorer(widgets.VBox):
     :class:`MemoryBlockGrid`), ``timeline`` (a :class:`ResizeTimeline`), ``status_html``.
     """
 
-    _guarded = Explorer._guarded  # the balloon explorer's wrapper: errors go to the status line
 
     def __init__(self, vm: Any = None, *, factory: Callable[[], Any] | None = None, device: int = 0,
                  tick_ms: float = 1000.0, max_blocks: int = DEFAULT_MAX_BLOCKS,
@@ -93,22 +93,12 @@ class VirtioMemExplorer(widgets.VBox):
             value=dev.requested_size // MiB, min=0, max=dev.config.region_size // MiB, step=step,
             description=f"{dev.id} requested-size (MiB)", continuous_update=False,
             style={"description_width": "initial"}, layout=widgets.Layout(width="460px"))
-        self.step_button = widgets.Button(description="Step", icon="step-forward",
-                                          tooltip="run until the next virtio-mem driver event",
-                                          layout=widgets.Layout(width="90px"))
-        self.play = widgets.Play(value=0, min=0, max=1000, step=1, interval=play_interval_ms,
-                                 repeat=True, show_repeat=False, description="Play")
         choices = dict(_tick_choices(tick_ms))
         choices.update(dict(EXTRA_TICKS))
-        self.speed = widgets.Dropdown(options=sorted(choices.items(), key=lambda c: c[1]),
-                                      value=float(tick_ms), description="per tick",
-                                      layout=widgets.Layout(width="170px"))
-        self.reset_button = widgets.Button(description="Reset", icon="undo",
-                                           layout=widgets.Layout(width="90px"),
-                                           tooltip="re-open the VM with the same arguments")
+        self._build_controls(step_tooltip="run until the next virtio-mem driver event",
+                             tick_choices=sorted(choices.items(), key=lambda c: c[1]), tick_ms=tick_ms,
+                             play_interval_ms=play_interval_ms)
         self.status_html = widgets.HTML()
-        self.tick_ms = float(tick_ms)
-        self.error: BaseException | None = None
         self.last_step: bool | None = None
         self._syncing = False
         first = vm.sample()
@@ -120,11 +110,7 @@ class VirtioMemExplorer(widgets.VBox):
             widgets.HBox([self.slider, self.step_button, self.play, self.speed, self.reset_button]),
             self.status_html, self.plots])
         self.slider.observe(self._guarded(self._on_slider), names="value")
-        self.play.observe(self._guarded(lambda c: self.tick() if c["new"] != c["old"] else None),
-                          names="value")
-        self.speed.observe(self._guarded(self._on_speed), names="value")
-        self.step_button.on_click(self._guarded(lambda _button: self.step()))
-        self.reset_button.on_click(self._guarded(lambda _button: self.reset()))
+        self._wire_controls()
         self._show_status(first)
 
     @property
@@ -143,11 +129,6 @@ class VirtioMemExplorer(widgets.VBox):
         self.last_step = step_driver(self.vm)
         self.refresh()
         return self.last_step
-
-    def tick(self) -> None:
-        """One Play tick: advance ``tick_ms`` simulated milliseconds, then redraw."""
-        self.vm.advance(self.tick_ms)
-        self.refresh()
 
     def reset(self) -> None:
         """Re-open the VM with the same arguments; the views start over."""
@@ -180,9 +161,6 @@ class VirtioMemExplorer(widgets.VBox):
     def _on_slider(self, change: dict) -> None:
         if not self._syncing:
             self.set_requested(change["new"])
-
-    def _on_speed(self, change: dict) -> None:
-        self.tick_ms = float(change["new"])
 
     def _show_status(self, row: dict) -> None:
         drv = _drivers(self.vm)[self.device]
