@@ -6,7 +6,8 @@
 #   make lab HEADLESS=1 [PORT=N]   no browser: start on 127.0.0.1 and print the URL with its token
 #                                  (the same as `make lab-headless`)
 #   make test PYTEST_ARGS="-k balloon -x"   pass options to pytest
-#   make test-live                 the live QEMU tests (a real Linux guest under QEMU, opt in)
+#   make test-fast                 everything but the live QEMU and real-browser tests
+#   make test-live                 only the live QEMU tests (a real Linux guest under QEMU)
 #   make clean                     remove .venv and the caches
 #
 # The install step is skipped while pyproject.toml and binder/requirements.txt are unchanged (their
@@ -22,10 +23,10 @@ PYTEST_ARGS ?=
 HEADLESS ?=
 PORT ?=
 
-.PHONY: help install lab lab-headless test test-live clean
+.PHONY: help install lab lab-headless test test-fast test-live clean
 
 help:
-	@sed -n '3,9s/^# \{0,1\}//p' Makefile
+	@sed -n '3,10s/^# \{0,1\}//p' Makefile
 
 install:
 	@set -e; \
@@ -58,6 +59,9 @@ test: install
 	  $(BIN)/python -m pytest $(PYTEST_ARGS) || rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "labkit: pytest collected no tests (exit 5)"; exit 0; fi; \
 	exit $$rc
+
+test-fast:
+	@$(MAKE) --no-print-directory test PYTEST_ARGS="-m 'not live and not browser' $(PYTEST_ARGS)"
 
 # the live QEMU tests and notebook (need qemu-system-x86, busybox-static and gcc from apt; see binder/apt.txt)
 test-live: install
