@@ -63,7 +63,8 @@ test: install
 test-fast:
 	@$(MAKE) --no-print-directory test PYTEST_ARGS="-m 'not live and not browser' $(PYTEST_ARGS)"
 
-# the live QEMU tests and notebook (need qemu-system-x86, busybox-static and gcc from apt; see binder/apt.txt)
+# only the live QEMU tests (LABKIT_LIVE=1 also makes `make test` run notebook 07 on a real guest instead
+# of replaying); they need qemu-system-x86 and busybox-static from apt (gcc makes the guest's helper; see binder/apt.txt)
 test-live: install
 	LABKIT_LIVE=1 BOKEH_RESOURCES=inline PATH="$(abspath $(BIN)):$$PATH" \
 	  $(BIN)/python -m pytest -m live tests/live $(PYTEST_ARGS)

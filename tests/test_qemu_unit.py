@@ -13,15 +13,17 @@ from pathlib import Path
 
 import pytest
 
-from labkit.backends.qemu import accel, image, kernel
+from labkit.backends.qemu import accel, image, kernel, pvh
 from labkit.backends.qemu.backend import QemuBackend
 from labkit.backends.qemu.cpio import S_IFCHR, S_IFDIR, S_IFLNK, S_IFREG, Entry, read_newc, write_newc
 from labkit.backends.qemu.guest import LiveGuestOps, parse_meminfo, parse_vmstat, write_zeros
 from labkit.backends.qemu.guestfiles import INIT_SCRIPT, READY_MARKER
-from labkit.backends.qemu.hostmem import guest_ram_usage, process_status
+from labkit.backends.qemu.hostmem import file_mapping_usage, guest_ram_usage, process_status, resident_pages
+from labkit.backends.qemu.pmem import LivePmem, dd_blocks, parse_probe
 from labkit.backends.qemu.process import (
     QemuConfig,
     balloon_properties,
+    describe_exit,
     node_sizes,
     qemu_command,
     sweep_stale,
@@ -89,6 +91,41 @@ def test_virtio_mem_devices_get_maxmem_a_backend_and_the_online_policy():
     assert "memhp_default_state=online_movable" in arg_after(args, "-append")[0]
 
 
+def test_virtio_pmem_is_a_shared_file_backend_and_a_device_within_maxmem():
+    pmem = ({"id": "pm0", "path": "/data/a,b.img", "size": 64 * MiB + 4096, "share": True},
+            {"id": "pm1", "path": "rel.img", "size": 32 * MiB, "share": False})
+    args = qemu_command(QemuConfig(memory=512 * MiB, virtio_pmem=pmem), "/d", "k", "i")
+    assert arg_after(args, "-m") == [f"512M,maxmem={(608 * MiB + 4096) // 1024}K"]
+    objects = arg_after(args, "-object")
+    assert (f"memory-backend-file,id=mem-pm0,share=on,mem-path=/data/a,,b.img,"
+            f"size={64 * MiB + 4096}") in objects
+    assert (f"memory-backend-file,id=mem-pm1,share=off,mem-path={os.path.abspath('rel.img')},"
+            f"size={32 * MiB}") in objects
+    devices = arg_after(args, "-device")
+    assert {"virtio-pmem-pci,memdev=mem-pm0,id=pm0", "virtio-pmem-pci,memdev=mem-pm1,id=pm1"} <= set(devices)
+
+
+class DeadQemu:
+    def __init__(self, returncode, stderr, console=""):
+        self.pid, self.returncode, self._stderr, self._console = 4242, returncode, stderr, console
+
+    def stderr_tail(self, chars=2000):
+        return self._stderr[-chars:]
+
+    def console_tail(self, chars=2000):
+        return self._console[-chars:]
+
+
+def test_a_dead_qemu_is_described_by_its_exit_and_the_tail_of_its_stderr():
+    waiting = "QEMU waiting for connection on: disconnected:unix:/d/serial.sock,server=on\n"
+    text = describe_exit(DeadQemu(0, waiting + "qemu-system-x86_64: terminating on signal 15 from pid 7\n"))
+    assert text.startswith("QEMU (pid 4242) exited with status 0; its stderr ends:\n")
+    assert text.endswith("terminating on signal 15 from pid 7") and "waiting for connection" not in text
+    killed = describe_exit(DeadQemu(-9, "", "[ 1.0] Kernel panic - not syncing: Out of memory"), "at boot")
+    assert killed.startswith("QEMU (pid 4242) was killed by signal 9 at boot (nothing on its stderr)")
+    assert killed.endswith("the guest console ends:\n[ 1.0] Kernel panic - not syncing: Out of memory")
+
+
 def test_balloon_properties_use_dashes_and_on_off():
     text = balloon_properties({"deflate_on_oom": False, "page_poison": False, "id": "b1"})
     assert text.startswith("virtio-balloon-pci,id=b1,")
@@ -116,7 +153,10 @@ def test_kernel_parameters_from_the_model_cmdline_option():
     ({"cmdline": {"quiet": 1}}, ValueError, r"unknown cmdline option\(s\) \['quiet'\]"),
     ({"memhp_default_state": "online_fast"}, ValueError, "memhp_default_state 'online_fast' is not one"),
     ({"virtio_mem": [{"id": "vm0"}]}, ValueError, "needs 'size'"),
-    ({"virtio_pmem": [{"id": "p", "path": "/x", "size": "1G"}]}, NotImplementedError, "not wired"),
+    ({"virtio_pmem": [{"id": "p", "path": "/nonexistent/x", "size": "1G"}]}, ValueError,
+     "can't open backing store /nonexistent/x for guest RAM: No such file or directory"),
+    ({"virtio_pmem": [{"id": "p", "path": "/dev/null", "size": "1G", "dax": True}]}, ValueError,
+     r"unknown virtio_pmem\[0\] option\(s\) \['dax'\]"),
 ])
 def test_bad_options_are_refused_before_anything_starts(monkeypatch, options, error, text):
     def no_build(*a, **k):
@@ -283,12 +323,98 @@ def test_guest_ops_refuse_bad_input_without_touching_the_guest(op, args, error, 
     assert fake.sent == []
 
 
+def test_the_dd_fallback_waits_for_its_whole_read_not_for_rss():
+    """Linux < 6.2 syncs a task's RSS counters every 64 faults: a dd asleep in pipe_write showed
+    RssAnon 65352 kB of a 65536 kB buffer for good, and the old wait never ended (seen here)."""
+    script = LiveGuestOps._dd_alloc_script(3, 64 * MiB)
+    assert "awk '/^rchar/{print $2}' /proc/$p/io) -lt 67108864 ]" in script and "RssAnon" not in script
+    assert "dd if=/dev/zero bs=65536k count=1" in script
+
+
 def test_file_writes_use_big_blocks_and_the_page_remainder():
     assert write_zeros("/f", 3 * MiB + 8192) == (
         "dd if=/dev/zero of=/f bs=1M count=3 2>/dev/null && "
         "dd if=/dev/zero of=/f bs=4k count=2 seek=768 conv=notrunc 2>/dev/null")
     fake = FakeGuest([("grep '^Cached:'", ("Cached: 5000 kB\nCached: 1000 kB\n", 0))])
     assert LiveGuestOps(fake.run, 1 << 30, "dd", scratch=False).call("drop_caches", {}) == 1000
+
+
+# --- virtio-pmem over a fake channel ----------------------------------------------------------
+PROBE_OUTPUT = ("FREE 95870\nFREE 94846\n"
+                "region 0x100000000 memory pmem0\nregion 0x110000000 memory pmem1\n")
+
+
+def fake_pmem(tmp_path, answers):
+    paths = []
+    for name in ("a.img", "b.img"):
+        paths.append(tmp_path / name)
+        with open(paths[-1], "wb") as f:
+            f.truncate(64 * MiB)
+    specs = [{"id": "pa", "path": str(paths[0]), "size": 64 * MiB, "share": True},
+             {"id": "pb", "path": str(paths[1]), "size": 32 * MiB, "share": False}]
+    fake = FakeGuest([("insmod", (PROBE_OUTPUT, 0)), *answers])
+    devices = [{"type": "virtio-mem", "data": {"id": "vm0", "memaddr": 0xF0000000}},
+               {"type": "virtio-pmem", "data": {"id": "pa", "memaddr": 0x100000000}},
+               {"type": "virtio-pmem", "data": {"id": "pb", "memaddr": 0x110000000}}]
+    modules = ["virtio", "libnvdimm", "nd_virtio", "virtio_pmem", "nd_btt", "nd_pmem", "virtio_blk"]
+    return LivePmem(specs, fake.run, lambda: devices, lambda: 1, modules), fake
+
+
+def test_pmem_probe_loads_the_modules_in_order_and_maps_regions_to_disks(tmp_path):
+    pmem, fake = fake_pmem(tmp_path, [])
+    probe = fake.sent[0]
+    order = [line.split("insmod /lib/modules/")[1].split(".ko")[0] for line in probe.splitlines()
+             if "insmod" in line]
+    assert order == ["libnvdimm", "nd_virtio", "virtio_pmem", "nd_btt", "nd_pmem"]
+    assert pmem.disks == {"pa": "pmem0", "pb": "pmem1"} and pmem.modes["pb"] == "memory"
+    assert pmem.memmap_total == 4096 * 1024
+    assert parse_probe("region 0x1000 raw pmem3\n") == (0, {0x1000: ("raw", "pmem3")})
+
+
+def test_pmem_ops_send_direct_io_of_whole_pages_and_read_the_host_side(tmp_path, monkeypatch):
+    pmem, fake = fake_pmem(tmp_path, [("sync /dev/pmem0", ("rc=0\n", 0)),
+                                      ("for i in", ("rc=0\nrc=1\nrc=0\n", 0))])
+    usage = iter([{"rss": 0, "dirty": 8 * MiB, "anonymous": 0, "mappings": 1},
+                  {"rss": 0, "dirty": 8 * MiB, "anonymous": 0, "mappings": 1},
+                  {"rss": 0, "dirty": 0, "anonymous": 0, "mappings": 1}])
+    monkeypatch.setattr(pmem, "host_usage", lambda device: next(usage))
+    assert pmem.call("pmem_write", {"device": "pa", "offset": 4196, "size": 8 * MiB})["pages"] == 2049
+    assert "bs=4096 seek=1 count=2049" in fake.sent[-1] and "oflag=direct" in fake.sent[-1]
+    assert "tr '\\000' '\\114'" in fake.sent[-1], "the fill byte 'L' in octal"
+    flushed = pmem.call("pmem_flush", {"device": "pmem0"})
+    assert flushed | {"elapsed_ms": 0} == {"ret": 0, "error": None, "eio": 0, "elapsed_ms": 0,
+                                           "written_bytes": 8 * MiB, "max_in_flight": None,
+                                           "dirty_pages": 0}
+    monkeypatch.setattr(pmem, "host_usage", lambda device: {"rss": 0, "dirty": 0, "anonymous": 0})
+    assert pmem.call("pmem_flush", {"device": "pb", "requests": 3})["ret"] == -5  # -EIO: one failed
+    assert pmem.eio == {"pa": 0, "pb": 1} and pmem.flushes == {"pa": 1, "pb": 3}
+    assert pmem.sync_command() == "; sync /dev/pmem0; sync /dev/pmem1"
+    assert dd_blocks(256, 512) == (MiB, 1, 2) and dd_blocks(3, 5) == (4096, 3, 5)
+
+
+@pytest.mark.parametrize(("op", "args", "error", "text"), [
+    ("pmem_write", {"device": "pz"}, ValueError, r"no virtio-pmem device 'pz'.*\['pa', 'pb'\]"),
+    ("pmem_read", {"device": "pb", "offset": "31M", "size": "2M"}, ValueError, "outside pb's region"),
+    ("pmem_flush", {"device": "pa", "requests": 0}, ValueError, "requests must be an int from 1"),
+    ("pmem_mmap", {"device": "pa", "map_sync": True}, NotImplementedError, "MAP_SYNC"),
+])
+def test_pmem_ops_refuse_bad_input_without_touching_the_guest(tmp_path, op, args, error, text):
+    pmem, fake = fake_pmem(tmp_path, [])
+    sent = len(fake.sent)
+    with pytest.raises(error, match=text):
+        pmem.call(op, args)
+    assert len(fake.sent) == sent
+
+
+def test_file_mapping_usage_and_resident_pages(tmp_path):
+    smaps = ("7f00-7f10 rw-p 00000000 fe:00 12    /x/p.img (deleted)\nRss:  64 kB\nPrivate_Dirty:  64 kB\n"
+             "Anonymous:  48 kB\n7f20-7f30 rw-s 00000000 fe:00 13    /x/q.img\nRss:  8 kB\n")
+    assert file_mapping_usage(smaps, "/x/p.img") == {"rss": 65536, "dirty": 65536, "anonymous": 49152,
+                                                    "mappings": 1}
+    path = tmp_path / "f"
+    path.write_bytes(b"x" * (10 * 4096))
+    assert resident_pages(str(path)) == 10 and resident_pages(str(path), 8, 100) == 2
+    assert resident_pages(str(path), 10) == 0
 
 
 # --- image: kernel, modules, initramfs ---------------------------------------------------------
@@ -389,6 +515,45 @@ def test_a_kernel_without_the_balloon_module_is_refused(tmp_path, monkeypatch):
         image.build_guest_image(vmlinuz, cache_dir=tmp_path / "cache", helper="dd")
 
 
+PVH_NOTE = (4).to_bytes(4, "little") + (8).to_bytes(4, "little") + (18).to_bytes(4, "little") + b"Xen\0"
+
+
+def fake_bzimage(payload: bytes) -> bytes:
+    """Boot protocol 2.15 header, one setup sector, the payload 16 bytes into the protected-mode part."""
+    head = bytearray(1024)
+    head[0x1F1] = 1
+    head[0x202:0x206] = b"HdrS"
+    head[0x206:0x208] = (0x20F).to_bytes(2, "little")
+    head[0x248:0x24C] = (16).to_bytes(4, "little")
+    head[0x24C:0x250] = len(payload).to_bytes(4, "little")
+    return bytes(head) + bytes(16) + payload + b"tail"
+
+
+def test_pvh_vmlinux_comes_out_of_gzip_xz_and_lz4_bzimages(tmp_path):
+    import ctypes
+    import gzip as gz
+
+    elf = b"\x7fELF" + bytes(60) + PVH_NOTE + bytes(8) + b"kernel" * 1000
+    size = len(elf).to_bytes(4, "little")  # the kernel build appends the inflated size
+    payloads = {"gzip": gz.compress(elf) + size, "xz": lzma.compress(elf, check=lzma.CHECK_CRC32) + size}
+    try:
+        lib = ctypes.CDLL("liblz4.so.1")
+        out = ctypes.create_string_buffer(len(elf) * 2)
+        n = lib.LZ4_compress_default(elf, out, len(elf), len(out))
+        magic = pvh.LZ4_LEGACY_MAGIC.to_bytes(4, "little")
+        payloads["lz4"] = magic + n.to_bytes(4, "little") + out.raw[:n] + size
+    except OSError:
+        pass  # no liblz4 here: the LZ4 path can't be checked
+    for kind, payload in payloads.items():
+        (tmp_path / kind).write_bytes(fake_bzimage(payload))
+        assert pvh.extract_pvh_vmlinux(tmp_path / kind) == elf, kind
+    (tmp_path / "nopvh").write_bytes(fake_bzimage(gz.compress(b"\x7fELF" + bytes(100))))
+    (tmp_path / "old").write_bytes(fake_bzimage(payloads["gzip"])[:0x206] + bytes(2) + bytes(2000))
+    assert pvh.extract_pvh_vmlinux(tmp_path / "nopvh") is None, "no PHYS32_ENTRY note"
+    assert pvh.extract_pvh_vmlinux(tmp_path / "old") is None, "boot protocol before 2.08"
+    assert pvh.inflate(b"BZh9garbage") is None and pvh.inflate(b"\x1f\x8bnot gzip") is None
+
+
 def test_static_elf_check(tmp_path):
     assert image.is_static_elf(fake_static_elf(tmp_path / "static"))
     assert not image.is_static_elf(Path(sys.executable).resolve()), "python is dynamically linked"
@@ -438,8 +603,8 @@ def test_every_recorded_run_replays_its_demo_and_shows_the_real_behaviour():
         with ReplayBackend(recording_path(name)) as vm:
             rows[name] = run_demo(name, vm)
             assert vm.facts["backend"] == "qemu" and vm.facts["kernel"]
-            assert vm.trace, "the ~50 ms trace of actual and host RSS is recorded"
-            assert bool(vm.recorded_events) == (name != "reporting"), "BALLOON_CHANGE events"
+            assert bool(vm.trace) == (name != "pmem"), "a ~50 ms trace of actual and host RSS (advance)"
+            assert bool(vm.recorded_events) == (name not in ("reporting", "pmem")), "BALLOON_CHANGE events"
     inflated = rows["balloon"][1]
     assert rows["balloon"][0]["memtotal"] - inflated["memtotal"] == 256 * MiB
     assert rows["balloon_deflate_on_oom"][0]["memtotal"] == rows["balloon_deflate_on_oom"][1]["memtotal"]
@@ -447,6 +612,12 @@ def test_every_recorded_run_replays_its_demo_and_shows_the_real_behaviour():
     assert oom[-1]["balloon_actual"] > oom[1]["balloon_actual"] and oom[-1]["oom_kills"] == 0
     reporting = rows["reporting"]
     assert reporting[-1]["host_rss"] < max(r["host_rss"] for r in reporting) - 200 * MiB
+    boot, wrote, flushed, more, synced = rows["pmem"]
+    assert wrote["host_page_cache_dirty"] == wrote["dirty_pages"] * 4096 >= 15 * MiB
+    assert flushed["host_page_cache_dirty"] == 0
+    assert flushed["written_bytes"] == wrote["host_page_cache_dirty"]
+    assert more["host_page_cache_dirty"] > 0 == synced["host_page_cache_dirty"]
+    assert abs(wrote["cached"] - boot["cached"]) <= MiB, "no guest page cache: DAX"
 
 
 def test_replay_refuses_a_different_call_and_says_what_was_recorded():

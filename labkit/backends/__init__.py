@@ -28,7 +28,7 @@ def open(backend: str = "model", **options: Any) -> Backend:  # noqa: A001 - lab
     >>> vm.close()
     """
     if backend == "model":
-        return _opened(ModelBackend, options, "virtio_pmem")
+        return _opened(ModelBackend, options, "model")
     if backend == "qemu":  # a real QEMU and Linux guest (labkit.backends.qemu); same options
         from labkit.backends.qemu import open_qemu
 
@@ -45,7 +45,7 @@ def _opened(factory, options: dict, extra: str) -> Backend:
             name = str(e).split("'")[1]
             raise TypeError(
                 f"unknown option {name!r}; accepted: memory, seed, balloon, host, numa_nodes, "
-                f"model, cmdline, vm_name, virtio_mem, memhp_default_state, {extra}") from None
+                f"cmdline, vm_name, virtio_mem, virtio_pmem, memhp_default_state, {extra}") from None
         raise
 
 

@@ -40,6 +40,18 @@ def run_twin(deflate_on_oom: bool) -> tuple[list[dict], list[dict], float]:
     return rows_live, rows_model, boot_s
 
 
+def last_events(vm, name: str, key: str, value: int, timeout_ms: float = 10_000) -> list[dict]:
+    """The ``name`` events once the last one says ``key == value``: QEMU holds back an event for
+    up to 1 s (the monitor's throttle), longer on a busy host, so poll rather than sleep."""
+    waited = 0.0
+    while True:
+        events = [e for e in vm.events() if e["event"] == name]
+        if (events and events[-1]["data"][key] == value) or waited >= timeout_ms:
+            return events
+        vm.advance(100)
+        waited += 100
+
+
 def mib(x: float) -> str:
     return f"{x / MiB:+.1f} MiB"
 
@@ -82,8 +94,7 @@ def test_oom_deflates_the_balloon_with_deflate_on_oom_twin(figures):
 
     with open_qemu(**live_options("oom_deflate")) as vm:
         live = run_demo("oom_deflate", vm)
-        vm.advance(1100)  # QEMU holds the last event up to 1 s (monitor throttle)
-        events = [e for e in vm.events() if e["event"] == "BALLOON_CHANGE"]
+        events = last_events(vm, "BALLOON_CHANGE", "actual", live[-1]["balloon_actual"])
     with labkit.open(backend="model", **model_options("oom_deflate")) as vm:
         model = run_demo("oom_deflate", vm)
     for name, rows in (("live", live), ("model", model)):
@@ -132,17 +143,24 @@ def test_free_page_reporting_gives_freed_memory_back_twin(figures):
 @pytest.mark.parametrize("online", ["movable", "kernel"])
 def test_virtio_mem_plug_and_unplug_twin(online, figures):
     """Plug 512 MiB with memhp_default_state=online_<online>, run 384 MiB of anon memory through it,
-    then ask for 0 and wait up to 20 s. On both backends: the plugged size is a multiple of the
+    then ask for 0 and wait until it is back or the guest stopped unplugging for 5 s (its next try
+    is 50 s later), at most 20 s. On both backends: the plugged size is a multiple of the
     2 MiB block size, MemTotal moves by exactly what is plugged, and online_movable gives
     everything back. Under online_kernel what stays plugged is printed for each backend (unmovable
-    kernel allocations land in ZONE_NORMAL blocks and pin them)."""
+    kernel allocations land in ZONE_NORMAL blocks and pin them).
+
+    Host RSS is printed, not checked, because the model places memory differently (a model
+    simplification, reported): a real x86-64 guest's boot RAM below 4 GiB is ZONE_DMA32, and user
+    allocations take the highest zone first, so all 384 MiB go into the plugged ZONE_NORMAL (or
+    MOVABLE) blocks and leave with the unplug (host RSS back to its boot figure). The model has no
+    DMA32: under online_kernel it takes ~250 MiB of them from boot RAM, which stays backed after
+    the free (recorded: host RSS 148 MiB live vs 276 MiB model after the unplug)."""
     from labkit.backends.qemu.demos import live_options, model_options, run_demo
 
     name = f"virtio_mem_{online}"
     with open_qemu(**live_options(name)) as vm:
         live = run_demo(name, vm)
-        vm.advance(1100)  # QEMU holds the last event up to 1 s (monitor throttle)
-        events = [e for e in vm.events() if e["event"] == "MEMORY_DEVICE_SIZE_CHANGE"]
+        events = last_events(vm, "MEMORY_DEVICE_SIZE_CHANGE", "size", live[-1]["virtio_mem_plugged"])
     with labkit.open(backend="model", **model_options(name)) as vm:
         model = run_demo(name, vm)
     for side, rows in (("live", live), ("model", model)):

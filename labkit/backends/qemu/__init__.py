@@ -6,7 +6,10 @@
 * :mod:`~labkit.backends.qemu.qmp`: ``qemu.qmp`` on its own loop and thread (works inside Jupyter).
 * :mod:`~labkit.backends.qemu.serial` and :mod:`~labkit.backends.qemu.guest`: framed shell commands
   over a virtio-serial port, and the workload steps of ``guest(op)``.
-* :mod:`~labkit.backends.qemu.hostmem`: QEMU's guest-RAM RSS from ``/proc/<pid>/smaps``.
+* :mod:`~labkit.backends.qemu.pvh`: the uncompressed kernel, booted at its PVH entry (~0.5 s sooner).
+* :mod:`~labkit.backends.qemu.hostmem`: QEMU's guest-RAM RSS from ``/proc/<pid>/smaps``, and the
+  host side of a virtio-pmem file (its mapping's dirty pages, its pages in the page cache).
+* :mod:`~labkit.backends.qemu.pmem`: virtio-pmem devices and the ``pmem_*`` guest ops.
 * :mod:`~labkit.backends.qemu.backend`: :class:`QemuBackend` and :func:`open_qemu`.
 * :mod:`~labkit.backends.qemu.record`: save a live run as JSON, and replay it without QEMU.
 

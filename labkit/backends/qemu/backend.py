@@ -16,10 +16,14 @@ The options are those of :func:`labkit.open`. What differs from the model:
   ``memhp_default_state`` become ``virtio-mem-pci`` devices on their own ``memory-backend-ram``
   (``-m ...,maxmem=...``) and the guest's kernel parameter; ``guest("memory_blocks")`` and
   ``guest("online_memory", zone=...)`` read and online the guest's memory blocks from sysfs.
+* ``virtio_pmem`` (the model's specs: ``id``, ``path`` of an existing raw file, ``size``, ``share``)
+  becomes a ``memory-backend-file`` + ``virtio-pmem-pci`` each, and the ``pmem_*`` guest ops work on
+  ``/dev/pmemN`` (:mod:`labkit.backends.qemu.pmem`).
 * ``qemu`` holds live-only knobs: ``accel`` (``"auto"``: KVM when it boots a guest, else TCG),
   ``kernel`` (a vmlinuz), ``thp`` (``False``: QEMU runs with transparent huge pages disabled, so the
   host backs guest RAM in 4 KiB pages like the model; ``True``: the host's own THP policy),
-  ``boot_timeout_s``, ``kvm_boot_timeout_s``, ``scratch_disk``, ``smp``, ``extra_args``, ``poll_ms``.
+  ``boot_timeout_s``, ``kvm_boot_timeout_s``, ``scratch_disk``, ``smp``, ``extra_args``, ``poll_ms``,
+  ``pvh`` (``False``: boot the bzImage rather than the uncompressed kernel's PVH entry).
 * time is wall-clock: ``advance(ms)`` really waits (polling QMP, host RSS and QEMU's health) and
   ``t_ms`` counts from the moment the guest shell was ready.
 * ``snapshot()`` raises: the page states of a real guest can't be read from outside.
@@ -42,6 +46,7 @@ from labkit.backends.qemu.guest import LiveGuestOps, parse_meminfo, parse_vmstat
 from labkit.backends.qemu.guestfiles import MODULE_FAILED_MARKER, READY_MARKER
 from labkit.backends.qemu.hostmem import read_host_memory
 from labkit.backends.qemu.image import GuestImage, build_guest_image
+from labkit.backends.qemu.pmem import PMEM_OPS, LivePmem
 from labkit.backends.qemu.process import (
     QemuConfig,
     QemuError,
@@ -51,7 +56,7 @@ from labkit.backends.qemu.process import (
     describe_exit,
     node_sizes,
 )
-from labkit.backends.qemu.qmp import ConnectError, QMPConnection, QMPConnectionLost
+from labkit.backends.qemu.qmp import ConnectError, QMPConnection, QMPConnectionLost, migration_sample
 from labkit.backends.qemu.serial import GuestDied, GuestTimeout, SerialShell
 from labkit.errors import GuestError
 from labkit.units import MiB, TiB, format_size, parse_size
@@ -60,7 +65,7 @@ log = logging.getLogger("labkit.qemu")
 
 QEMU_DEFAULTS = {
     "accel": "auto", "kernel": None, "thp": False, "boot_timeout_s": 120.0, "kvm_boot_timeout_s": 10.0,
-    "scratch_disk": True, "smp": 1, "extra_args": (), "poll_ms": 50.0, "bios": "auto",
+    "scratch_disk": True, "smp": 1, "extra_args": (), "poll_ms": 50.0, "bios": "auto", "pvh": True,
 }
 HOST_DEFAULTS = {"ram": None, "swap": 0, "discard": True, "swapin_us": 100.0}
 STEP_MS = 100.0
@@ -128,11 +133,10 @@ class QemuBackend:
             raise ValueError(f"memhp_default_state {memhp_default_state!r} is not one of "
                              f"{list(ONLINE_TYPES)}")
         self.virtio_mem_specs = _virtio_mem_specs(virtio_mem, numa_nodes)
-        if virtio_pmem:
-            raise NotImplementedError(
-                "virtio_pmem is not wired on the live backend yet (the guest image has its modules; "
-                "QEMU's memory-backend-file + virtio-pmem-pci and the pmem_write/pmem_flush ops are "
-                "not done): use labkit.open(backend='model', virtio_pmem=[...])")
+        from labkit.devices.virtio_pmem import validate_specs as validate_virtio_pmem
+
+        self.virtio_pmem_specs = validate_virtio_pmem(
+            virtio_pmem, [s["id"] for s in self.virtio_mem_specs], memory=size)
         self.memhp_default_state = memhp_default_state
         self.cmdline = self._kernel_params(cmdline)
         self.memory, self.seed, self.knobs, self.vm_name = size, seed, knobs, vm_name
@@ -146,15 +150,20 @@ class QemuBackend:
         self._finalizer = weakref.finalize(self, _shutdown, self._parts)
         self.balloon_target = size
         self.trace: deque[tuple[float, int, int]] = deque(maxlen=TRACE_POINTS)  # (t_ms, actual, rss)
-        try:
+        try:  # boot and the devices' drivers; on any failure QEMU is stopped here, not at GC
             self._boot()
+            self.ops = LiveGuestOps(self._run, size, self.image.helper, bool(knobs["scratch_disk"]),
+                                    memory_devices=self._memory_devices)
+            if self.virtio_mem_specs:  # the driver plugs requested-size as soon as it probes
+                self._run("insmod /lib/modules/virtio_mem.ko", timeout=60)
+            self.pmem = LivePmem(self.virtio_pmem_specs, self._run, lambda: self.qmp("query-memory-devices"),
+                                 lambda: self.process.pid, list(self.image.modules), self.image.builtin)
         except BaseException:
             self.close()
             raise
-        self.ops = LiveGuestOps(self._run, size, self.image.helper, bool(knobs["scratch_disk"]),
-                                memory_devices=self._memory_devices)
-        if self.virtio_mem_specs:  # the driver plugs requested-size as soon as it probes
-            self._run("insmod /lib/modules/virtio_mem.ko", timeout=60)
+        for op in PMEM_OPS:  # on every VM, as on the model (no device: the model's error)
+            self.ops.extra_ops[op] = lambda arguments, op=op: self.pmem.call(op, arguments)
+        self.ops.sync_extra = self.pmem.sync_command
 
     @staticmethod
     def _kernel_params(cmdline: dict | None) -> str:
@@ -173,7 +182,8 @@ class QemuBackend:
                           accel=accel, smp=k["smp"], cmdline=self.cmdline,
                           scratch_disk=bool(k["scratch_disk"]), bios=k["bios"],
                           extra_args=tuple(k["extra_args"]), virtio_mem=tuple(self.virtio_mem_specs),
-                          memhp_default_state=self.memhp_default_state)
+                          memhp_default_state=self.memhp_default_state,
+                          virtio_pmem=tuple(self.virtio_pmem_specs))
 
     def _boot(self) -> None:
         accel, self.accel_reason = accel_choice.choose(self.knobs["accel"])
@@ -194,7 +204,8 @@ class QemuBackend:
     def _start(self, accel: str, timeout: float) -> None:
         started = time.monotonic()
         self.accel = accel
-        process = QemuProcess(self._config(accel), str(self.image.kernel), str(self.image.initramfs),
+        kernel = self.image.boot_kernel if self.knobs["pvh"] else self.image.kernel
+        process = QemuProcess(self._config(accel), str(kernel), str(self.image.initramfs),
                               thp=bool(self.knobs["thp"]))
         self._parts["process"] = process
         self.process = process
@@ -215,8 +226,12 @@ class QemuBackend:
             log.warning("guest modules that failed to load: %s", failed)
         self.modules_failed = failed
         self.boot_s = time.monotonic() - started
+        ready = console[console.rfind(READY_MARKER):].split()
+        # the guest's own share of boot_s (kernel + /init); the rest is QEMU, firmware and loading
+        self.guest_boot_s = float(ready[3]) if len(ready) > 3 else None
         self._t0 = time.monotonic()
-        log.info("guest ready in %.1f s under %s (%s)", self.boot_s, accel, self.accel_reason)
+        log.info("guest ready in %.1f s under %s (%s; guest uptime %s s)", self.boot_s, accel,
+                 self.accel_reason, self.guest_boot_s)
 
     def _died(self, cause: BaseException) -> QemuError:
         process = self._parts.get("process") or getattr(self, "process", None)
@@ -341,7 +356,8 @@ class QemuBackend:
             "qemu_rss": host["qemu_rss"],
             "qemu_rss_anon": host["qemu_rss_anon"],
             "qemu_rss_file": host["qemu_rss_file"],
-        } | self._virtio_mem_sample()
+            "guest_dirty": info.get("Dirty", 0) * 1024,
+        } | self.pmem.sample() | self._virtio_mem_sample() | migration_sample(self.qmp)
 
     def _virtio_mem_sample(self) -> dict:
         if not self.virtio_mem_specs:

@@ -98,6 +98,8 @@ class LiveGuestOps:
         self._scratch_ready = False
         self.memory_devices = memory_devices
         self._next = 1
+        self.extra_ops: dict[str, Callable[[dict], object]] = {}  # e.g. the pmem_* ops
+        self.sync_extra: Callable[[], str] = str  # shell text appended to sync (fsync of /dev/pmemN)
 
     def _handle(self, handle: object) -> LiveHandle:
         h = self.table.get(handle) if isinstance(handle, int) and not isinstance(handle, bool) else None
@@ -106,9 +108,11 @@ class LiveGuestOps:
         return h
 
     def call(self, op: str, arguments: dict) -> object:
-        if op not in OPS:
-            raise ValueError(f"guest op {op!r} is not one of {list(OPS)}")
+        if op not in OPS and op not in self.extra_ops:
+            raise ValueError(f"guest op {op!r} is not one of {list(OPS) + list(self.extra_ops)}")
         try:
+            if op in self.extra_ops:
+                return self.extra_ops[op](arguments)
             if op == "alloc":
                 return self.alloc(parse_size(arguments.pop("size"), name="size"), **arguments)
             if op in ("touch", "read"):
@@ -159,13 +163,17 @@ class LiveGuestOps:
 
     @staticmethod
     def _dd_alloc_script(hid: int, size: int) -> str:
+        """dd reads ``size`` bytes of /dev/zero into one buffer (faulting in every page), then blocks
+        writing it to a pipe nobody reads. Done is when its ``rchar`` (/proc/PID/io) reaches
+        ``size``: RssAnon is no sign, since Linux before 6.2 caches RSS counts per task and syncs
+        them every 64 faults, so a dd asleep in pipe_write can show up to 63 pages short forever."""
         pidfile = f"{RUN_DIR}/h{hid}.pid"
         inner = (f"echo $$ > {pidfile}; echo 0 > /proc/self/oom_score_adj; "
                  f"exec dd if=/dev/zero bs={size // 1024}k count=1 2>/dev/null")
         return (f"sh -c {shlex.quote(inner)} | sleep 2147483647 & s=$!; "
                 f"while [ ! -s {pidfile} ]; do usleep 10000; done; p=$(cat {pidfile}); "
-                f"while [ -d /proc/$p ] && [ $(awk '/RssAnon/{{print $2}}' /proc/$p/status) -lt "
-                f"{size // 1024} ]; do usleep 20000; done; [ -d /proc/$p ] && echo $p $s")
+                f"while [ -d /proc/$p ] && [ $(awk '/^rchar/{{print $2}}' /proc/$p/io) -lt "
+                f"{size} ]; do usleep 20000; done; [ -d /proc/$p ] && echo $p $s")
 
     def touch(self, handle: int, *, write: bool = True) -> None:
         h = self._handle(handle)
@@ -204,7 +212,7 @@ class LiveGuestOps:
         return max(0, before - after) * 1024 // PAGE_SIZE
 
     def sync(self) -> int:
-        out, _ = self.run("grep -E '^(Dirty|Writeback):' /proc/meminfo; sync")
+        out, _ = self.run("grep -E '^(Dirty|Writeback):' /proc/meminfo; sync" + self.sync_extra())
         return sum(int(line.split()[1]) for line in out.splitlines() if ":" in line) * 1024 // PAGE_SIZE
 
     def handles(self) -> list[dict]:

@@ -5,7 +5,8 @@
   ``/etc/labkit/modules`` (one per line, in dependency order; those marked ``lazy`` are left for
   the host to load when a workload needs them, e.g. :data:`SCRATCH_SETUP` for the scratch disk),
   keeps kernel messages off the console (``dmesg -n 1``; ``dmesg`` still shows them), prints
-  :data:`READY_MARKER` and then serves a shell on the command port.
+  :data:`READY_MARKER` (with the kernel release, the helper and the guest's uptime in seconds) and
+  then serves a shell on the command port.
 * The shell reads and writes a virtio-serial port (named :data:`COMMAND_PORT`), not the 16550
   serial console: the port is no tty (no echo, no line discipline) and, unlike the emulated UART
   under TCG, it never stalls output until the next input arrives (seen here: one command in ~6
@@ -61,13 +62,13 @@ done < /etc/labkit/modules
 hostname labkit
 dmesg -n 1
 port=
-for try in 1 2 3 4 5 6 7 8 9 10; do
+for try in $(seq 1 100); do
   for p in /sys/class/virtio-ports/*; do
     node="/dev/${{p##*/}}"
     [ "$(cat "$p/name" 2>/dev/null)" = "{COMMAND_PORT}" ] && [ -c "$node" ] && port="$node"
   done
   [ -n "$port" ] && break
-  sleep 0.2
+  usleep 20000
 done
 if [ -z "$port" ]; then
   echo "labkit: no virtio-serial port named {COMMAND_PORT}" > /dev/console
@@ -76,7 +77,7 @@ fi
 # Open the port once, for good: a virtio port takes one opener at a time, and data that arrives
 # while no one has it open is discarded by the guest driver.
 exec 3<> "$port"
-echo "{READY_MARKER} $(uname -r) $(cat /etc/labkit/helper)" >&3
+echo "{READY_MARKER} $(uname -r) $(cat /etc/labkit/helper) $(cut -d' ' -f1 /proc/uptime)" >&3
 while :; do
   sh <&3 >&3 2>&3 3>&-
   echo "{SHELL_RESTART_MARKER}" >&3

@@ -71,6 +71,7 @@ class QemuConfig:
     extra_args: tuple[str, ...] = ()
     virtio_mem: tuple[dict, ...] = ()  # validated specs (sizes in bytes), as the model's
     memhp_default_state: str = "offline"
+    virtio_pmem: tuple[dict, ...] = ()  # validated specs (labkit.devices.virtio_pmem.validate_specs)
 
 
 def balloon_properties(options: dict) -> str:
@@ -91,8 +92,10 @@ def balloon_properties(options: dict) -> str:
 def memory_option(config: QemuConfig) -> str:
     """``-m``: boot RAM, and ``maxmem`` covering the virtio-mem devices' memory backends."""
     text = f"{config.memory // MiB}M"
-    if config.virtio_mem:
-        text += f",maxmem={(config.memory + sum(s['size'] for s in config.virtio_mem)) // MiB}M"
+    device_memory = sum(s["size"] for s in config.virtio_mem) + sum(s["size"] for s in config.virtio_pmem)
+    if device_memory:  # a virtio-pmem region is a whole number of pages, not always of MiB
+        total = config.memory + device_memory
+        text += f",maxmem={total // MiB}M" if total % MiB == 0 else f",maxmem={total // 1024}K"
     return text
 
 
@@ -108,6 +111,15 @@ def virtio_mem_properties(spec: dict) -> str:
     if spec.get("dynamic_memslots"):
         parts.append("dynamic-memslots=on")
     return ",".join(parts)
+
+
+def virtio_pmem_arguments(spec: dict) -> list[str]:
+    """``-object memory-backend-file`` + ``-device virtio-pmem-pci`` for a model-style spec (the
+    backend is ``mem-<id>``, as on the model). A comma in the path is doubled: QEMU's escape."""
+    path = os.path.abspath(spec["path"]).replace(",", ",,")
+    return ["-object", f"memory-backend-file,id=mem-{spec['id']},share={'on' if spec['share'] else 'off'},"
+                       f"mem-path={path},size={spec['size']}",
+            "-device", f"virtio-pmem-pci,memdev=mem-{spec['id']},id={spec['id']}"]
 
 
 def node_sizes(memory: int, numa_nodes: int) -> list[int]:
@@ -156,6 +168,8 @@ def qemu_command(config: QemuConfig, state_dir: str, kernel: str, initramfs: str
     for spec in config.virtio_mem:
         args += ["-object", f"memory-backend-ram,id=mem-{spec['id']},size={spec['size'] // MiB}M",
                  "-device", virtio_mem_properties(spec)]
+    for spec in config.virtio_pmem:
+        args += virtio_pmem_arguments(spec)
     if config.scratch_disk:
         args += ["-drive", f"file={state_dir}/scratch.img,format=raw,if=none,id=scratch,cache=unsafe",
                  "-device", "virtio-blk-pci,drive=scratch"]

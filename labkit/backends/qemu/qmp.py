@@ -158,3 +158,28 @@ def _plain(value: Any) -> Any:
 
 
 __all__ = ["ConnectError", "QMPConnection", "QMPConnectionLost"]
+
+
+MIGRATION_RUNNING = ("setup", "active", "pre-switchover", "device", "postcopy-active", "cancelling")
+
+
+def migration_sample(execute) -> dict[str, float]:
+    """The model's ``migration_*`` sample columns from ``query-migrate`` (``{}`` before any
+    migration: all zero). ``migration_threshold`` is what QEMU computes and does not report:
+    bandwidth (``ram.mbps``) times ``downtime-limit`` (migration/migration.c
+    ``migration_update_counters``); read from ``query-migrate-parameters`` only while one runs.
+
+    >>> migration_sample(lambda command: {})["migration_active"]
+    0.0
+    """
+    info = execute("query-migrate")
+    ram = info.get("ram", {})
+    active = info.get("status") in MIGRATION_RUNNING
+    threshold = 0.0
+    if active and ram.get("mbps"):
+        downtime_ms = execute("query-migrate-parameters").get("downtime-limit", 300)
+        threshold = ram["mbps"] * 1e6 / 8 / 1000 * downtime_ms
+    return {"migration_active": float(active), "migration_transferred": float(ram.get("transferred", 0)),
+            "migration_remaining": float(ram.get("remaining", 0)), "migration_threshold": threshold,
+            "migration_syncs": float(ram.get("dirty-sync-count", 0)),
+            "migration_throttle": float(info.get("cpu-throttle-percentage", 0))}
