@@ -81,6 +81,46 @@ def test_each_request_moves_at_most_256_pages_and_actual_follows_each_ack():
         assert down == [612, 356, 100, 0]
 
 
+def test_a_request_in_flight_when_the_target_changes_still_lands_then_the_next_run_leaks_back():
+    # §1.2 and drivers/virtio/virtio_balloon.c: update_balloon_size_func reads towards_target() once
+    # per run and fill_balloon(vb, diff) sizes its batch on entry (num = min(num, 256)); neither the
+    # wait for the host's ack (tell_host) nor the Out-of-puff msleep(200) looks at the target again,
+    # so a batch in flight when the target drops is still enqueued and acked: actual passes the new
+    # target by at most that batch, and the next run leaks it back.
+    with open_vm() as vm:
+        vm.qmp("balloon", value=512 * MiB)
+        vm.advance(0)  # the first run allocated its 256 pages and waits for the ack
+        chased = vm.balloon_device.config.num_pages
+        assert vm.balloon.num_pages == VIRTIO_BALLOON_ARRAY_PFNS_MAX and vm.balloon_device.config.actual == 0
+        vm.qmp("balloon", value=GiB)  # the target is now an empty balloon
+        assert vm.step()
+        assert vm.balloon_device.config.actual == VIRTIO_BALLOON_ARRAY_PFNS_MAX  # past the target (0)
+        assert vm.balloon.last_request_target == chased
+        assert vm.step()  # the next run reads the new target and leaks the batch back
+        assert vm.balloon_device.config.actual == 0 and vm.balloon.last_request_target == 0
+        assert not vm.step()
+    with open_vm() as vm:  # the same with a short batch held through the Out-of-puff sleep
+        vm.guest("alloc", size="700M", kind="anon")
+        vm.qmp("balloon", value=64 * MiB)
+        chased = vm.balloon_device.config.num_pages
+        for _ in range(5000):
+            if vm.balloon.out_of_puff and len(vm.balloon.in_flight):
+                break
+            vm.advance(1)
+        held = len(vm.balloon.in_flight)
+        assert 0 < held < VIRTIO_BALLOON_ARRAY_PFNS_MAX
+        before = vm.balloon_device.config.actual
+        vm.qmp("balloon", value=GiB - before * 4096)  # the target is what is acked now
+        target = vm.balloon_device.config.num_pages
+        assert vm.step()
+        assert vm.balloon_device.config.actual == before + held == target + held
+        assert vm.balloon.last_request_target == chased
+        while vm.step():
+            assert target <= vm.balloon_device.config.actual < target + held
+        assert vm.balloon_device.config.actual == target
+        check_invariants(vm.mem)
+
+
 def test_inflation_takes_page_cache_before_giving_up():
     # §1.2: balloon pages are __GFP_NORETRY: reclaim (page cache) is tried before "Out of puff"
     with open_vm() as vm:

@@ -6,7 +6,9 @@ hw/virtio/virtio-balloon.c and system/balloon.c, QEMU 7.x-9.x):
 * QEMU turns the QMP ``balloon`` value (the target *logical* VM size) into ``num_pages`` and raises a
   config interrupt every time, even for an unchanged target.
 * The driver's work item moves at most ``VIRTIO_BALLOON_ARRAY_PFNS_MAX`` (256) PFNs per run, tells the
-  host synchronously, writes ``actual``, and re-queues itself while the target is unmet.
+  host synchronously, writes ``actual``, and re-queues itself while the target is unmet. The target
+  is read once per run: a request in flight when it changes still lands, so ``actual`` may pass the
+  new target by that one request before the next run turns back (``last_request_target``).
 * Balloon pages are ``__GFP_NORETRY``: reclaim of page cache is tried once, then the driver logs
   "Out of puff!", sleeps 200 ms, sends what it got and retries.
 * Without DEFLATE_ON_OOM every balloon page leaves MemTotal (``adjust_managed_page_count(page, -1)``);
@@ -50,6 +52,8 @@ VIRTIO_BALLOON_OOM_NOTIFY_PRIORITY = 80
 OUT_OF_PUFF_SLEEP_MS = 200  # fill_balloon: msleep(200) after a failed balloon_page_alloc()
 UINT32_MAX = 0xFFFFFFFF
 STAT_UNSET = (1 << 64) - 1  # QEMU resets stats to -1 (u64 max) before each update
+NO_PAGES = np.zeros(0, dtype=np.int64)  # an empty PFN list (read-only, shared)
+NO_PAGES.flags.writeable = False
 
 # (tag, kernel name from VIRTIO_BALLOON_S_NAMES, QMP name from QEMU's balloon_stat_names)
 STATS = [
@@ -221,9 +225,12 @@ class BalloonDriver:
         self.oom_deflated_pages = 0
         self._queued = False
         self._wake: simpy.Event | None = None
-        self.in_flight = np.zeros(0, dtype=np.int64)
-        self.request_target = 0
-        self.request_done: simpy.Event = env.event()
+        self.in_flight = NO_PAGES
+        self.request_target = 0  # num_pages as the run in progress (or the last one) read it
+        # num_pages the last completed request chased, read when its run started (None: an OOM
+        # deflate, which chases nothing); the target may have changed while it was in flight
+        self.last_request_target: int | None = None
+        self._request_done: simpy.Event | None = None
         device.driver = self
         if self.deflate_on_oom:
             kernel.oom_notifiers.append(self.oom_notify)
@@ -244,6 +251,14 @@ class BalloonDriver:
     def pages(self) -> np.ndarray:
         return self._pages[:self.num_pages]
 
+    @property
+    def request_done(self) -> simpy.Event:
+        """An event that fires when the driver next writes ``actual`` (after its next request).
+        Made only when asked for: most requests have no one waiting on them."""
+        if self._request_done is None:
+            self._request_done = self.env.event()
+        return self._request_done
+
     def config_changed(self) -> None:
         """virtballoon_changed: queue update_balloon_size_work (a no-op if already queued)."""
         self._queued = True
@@ -262,7 +277,10 @@ class BalloonDriver:
                 self._wake = self.env.event()
                 yield self._wake
             self._queued = False
-            self.request_target = self.device.config.num_pages  # what this run chases
+            # towards_target() is read once per run: a request is sized by the target of that
+            # moment and is not cut short if the target changes while it is in flight (the
+            # msleep(200) of an out-of-puff fill, or the wait for the host's ack)
+            self.request_target = target = self.device.config.num_pages
             diff = self.towards_target()
             if diff == 0:
                 continue
@@ -270,7 +288,7 @@ class BalloonDriver:
                 diff -= yield from self._fill(diff)
             else:
                 diff += yield from self._leak(-diff)
-            self._update_balloon_size()
+            self._update_balloon_size(target)
             if diff:
                 self._queued = True
 
@@ -284,7 +302,7 @@ class BalloonDriver:
                             f"{VIRTIO_BALLOON_PAGES_PER_PAGE} pages")
             self.in_flight = pfns  # allocated, on the local list, not yet on the balloon list
             yield self.env.timeout(OUT_OF_PUFF_SLEEP_MS)
-            self.in_flight = np.zeros(0, dtype=np.int64)
+            self.in_flight = NO_PAGES
         if len(pfns):
             self._push(pfns)
             if not self.deflate_on_oom:
@@ -300,7 +318,7 @@ class BalloonDriver:
             self.in_flight = pfns  # off the balloon list, not yet back in the buddy allocator
             self.device.handle_deflate(pfns)
             yield self.env.timeout(self.request_ms)
-            self.in_flight = np.zeros(0, dtype=np.int64)
+            self.in_flight = NO_PAGES
             self._release(pfns)
         return len(pfns)
 
@@ -314,7 +332,7 @@ class BalloonDriver:
         """release_pages_balloon: managed count back, pages to the buddy allocator."""
         if not self.deflate_on_oom:
             self.kernel.adjust_managed_page_count(len(pfns))
-        self.kernel.free_pages(pfns)
+        self.kernel.free_pages(pfns, was=PageState.BALLOON)
 
     def _push(self, pfns: np.ndarray) -> None:
         need = self.num_pages + len(pfns)
@@ -333,12 +351,15 @@ class BalloonDriver:
         hit = old_sorted[at] == pages
         pages[hit] = new_sorted[at[hit]]
 
-    def _update_balloon_size(self) -> None:
-        """update_balloon_size: write ``actual`` into config space."""
+    def _update_balloon_size(self, chased: int | None) -> None:
+        """update_balloon_size: write ``actual`` into config space (``chased``: the target the
+        request was sized for, for ``last_request_target``)."""
         self.requests += 1
+        self.last_request_target = chased
         self.device.set_config(self.num_pages)
-        done, self.request_done = self.request_done, self.env.event()
-        done.succeed()
+        done, self._request_done = self._request_done, None
+        if done is not None:
+            done.succeed()
 
     def oom_notify(self) -> int:
         """virtio_balloon_oom_notify: deflate VIRTIO_BALLOON_OOM_NR_PAGES, report them freed."""
@@ -348,7 +369,7 @@ class BalloonDriver:
         self.device.handle_deflate(pfns)
         self._release(pfns)
         self.oom_deflated_pages += len(pfns)
-        self._update_balloon_size()
+        self._update_balloon_size(None)
         return len(pfns) // VIRTIO_BALLOON_PAGES_PER_PAGE
 
     # --- stats --------------------------------------------------------------------------------

@@ -157,6 +157,7 @@ class FreePageReporting:
         self.core: PageReporting | None = None
         self._pending: list[np.ndarray] = []  # reused pages a report took from the host, unwritten
         self._refaulted = 0
+        self._faults_seen = -1  # the host's fault count at the last refresh
         self.reused_pages = 0  # reported pages allocated again
         self.why_inactive = ""
         if not self.negotiated:
@@ -187,7 +188,16 @@ class FreePageReporting:
         """Count pending pages the guest has written since (the host backs or swapped them)."""
         if not self._pending:
             return
-        pending = np.unique(np.concatenate(self._pending)) if len(self._pending) > 1 else self._pending[0]
+        # a pending page is neither backed nor swapped; it becomes so only through a host fault,
+        # which the host counts: no fault since the last look, nothing pending was written
+        host_vm = self.kernel.host_vm
+        faults = host_vm.zero_fill_faults + host_vm.swap_ins
+        if faults == self._faults_seen:
+            return
+        self._faults_seen = faults
+        # no page is pending twice: one is added only while ``taken``, which a report sets only on
+        # a written page, and the refresh before every report has dropped written pages by then
+        pending = np.concatenate(self._pending) if len(self._pending) > 1 else self._pending[0]
         written = (self.kernel.mem.flags[pending] & TOUCHED) != 0
         self._refaulted += int(np.count_nonzero(written))
         rest = pending[~written]

@@ -22,8 +22,8 @@
   drivers/nvdimm/pmem.c ``pmem_attach_disk`` when ``pmem_should_map_pages``) take 64 B of guest RAM
   per 4 KiB page (read as patch and blame text; that a fresh virtio-pmem namespace is raw, with its
   struct pages in guest RAM, is measured on a real guest: 4.17-4.21 MiB for a 256 MiB region against
-  the model's 4.00, tests/live/test_live_pmem.py). ``MAP_SYNC`` is refused (the region is async, so the dax device is not
-  synchronous): only fsync/msync make data durable.
+  the model's 4.00, tests/live/test_live_pmem.py). ``MAP_SYNC`` is refused (the region is async,
+  so the dax device is not synchronous): only fsync/msync make data durable.
 * **DAX**: the guest's loads and stores reach the host page cache pages of the file directly (no
   guest page cache, :mod:`labkit.model.pagecache`); with ``share=off`` QEMU maps the file
   ``MAP_PRIVATE``: reads share the host page cache, the first write to a page makes a private copy in

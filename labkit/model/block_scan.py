@@ -7,6 +7,8 @@ the pages concerned. These helpers answer both without a Python loop over pages:
 * :func:`reporting_free_lists`: the blocks of orders ``lo``..10 from one reduction over the state
   array (``PageState.FREE`` is 0: a run is free when its bytes, read as machine words, are zero);
 * :func:`runs_all_free`, :func:`still_own_block`: is a block still a free buddy of its order;
+* :func:`free_runs_of`: which runs around some freed pages are entirely free (did the free merge to
+  the reporting order at all?);
 * :func:`hit_runs`, :func:`window_rows`, :func:`merged_runs`: the aligned 4 MiB windows some pages
   touch (no buddy block crosses one), and the largest all-free (or all-reported) aligned runs in
   them that hold one of those pages: the merged buddy block of a free, the reported block an
@@ -27,6 +29,7 @@ from labkit.model.pages import MAX_PAGE_ORDER, NR_PAGE_ORDERS, GuestMemory, Page
 REPORTED = np.uint8(PageFlag.REPORTED)
 WINDOW_ORDER = MAX_PAGE_ORDER  # aligned 4 MiB windows: no buddy block crosses one
 WINDOW = 1 << WINDOW_ORDER
+SMALL_RUN_SET = 64  # free_runs_of: up to this many runs, gather them; beyond, scatter a bool per run
 
 
 def _words(arr: np.ndarray, order: int) -> tuple[np.ndarray, int]:
@@ -49,7 +52,7 @@ def reporting_free_lists(mem: GuestMemory, zone: Zone, lo: int) -> tuple[list[np
         full = np.concatenate([full, np.zeros(pad, dtype=bool)])
     levels = [full]
     for _ in range(lo, MAX_PAGE_ORDER):
-        levels.append(levels[-1].reshape(-1, 2).all(axis=1))
+        levels.append(levels[-1][0::2] & levels[-1][1::2])
     starts, reported = [], []
     for i, k in enumerate(range(lo, NR_PAGE_ORDERS)):
         own = levels[i] & ~np.repeat(levels[i + 1], 2) if k < MAX_PAGE_ORDER else levels[i]
@@ -88,18 +91,44 @@ def expand_blocks(starts: np.ndarray, order: int) -> np.ndarray:
 def hit_runs(pfns: np.ndarray, n_pages: int, lo: int) -> tuple[np.ndarray, np.ndarray]:
     """The aligned 4 MiB windows ``pfns`` touch, and which 2^lo runs of those windows (laid end to
     end) hold one of them: one bool scatter over the guest's runs, no sort, no per-PFN index."""
-    runs = np.zeros(-(-n_pages >> WINDOW_ORDER) << (WINDOW_ORDER - lo), dtype=bool)
+    n_windows = -(-n_pages >> WINDOW_ORDER)
+    per = 1 << (WINDOW_ORDER - lo)  # runs per window
+    runs = np.zeros(n_windows * per, dtype=bool)
     runs[pfns >> lo] = True
-    per_window = runs.reshape(-1, 1 << (WINDOW_ORDER - lo))
-    windows = np.flatnonzero(per_window.any(axis=1))
-    return windows, per_window[windows].ravel()
+    # a window's runs read as one machine word (any(axis=1) over rows this short is slow)
+    touched = (runs.view(f"u{per}") != 0 if per <= 8 else
+               runs.view(np.uint64).reshape(n_windows, per >> 3).any(axis=1))
+    windows = np.flatnonzero(touched)
+    return windows, runs.reshape(n_windows, per)[windows].ravel()
+
+
+def free_runs_of(state: np.ndarray, pfns: np.ndarray, lo: int) -> np.ndarray:
+    """Ids (``pfn >> lo``) of the aligned 2^lo runs that hold some of ``pfns`` and are entirely free
+    (a run past the array's end is not), each at least once: the runs where a free of ``pfns``
+    merged into a block of order >= ``lo``. Reads only those runs, as machine words."""
+    ids = pfns >> lo
+    if len(ids) > 1:  # neighbours share a run: drop repeats next to each other (no sort)
+        keep = np.empty(len(ids), dtype=bool)
+        keep[0] = True
+        np.not_equal(ids[1:], ids[:-1], out=keep[1:])
+        ids = ids[keep]
+    whole = len(state) >> lo
+    if len(ids) > SMALL_RUN_SET:  # many runs: one bool scatter over the guest's runs
+        seen = np.zeros(whole + 1, dtype=bool)
+        seen[np.minimum(ids, whole)] = True
+        ids = np.flatnonzero(seen[:whole])
+    elif len(state) != whole << lo and len(ids) and ids.max() >= whole:  # a partial run at the end
+        ids = ids[ids < whole]
+    words, itemsize = _words(state[:whole << lo], lo)
+    rows = words.reshape(whole, (1 << lo) // itemsize)[ids]
+    return ids[~rows.any(axis=1)]
 
 
 def window_rows(arr: np.ndarray, windows: np.ndarray, fill: int) -> np.ndarray:
-    """Copies of ``arr`` over ``windows``, one row each, ``fill`` past the array's end."""
+    """Copies of ``arr`` over ``windows`` (in any order), one row each, ``fill`` past the array's end."""
     whole = len(arr) >> WINDOW_ORDER
     rows = arr[:whole << WINDOW_ORDER].reshape(whole, WINDOW)
-    if len(windows) == 0 or windows[-1] < whole:
+    if len(arr) == whole << WINDOW_ORDER or len(windows) == 0 or windows.max() < whole:
         return rows[windows]
     out = np.full((len(windows), WINDOW), fill, dtype=arr.dtype)
     inside = windows < whole
@@ -120,9 +149,9 @@ def merged_runs(mask: np.ndarray, hit: np.ndarray, lo: int) -> np.ndarray:
     PageReported and the runs of allocated pages, the reported blocks they came from."""
     full = [mask.reshape(-1, 1 << lo).all(axis=1)]
     hit_levels = [hit]
-    for _ in range(lo, MAX_PAGE_ORDER):
-        full.append(full[-1].reshape(-1, 2).all(axis=1))
-        hit_levels.append(hit_levels[-1].reshape(-1, 2).any(axis=1))
+    for _ in range(lo, MAX_PAGE_ORDER):  # pairs by strided halves: all()/any() on rows of 2 is slow
+        full.append(full[-1][0::2] & full[-1][1::2])
+        hit_levels.append(hit_levels[-1][0::2] | hit_levels[-1][1::2])
     cover = full[-1] & hit_levels[-1]
     for i in range(len(full) - 2, -1, -1):
         cover = np.repeat(cover, 2) | (full[i] & hit_levels[i])

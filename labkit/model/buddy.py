@@ -312,7 +312,7 @@ class ZoneAllocator:
             self._cursor = stop
             taken = state[chunk]
             # FREE is 0: pages allocated since the plan was built are the non-zero states
-            chunk = chunk[taken == FREE] if taken.any() else chunk.copy()
+            chunk = chunk[taken == FREE] if np.count_nonzero(taken) else chunk.copy()
             if got:  # pages this call already took are still FREE in the state array
                 chunk = chunk[~_is_in(chunk, np.concatenate(out))]
             out.append(chunk)

@@ -33,8 +33,23 @@ SWAPPED = np.uint8(PageFlag.SWAPPED)
 REFERENCED = np.uint8(PageFlag.REFERENCED)
 DIRTY_LOG = np.uint8(PageFlag.DIRTY_LOG)
 NOT_SWAPPED = ~SWAPPED
+NO_FLAGS = np.uint8(0)
 KEPT_ON_DISCARD = ~(BACKED | SWAPPED | REFERENCED)  # a discarded page reads as a fresh zero page
 CLOCK_WINDOW = 1 << 16  # pages the clock hand examines per step (a loop over windows, not pages)
+RANGE_MIN = 1024  # touch(): from this many pages, check for one ascending run (a slice, no gather)
+
+
+_steps = np.empty(0, dtype=np.int64)  # scratch for ascending_run (no fresh temporaries per call)
+_unit = np.empty(0, dtype=bool)
+
+
+def ascending_run(pfns: np.ndarray) -> bool:
+    """Is every PFN one more than the one before?"""
+    global _steps, _unit
+    if len(_steps) < len(pfns):
+        _steps, _unit = np.empty(len(pfns), dtype=np.int64), np.empty(len(pfns), dtype=bool)
+    steps = np.subtract(pfns[1:], pfns[:-1], out=_steps[:len(pfns) - 1])
+    return not np.count_nonzero(np.not_equal(steps, 1, out=_unit[:len(pfns) - 1]))
 
 
 @dataclass
@@ -110,25 +125,39 @@ class Host:
         return self.ram_pages - self.used_pages
 
     # --- guest touches and discards -----------------------------------------------------------
-    def touch(self, vm: HostVM, pfns: np.ndarray) -> None:
-        """The guest wrote ``pfns``: fault in what is not backed (swap-in or zero-fill)."""
-        if len(pfns) == 0:
+    def touch(self, vm: HostVM, pfns: np.ndarray, run_start: int | None = None) -> None:
+        """The guest wrote ``pfns``: fault in what is not backed (swap-in or zero-fill).
+        ``run_start``: the caller knows ``pfns`` is the run ``run_start, run_start + 1, ...``."""
+        n = len(pfns)
+        if n == 0:
             return
         flags = vm.mem.flags
-        f = flags[pfns]
-        unbacked = (f & BACKED) == 0
-        n_missing = int(np.count_nonzero(unbacked))
+        # one ascending run (most of a process's memory is): work on a view, no gather or scatter
+        ranged = run_start is not None or (
+            n >= RANGE_MIN and int(pfns[-1]) - int(pfns[0]) == n - 1 and ascending_run(pfns))
+        f = flags[int(pfns[0]):int(pfns[0]) + n] if ranged else flags[pfns]
+        backed = f & BACKED
+        n_missing = n - int(np.count_nonzero(backed))
+        faulted = NO_FLAGS
         if n_missing:
-            n_swapped = int(np.count_nonzero(f[unbacked] & SWAPPED))
+            n_swapped = int(np.count_nonzero(f & SWAPPED))  # a swapped page is never also backed
             if self._make_room(n_missing, exclude=vm):
-                f = flags[pfns]  # the clock hand may have aged or swapped out some of these pages
-            f[unbacked] = (f[unbacked] & NOT_SWAPPED) | BACKED
+                # the clock hand may have aged or swapped out some of these pages: fault in only
+                # the ones that were missing
+                unbacked = backed == 0
+                if not ranged:
+                    f = flags[pfns]
+                f[unbacked] = (f[unbacked] & NOT_SWAPPED) | BACKED
+            else:  # backed pages carry no SWAPPED bit: clearing it everywhere touches only the others
+                f &= NOT_SWAPPED
+                faulted = BACKED
             vm.mem.backed_pages += n_missing
             vm.mem.swapped_pages -= n_swapped
             vm.swap_ins += n_swapped
             vm.zero_fill_faults += n_missing - n_swapped
-        f |= (REFERENCED | DIRTY_LOG) if vm.dirty_logging else REFERENCED
-        flags[pfns] = f
+        f |= faulted | ((REFERENCED | DIRTY_LOG) if vm.dirty_logging else REFERENCED)
+        if not ranged:
+            flags[pfns] = f
 
     def discard(self, vm: HostVM, pfns: np.ndarray) -> int:
         """``ram_block_discard_range`` on ``pfns``: returns how many backed pages were freed."""
@@ -136,8 +165,9 @@ class Host:
             return 0
         flags = vm.mem.flags
         f = flags[pfns]
-        backed = int(np.count_nonzero(f & BACKED))
-        swapped = int(np.count_nonzero(f & SWAPPED))
+        held = np.bincount(f & (BACKED | SWAPPED), minlength=7)  # one pass for both counts
+        backed = int(held[BACKED] + held[BACKED | SWAPPED])
+        swapped = int(held[SWAPPED] + held[BACKED | SWAPPED])
         flags[pfns] = f & KEPT_ON_DISCARD
         vm.mem.backed_pages -= backed
         vm.mem.swapped_pages -= swapped
@@ -151,7 +181,8 @@ class Host:
     # --- host reclaim -------------------------------------------------------------------------
     def _make_room(self, n: int, exclude: HostVM | None = None) -> bool:
         """Make room for ``n`` more backed pages; True if the host had to swap pages out."""
-        need = n - self.free_pages
+        need = n - self.free_pages if self.page_cache is not None else n - (
+            self.ram_pages - sum(vm.mem.backed_pages for vm in self.vms))  # free_pages, inlined
         if need <= 0:
             return False
         if self.page_cache is not None:  # clean page cache is dropped before anything is swapped

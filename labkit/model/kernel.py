@@ -26,7 +26,7 @@ import numpy as np
 
 from labkit.errors import GuestError
 from labkit.model.buddy import ZoneAllocator
-from labkit.model.host import Host, HostVM
+from labkit.model.host import Host, HostVM, ascending_run
 from labkit.model.pages import GuestMemory, PageFlag, PageState
 
 SWAP_CLUSTER_MAX = 32  # include/linux/swap.h: reclaim batch
@@ -35,6 +35,10 @@ MIN_FREE_KBYTES_MAX = 262144  # mm/page_alloc.c init_per_zone_wmark_min upper cl
 MIN_FREE_KBYTES_MIN = 128
 
 FILE_STATES = (PageState.FILE_CLEAN, PageState.FILE_DIRTY)
+FREE = int(PageState.FREE)  # plain ints index numpy arrays faster than IntEnum members
+FILE_CLEAN = int(PageState.FILE_CLEAN)
+FILE_DIRTY = int(PageState.FILE_DIRTY)
+NOT_REPORTED = np.uint8(~int(PageFlag.REPORTED) & 0xFF)
 
 
 @dataclass
@@ -56,6 +60,15 @@ class Handle:
     killable: bool = True
     alive: bool = True
     created_ms: float = 0.0
+    _run: tuple | None = field(default=None, repr=False, compare=False)
+
+    def run_start(self) -> int | None:
+        """The first PFN if ``pages`` is one ascending run, else None; remembered for this very
+        ``pages`` array (a process writes the same memory again and again)."""
+        pages = self.pages
+        if self._run is None or self._run[0] is not pages:
+            self._run = (pages, int(pages[0]) if len(pages) and ascending_run(pages) else None)
+        return self._run[1]
 
 
 @dataclass
@@ -126,6 +139,8 @@ class Kernel:
         self.dmesg: list[tuple[float, str]] = []
         self.panicked: str | None = None
         self._zonelists: dict = {}
+        self._zonelists_of: list | None = None
+        self._zonelists_len = 0
         self.watermarks = compute_watermarks(mem, self.zone_managed())
 
     # --- accounting ---------------------------------------------------------------------------
@@ -145,15 +160,19 @@ class Kernel:
         self.dmesg.append((self.clock(), message))
 
     def zone_free(self, zone_index: int) -> int:
-        return int(self.mem.counts[zone_index, PageState.FREE])
+        return int(self.mem.counts[zone_index, FREE])
 
-    def zonelist(self, movable: bool, node: int | None) -> list[int]:
+    def zonelist(self, movable: bool, node: int | None) -> tuple[int, ...]:
         """Zones to try, in order: the preferred node first; MOVABLE before NORMAL for movable."""
-        key = (movable, node, tuple(self.mem.zones))  # zones are frozen dataclasses
+        if self._zonelists_of is not self.mem.zones or self._zonelists_len != len(self.mem.zones):
+            # built once per zone layout (every allocation asks: hashing the zones each time costs)
+            self._zonelists = {}
+            self._zonelists_of, self._zonelists_len = self.mem.zones, len(self.mem.zones)
+        key = (movable, node)
         cached = self._zonelists.get(key)
         if cached is None:
-            cached = self._zonelists[key] = self._build_zonelist(movable, node)
-        return list(cached)
+            cached = self._zonelists[key] = tuple(self._build_zonelist(movable, node))
+        return cached
 
     def _build_zonelist(self, movable: bool, node: int | None) -> list[int]:
         nodes = self.mem.nodes
@@ -170,19 +189,22 @@ class Kernel:
         return out
 
     # --- allocation ---------------------------------------------------------------------------
-    def _take(self, zones: list[int], n: int, mark: str, state: PageState) -> list[np.ndarray]:
-        """Take up to ``n`` pages from zones above watermark ``mark``, marking them at once."""
-        got = []
+    def _take(self, zones: tuple[int, ...], n: int, mark: str, state: PageState,
+              parts: list[np.ndarray]) -> int:
+        """Take up to ``n`` pages from zones above watermark ``mark``, marking them at once;
+        appends them to ``parts`` and returns how many."""
+        got = 0
+        counts = self.mem.counts
         for zi in zones:
-            if n <= 0:
+            if got >= n:
                 break
-            headroom = self.zone_free(zi) - getattr(self.watermarks[zi], mark)
+            headroom = int(counts[zi, FREE]) - getattr(self.watermarks[zi], mark)
             if headroom <= 0:
                 continue
-            pfns = self.allocators[zi].take(min(n, headroom))
-            self.mem.set_state(pfns, state)
-            got.append(pfns)
-            n -= len(pfns)
+            pfns = self.allocators[zi].take(min(n - got, headroom))
+            self.mem.move_known(pfns, PageState.FREE, state, zi)  # the allocator hands out FREE pages
+            parts.append(pfns)
+            got += len(pfns)
         return got
 
     def alloc_pages(self, n: int, state: PageState, *, movable: bool = True, node: int | None = None,
@@ -195,34 +217,36 @@ class Kernel:
         if self.panicked:
             raise GuestError(f"the guest kernel panicked: {self.panicked}")
         zones = self.zonelist(movable, node)
-        parts = self._take(zones, n, "low", state)
-        need = n - sum(len(p) for p in parts)
+        parts: list[np.ndarray] = []
+        need = n - self._take(zones, n, "low", state, parts)
         if need > 0:
             self._kswapd(zones)
-            parts += self._take(zones, need, "min", state)
-            need = n - sum(len(p) for p in parts)
+            need -= self._take(zones, need, "min", state, parts)
         if need > 0:
             self.vmstat.allocstall += 1
             self._reclaim(zones, need, direct=True)
-            parts += self._take(zones, need, "min", state)
-            need = n - sum(len(p) for p in parts)
+            need -= self._take(zones, need, "min", state, parts)
         while need > 0 and not noretry:
             self._out_of_memory(zones)
-            parts += self._take(zones, need, "min", state)
-            need = n - sum(len(p) for p in parts)
-        pfns = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+            need -= self._take(zones, need, "min", state, parts)
+        pfns = (parts[0] if len(parts) == 1 else np.concatenate(parts) if parts
+                else np.zeros(0, dtype=np.int64))
         for hook in self.alloc_hooks:  # free page reporting: a split reported block loses the flag
             hook(pfns)
         # PageReported is cleared when a page leaves the free list (del_page_from_free_list)
-        self.mem.clear_flag(pfns, PageFlag.REPORTED)
+        self.mem.flags[pfns] &= NOT_REPORTED
         return pfns
 
-    def free_pages(self, pfns: np.ndarray) -> None:
-        """Return pages to the buddy allocator (``__free_pages``)."""
+    def free_pages(self, pfns: np.ndarray, was: PageState | None = None) -> None:
+        """Return pages to the buddy allocator (``__free_pages``). ``was``: the state every page is
+        in, when the caller knows it (the balloon's pages are BALLOON): spares reading them."""
         if len(pfns) == 0:
             return
-        self.mem.set_state(pfns, PageState.FREE)
         zone = 0 if len(self.mem.zones) == 1 else self.mem._single_zone(pfns)
+        if was is not None and zone is not None:
+            self.mem.move_known(pfns, was, PageState.FREE, zone)
+        else:
+            self.mem.set_state(pfns, PageState.FREE)
         if zone is not None:  # the common case: one call, no per-page zone lookup
             self.allocators[zone].freed(pfns)
         else:
@@ -252,9 +276,10 @@ class Kernel:
         for hook in self.remap_hooks:
             hook(old_sorted, new_sorted)
 
-    def touch(self, pfns: np.ndarray) -> None:
-        """The guest wrote these pages: the host backs them (and dirty-logs them in a migration)."""
-        self.host.touch(self.host_vm, pfns)
+    def touch(self, pfns: np.ndarray, run_start: int | None = None) -> None:
+        """The guest wrote these pages: the host backs them (and dirty-logs them in a migration).
+        ``run_start``: the caller knows ``pfns`` is one ascending run from there."""
+        self.host.touch(self.host_vm, pfns, run_start)
 
     # --- reclaim and OOM ----------------------------------------------------------------------
     def _kswapd(self, zones: list[int]) -> None:
@@ -267,25 +292,27 @@ class Kernel:
         """Reclaim at least ``n`` pages (in SWAP_CLUSTER_MAX batches) of page cache, oldest first."""
         target = -(-n // SWAP_CLUSTER_MAX) * SWAP_CLUSTER_MAX
         freed_total = 0
-        zone_set = set(zones)
+        zone_list = list(zones)
+        # oldest first: ``handles`` is in creation order already (a dict keeps insertion order, and
+        # new_handle stamps created_ms from a clock that only moves forward), so no sort is needed
+        files = [h for h in self.handles.values() if h.kind == "file" and h.alive and len(h.pages)]
         for clean_only in (True, False):
-            for h in sorted(self.handles.values(), key=lambda h: h.created_ms):
+            for h in files:
                 if freed_total >= target:
                     break
-                if h.kind != "file" or not h.alive or len(h.pages) == 0:
-                    continue
                 pages = h.pages
+                if len(pages) == 0:
+                    continue
                 st = self.mem.state[pages]
-                ok = np.isin(self.mem.zone_index_of(pages), list(zone_set)) if len(
-                    self.mem.zones) > 1 else np.ones(len(pages), bool)
-                reclaimable = ok & ((st == int(PageState.FILE_CLEAN)) if clean_only else np.isin(
-                    st, FILE_STATES))
+                reclaimable = (st == FILE_CLEAN) if clean_only else (st == FILE_CLEAN) | (st == FILE_DIRTY)
+                if len(self.mem.zones) > 1:
+                    reclaimable &= np.isin(self.mem.zone_index_of(pages), zone_list)
                 idx = np.flatnonzero(reclaimable)[: target - freed_total]
                 if len(idx) == 0:
                     continue
                 victims = pages[idx]
                 if not clean_only:
-                    self.vmstat.pgwriteback += int((st[idx] == int(PageState.FILE_DIRTY)).sum())
+                    self.vmstat.pgwriteback += int(np.count_nonzero(st[idx] == FILE_DIRTY))
                 h.pages = np.delete(pages, idx)
                 self.free_pages(victims)
                 freed_total += len(victims)

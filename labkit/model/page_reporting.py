@@ -61,7 +61,9 @@ import numpy as np
 import simpy
 
 from labkit.model.block_scan import (
+    WINDOW_ORDER,
     expand_blocks,
+    free_runs_of,
     hit_runs,
     merged_runs,
     reporting_free_lists,
@@ -230,18 +232,23 @@ class PageReporting:
         if len(pfns) == 0 or (self.reported_now_pages == 0
                               and self.state == PageReportingState.REQUESTED):
             return
-        windows, hit = hit_runs(pfns, self.mem.n_pages, self.order)
-        free = window_rows(self.mem.state, windows, PageState.ABSENT) == FREE
-        merged = merged_runs(free.ravel(), hit, self.order)
-        if self.reported_now_pages:
-            flags = window_rows(self.mem.flags, windows, 0)
-            absorbed = np.flatnonzero(merged & ((flags.ravel() & REPORTED) != 0))
+        # a freed page merged to >= order exactly when its 2^order run is entirely free; a run that
+        # is not cannot have absorbed a reported block either (those are whole blocks >= order)
+        free_runs = free_runs_of(self.mem.state, pfns, self.order)
+        if len(free_runs) == 0:
+            return
+        # a merged block lies within the 4 MiB window of its run: no reported page there, no absorption
+        if self.reported_now_pages and np.count_nonzero(window_rows(
+                self.mem.flags, free_runs >> (WINDOW_ORDER - self.order), 0) & REPORTED):
+            windows, hit = hit_runs(free_runs << self.order, self.mem.n_pages, self.order)
+            reported = (window_rows(self.mem.flags, windows, 0) & REPORTED).ravel().view(bool)
+            free = window_rows(self.mem.state, windows, PageState.ABSENT) == FREE
+            absorbed = np.flatnonzero(merged_runs(free.ravel(), hit, self.order) & reported)
             if len(absorbed):
                 self.mem.flags[window_pfns(windows, absorbed)] &= NOT_REPORTED
                 self.reported_now_pages -= len(absorbed)
-        if merged.any():  # some freed page's 2^order run is entirely free: merged to >= order
-            self.notifications += 1
-            self._request()
+        self.notifications += 1
+        self._request()
 
     def on_alloc(self, pfns: np.ndarray) -> None:
         """The alloc path (a ``kernel.alloc_hooks`` entry, flags not yet cleared): a reported
@@ -250,10 +257,11 @@ class PageReporting:
         order, so the largest all-reported runs around the allocated pages are those blocks."""
         if len(pfns) == 0 or self.reported_now_pages == 0:
             return
-        was = (self.mem.flags[pfns] & REPORTED) != 0
-        if not was.any():
+        was = self.mem.flags[pfns]
+        np.bitwise_and(was, REPORTED, out=was)
+        if not np.count_nonzero(was):
             return
-        reused = pfns[was]
+        reused = pfns[was.view(bool)]
         if self.on_reuse is not None:
             self.on_reuse(reused)
         windows, hit = hit_runs(reused, self.mem.n_pages, self.order)

@@ -61,6 +61,14 @@ class PageFlag(enum.IntFlag):
     MOVABLE_PIN = 1 << 5  # a transiently pinned movable page (e.g. long-term GUP)
 
 
+# numpy looks up ``__array_ufunc__`` on the type of each operand of ``array == PageState.X``; on an
+# Enum class a missing attribute goes through Python 3.11's EnumType.__getattr__, which made every
+# such comparison cost ~10 us. ndarray's own ``__array_ufunc__`` is what numpy treats as "no
+# override", so declaring it changes no result and makes the lookup a plain attribute read.
+PageState.__array_ufunc__ = np.ndarray.__array_ufunc__
+PageFlag.__array_ufunc__ = np.ndarray.__array_ufunc__
+
+
 @dataclass(frozen=True)
 class Zone:
     """A zone: a name ("Normal" or "Movable"), its NUMA node and the PFN range [start, end)."""
@@ -222,6 +230,16 @@ class GuestMemory:
             self.counts -= flat[1:]
             self.counts[:, int(new)] += per_row[1:]
         self.state[pfns] = int(new)
+
+    def move_known(self, pfns: np.ndarray, old: PageState, new: PageState, zone: int) -> None:
+        """:meth:`set_state` for pages the caller knows are all in state ``old`` and in zone
+        ``zone`` (the allocator's pages are FREE and in its zone): no gather, no histogram."""
+        n = len(pfns)
+        if n:
+            row = self.counts[zone]
+            row[int(old)] -= n
+            row[int(new)] += n
+            self.state[pfns] = int(new)
 
     def _single_zone(self, pfns: np.ndarray) -> int | None:
         """The zone holding all of ``pfns``, or None if they span zones."""

@@ -153,13 +153,22 @@ class GuestOps:
         headroom = sum(self.kernel.zone_free(z) - self.kernel.watermarks[z].low for z in zones)
         step = n if headroom >= n else 256
         done = 0
+        held = None  # h.pages grows in place in here (the OOM killer reads it as it grows)
         while done < n:
             pfns = self.kernel.alloc_pages(min(step, n - done), state, movable=movable, node=node)
             if not h.alive:  # the OOM killer chose this process: its pages are gone
                 self.kernel.free_pages(pfns)
                 break
             self.kernel.touch(pfns)
-            h.pages = np.concatenate([h.pages, pfns]) if len(h.pages) else pfns
+            have = len(h.pages)
+            if have == 0 and len(pfns) == n:
+                h.pages = pfns
+            else:
+                if held is None or h.pages.base is not held:  # reclaim may take from this file
+                    start, held = h.pages, np.empty(n, dtype=np.int64)  # have <= done: room for all
+                    held[:have] = start
+                held[have:have + len(pfns)] = pfns
+                h.pages = held[:have + len(pfns)]
             done += len(pfns)
         if kind in ("anon", "shmem"):
             self.kernel.vmstat.pgfault += done
@@ -179,7 +188,7 @@ class GuestOps:
                 self.kernel.vmstat.pgmajfault += missing
             if write:
                 self.kernel.mem.set_state(h.pages, PageState.FILE_DIRTY)
-        self.kernel.touch(h.pages)
+        self.kernel.touch(h.pages, run_start=h.run_start())
 
     def free(self, handle: int) -> None:
         h = self._handle(handle)

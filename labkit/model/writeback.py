@@ -47,6 +47,8 @@ from labkit.model.pagecache import (
 )
 from labkit.model.pages import PageState
 
+_FILE_DIRTY = int(PageState.FILE_DIRTY)  # a plain int: compared on every allocation
+
 SYSCTL_DEFAULTS = {
     "vm.dirty_writeback_centisecs": DIRTY_WRITEBACK_CENTISECS,
     "vm.dirty_expire_centisecs": DIRTY_EXPIRE_CENTISECS,
@@ -89,7 +91,7 @@ class GuestWriteback:
 
     # --- noticing dirty data ------------------------------------------------------------------
     def _on_alloc(self, pfns: np.ndarray) -> None:
-        if len(pfns) and self.kernel.mem.state[pfns[-1]] == PageState.FILE_DIRTY:
+        if len(pfns) and self.kernel.mem.state[pfns[-1]] == _FILE_DIRTY:
             if self._noticed_at is None:
                 self._noticed_at = self.env.now
             self.arm()
