@@ -302,13 +302,15 @@ def _port_free(port: int) -> bool:
     return True
 
 
-def _any_free_port() -> int:
+def any_free_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def _lab_ready(port: int, token: str) -> bool:
+def lab_ready(port: int, token: str) -> bool:
+    """Whether the Jupyter server on 127.0.0.1:``port`` answers ``/api/status`` with ``token``."""
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never via a proxy
     request = urllib.request.Request(f"http://127.0.0.1:{port}/api/status",
                                      headers={"Authorization": f"token {token}"})
@@ -325,7 +327,7 @@ def run_lab(args: argparse.Namespace) -> int:
     """``labkit lab``: JupyterLab in the checkout; headless, wait until it answers and print the URL."""
     if args.port is not None and not (0 < args.port < 65536 and _port_free(args.port)):
         raise ValueError(f"--port must be a free port from 1 to 65535 on 127.0.0.1, got {args.port}")
-    port = args.port or (DEFAULT_LAB_PORT if _port_free(DEFAULT_LAB_PORT) else _any_free_port())
+    port = args.port or (DEFAULT_LAB_PORT if _port_free(DEFAULT_LAB_PORT) else any_free_port())
     root = project_root()
     start = START_NOTEBOOK if (root / START_NOTEBOOK).exists() else ""
     if not start:
@@ -351,7 +353,7 @@ def run_lab(args: argparse.Namespace) -> int:
     previous = signal.signal(signal.SIGTERM, stop)
     try:
         deadline = time.monotonic() + LAB_READY_TIMEOUT_S
-        while not _lab_ready(port, token):
+        while not lab_ready(port, token):
             if lab.poll() is not None:
                 print(f"labkit lab: error: JupyterLab exited with code {lab.returncode} before it "
                       "was ready (its log is above)", file=sys.stderr)

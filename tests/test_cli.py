@@ -207,7 +207,7 @@ def _readline(stream, timeout: float) -> str:
 
 def test_lab_headless_serves_on_loopback_with_a_token_and_stops(tmp_path):
     script = labkit_script()
-    port = cli._any_free_port()
+    port = cli.any_free_port()
     env = {**os.environ, "JUPYTER_RUNTIME_DIR": str(tmp_path / "runtime"),
            "JUPYTER_DATA_DIR": str(tmp_path / "data")}
     lab = subprocess.Popen([script, "lab", "--headless", "--port", str(port)], env=env,

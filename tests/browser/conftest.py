@@ -18,18 +18,17 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from labkit.cli import any_free_port, lab_ready
 
 ROOT = Path(__file__).resolve().parents[2]
 NOTEBOOK_DIR = ROOT / "notebooks"
@@ -120,23 +119,6 @@ def private_home(base: Path) -> dict[str, str]:
     return {name: str(path) for name, path in dirs.items()}
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _answers(port: int, token: str) -> bool:
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never via a proxy
-    request = urllib.request.Request(f"http://127.0.0.1:{port}/api/status",
-                                     headers={"Authorization": f"token {token}"})
-    try:
-        with opener.open(request, timeout=2) as response:
-            return response.status == 200
-    except (urllib.error.URLError, OSError):
-        return False
-
-
 def _stop(process: subprocess.Popen) -> None:
     """SIGTERM the server by its PID (it shuts its kernels down), SIGKILL its group if it hangs."""
     if process.poll() is None:
@@ -176,7 +158,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory, browser_figures: dict) -> Iter
         "JUPYTER_TOKEN": secrets.token_hex(24),  # via the environment: not in `ps`
     })
     env.pop("JUPYTER_PATH", None)
-    port = _free_port()
+    port = any_free_port()
     cmd = [sys.executable, "-m", "jupyterlab", "--no-browser", "--ServerApp.ip=127.0.0.1",
            f"--ServerApp.port={port}", "--ServerApp.port_retries=0",
            f"--ServerApp.root_dir={root}", "--LabApp.expose_app_in_browser=True"]
@@ -190,7 +172,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory, browser_figures: dict) -> Iter
     server = Lab(port=port, token=env["JUPYTER_TOKEN"], root=root, log=log, pid=process.pid)
     try:
         deadline = start + SERVER_START_TIMEOUT_S
-        while not _answers(port, server.token):
+        while not lab_ready(port, server.token):
             if process.poll() is not None:
                 pytest.fail(f"JupyterLab exited with code {process.returncode} before it answered; "
                             f"its log ({log}) ends:\n{server.log_tail()}")
