@@ -39,17 +39,20 @@ CLOCK_WINDOW = 1 << 16  # pages the clock hand examines per step (a loop over wi
 RANGE_MIN = 1024  # touch(): from this many pages, check for one ascending run (a slice, no gather)
 
 
-_steps = np.empty(0, dtype=np.int64)  # scratch for ascending_run (no fresh temporaries per call)
-_unit = np.empty(0, dtype=bool)
+RUN_CHUNK = 1 << 16  # ascending_run() checks this many steps at a time, in fixed scratch
+_steps = np.empty(RUN_CHUNK, dtype=np.int64)  # no fresh temporaries per call, and no scratch that
+_unit = np.empty(RUN_CHUNK, dtype=bool)        # grows to the largest handle (1 TiB guests)
 
 
 def ascending_run(pfns: np.ndarray) -> bool:
-    """Is every PFN one more than the one before?"""
-    global _steps, _unit
-    if len(_steps) < len(pfns):
-        _steps, _unit = np.empty(len(pfns), dtype=np.int64), np.empty(len(pfns), dtype=bool)
-    steps = np.subtract(pfns[1:], pfns[:-1], out=_steps[:len(pfns) - 1])
-    return not np.count_nonzero(np.not_equal(steps, 1, out=_unit[:len(pfns) - 1]))
+    """Is every PFN one more than the one before? (A loop over 64 Ki-page chunks, not pages.)"""
+    last = len(pfns) - 1
+    for lo in range(0, max(last, 0), RUN_CHUNK):
+        hi = min(last, lo + RUN_CHUNK)
+        steps = np.subtract(pfns[lo + 1:hi + 1], pfns[lo:hi], out=_steps[:hi - lo])
+        if np.count_nonzero(np.not_equal(steps, 1, out=_unit[:hi - lo])):
+            return False
+    return True
 
 
 @dataclass
@@ -181,8 +184,7 @@ class Host:
     # --- host reclaim -------------------------------------------------------------------------
     def _make_room(self, n: int, exclude: HostVM | None = None) -> bool:
         """Make room for ``n`` more backed pages; True if the host had to swap pages out."""
-        need = n - self.free_pages if self.page_cache is not None else n - (
-            self.ram_pages - sum(vm.mem.backed_pages for vm in self.vms))  # free_pages, inlined
+        need = n - self.free_pages
         if need <= 0:
             return False
         if self.page_cache is not None:  # clean page cache is dropped before anything is swapped
