@@ -38,7 +38,6 @@ FILE_STATES = (PageState.FILE_CLEAN, PageState.FILE_DIRTY)
 FREE = int(PageState.FREE)  # plain ints index numpy arrays faster than IntEnum members
 FILE_CLEAN = int(PageState.FILE_CLEAN)
 FILE_DIRTY = int(PageState.FILE_DIRTY)
-NOT_REPORTED = np.uint8(~int(PageFlag.REPORTED) & 0xFF)
 
 
 @dataclass
@@ -234,7 +233,7 @@ class Kernel:
         for hook in self.alloc_hooks:  # free page reporting: a split reported block loses the flag
             hook(pfns)
         # PageReported is cleared when a page leaves the free list (del_page_from_free_list)
-        self.mem.flags[pfns] &= NOT_REPORTED
+        self.mem.clear_flag(pfns, PageFlag.REPORTED)
         return pfns
 
     def free_pages(self, pfns: np.ndarray, was: PageState | None = None) -> None:
