@@ -386,7 +386,9 @@ def test_section_links_open_in_jupyterlab(tmp_path):
     cell = " · ".join([docs.link(n[1:], "notebooks") for n, _ in targets[:-1]]
                       + [docs.result_link("duyck-reporting", "notebooks")])
     notebook = {"cells": [{"cell_type": "markdown", "id": "links", "metadata": {}, "source": [cell]}],
-                "metadata": {}, "nbformat": 4, "nbformat_minor": 5}
+                "metadata": {"kernelspec": {"name": "python3", "display_name": "Python 3",
+                                            "language": "python"}},
+                "nbformat": 4, "nbformat_minor": 5}
     (root / "notebooks" / "links.ipynb").write_text(json.dumps(notebook))
     shots = tmp_path / "screenshots"
     shots.mkdir()
@@ -431,7 +433,10 @@ def test_section_links_open_in_jupyterlab(tmp_path):
                     where = page.evaluate(
                         """(id) => { const el = [...document.querySelectorAll('.jp-MarkdownViewer')]
                               .map(v => v.querySelector(`[data-jupyter-id="${id}"]`)).find(e => e);
-                            const box = el.closest('.jp-MarkdownViewer');
+                            let box = el.parentElement;  // the element that scrolls the preview
+                            while (box && !(box.scrollHeight > box.clientHeight + 1 &&
+                                   ['auto', 'scroll'].includes(getComputedStyle(box).overflowY))) {
+                              box = box.parentElement; }
                             const top = el.getBoundingClientRect().top - box.getBoundingClientRect().top;
                             const end = box.scrollTop + box.clientHeight >= box.scrollHeight - 2;
                             return {top, end, scrolled: box.scrollTop}; }""", anchor_id)
