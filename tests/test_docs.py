@@ -28,6 +28,7 @@ tests/browser/** (that helper removes its path there): those files are checked b
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import re
@@ -417,36 +418,44 @@ def test_section_links_open_in_jupyterlab(tmp_path):
             assert server.poll() is None and time.monotonic() < deadline, "JupyterLab did not start"
             time.sleep(0.2)
         url = f"http://127.0.0.1:{port}/lab/tree/notebooks/links.ipynb?reset&token={env['JUPYTER_TOKEN']}"
-        with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=chromium_path(), headless=True, args=CHROMIUM_ARGS)
-            page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            for number, (text, anchor_id) in enumerate(targets):
-                page.goto(url)
-                page.wait_for_selector(".jp-MarkdownOutput a", timeout=60_000)
-                page.locator(".jp-MarkdownOutput a", has_text=text).first.click()
-                viewer = page.locator(".jp-MarkdownViewer:visible").last
-                viewer.wait_for(timeout=30_000)
-                target = viewer.locator(f'[data-jupyter-id="{anchor_id}"]')
-                target.wait_for(state="attached", timeout=30_000)
-                where = None
-                for _ in range(50):  # the preview renders, then scrolls
-                    where = page.evaluate(
-                        """(id) => { const el = [...document.querySelectorAll('.jp-MarkdownViewer')]
-                              .map(v => v.querySelector(`[data-jupyter-id="${id}"]`)).find(e => e);
-                            let box = el.parentElement;  // the element that scrolls the preview
-                            while (box && !(box.scrollHeight > box.clientHeight + 1 &&
-                                   ['auto', 'scroll'].includes(getComputedStyle(box).overflowY))) {
-                              box = box.parentElement; }
-                            const top = el.getBoundingClientRect().top - box.getBoundingClientRect().top;
-                            const end = box.scrollTop + box.clientHeight >= box.scrollHeight - 2;
-                            return {top, end, scrolled: box.scrollTop}; }""", anchor_id)
-                    if where["scrolled"] > 0 and (abs(where["top"]) < 80 or where["end"]):
-                        break
-                    time.sleep(0.1)
-                page.screenshot(path=str(shots / f"{number}-{anchor_id}.png"))
-                assert where["scrolled"] > 0 and (abs(where["top"]) < 80 or where["end"]), \
-                    f"{text}: the preview did not scroll to #{anchor_id} ({where})"
-            browser.close()
+
+        # Playwright's sync API refuses a thread with a running asyncio loop (the notebook tests
+        # leave one in this process): drive the browser from a thread of its own
+        def click_through() -> None:
+            with sync_playwright() as p:
+                browser = p.chromium.launch(executable_path=chromium_path(), headless=True,
+                                            args=CHROMIUM_ARGS)
+                page = browser.new_page(viewport={"width": 1400, "height": 1000})
+                for number, (text, anchor_id) in enumerate(targets):
+                    page.goto(url)
+                    page.wait_for_selector(".jp-MarkdownOutput a", timeout=60_000)
+                    page.locator(".jp-MarkdownOutput a", has_text=text).first.click()
+                    viewer = page.locator(".jp-MarkdownViewer:visible").last
+                    viewer.wait_for(timeout=30_000)
+                    target = viewer.locator(f'[data-jupyter-id="{anchor_id}"]')
+                    target.wait_for(state="attached", timeout=30_000)
+                    where = None
+                    for _ in range(50):  # the preview renders, then scrolls
+                        where = page.evaluate(
+                            """(id) => { const el = [...document.querySelectorAll('.jp-MarkdownViewer')]
+                                  .map(v => v.querySelector(`[data-jupyter-id="${id}"]`)).find(e => e);
+                                let box = el.parentElement;  // the element that scrolls the preview
+                                while (box && !(box.scrollHeight > box.clientHeight + 1 &&
+                                       ['auto', 'scroll'].includes(getComputedStyle(box).overflowY))) {
+                                  box = box.parentElement; }
+                                const top = el.getBoundingClientRect().top - box.getBoundingClientRect().top;
+                                const end = box.scrollTop + box.clientHeight >= box.scrollHeight - 2;
+                                return {top, end, scrolled: box.scrollTop}; }""", anchor_id)
+                        if where["scrolled"] > 0 and (abs(where["top"]) < 80 or where["end"]):
+                            break
+                        time.sleep(0.1)
+                    page.screenshot(path=str(shots / f"{number}-{anchor_id}.png"))
+                    assert where["scrolled"] > 0 and (abs(where["top"]) < 80 or where["end"]), \
+                        f"{text}: the preview did not scroll to #{anchor_id} ({where})"
+                browser.close()
+
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            pool.submit(click_through).result()
     finally:
         if server.poll() is None:
             server.send_signal(signal.SIGTERM)
