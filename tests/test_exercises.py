@@ -2,7 +2,7 @@
 the exercise notebooks run with the solution filled in.
 
 The expected answers come from the model; the tests hold them against the facts of
-shared/reference/mechanisms.md each exercise is built on (the § is named in each test).
+docs/mechanisms.md each exercise is built on (the § is named in each test).
 """
 
 from __future__ import annotations
