@@ -206,6 +206,7 @@ def resize_speed(backend: str = "model", *, boot: int | str = 512 * MiB, size: i
         out["balloon_inflate_ms"] = _wait(vm, actual, boot, limit_ms, poll_ms)
         vm.qmp("balloon", value=boot + size)
         out["balloon_deflate_ms"] = _wait(vm, actual, boot + size, limit_ms, poll_ms)
+        out["accel"] = getattr(vm, "accel", None)  # live: kvm or tcg (the model has none)
     with labkit.open(backend=backend, memory=boot, seed=0, balloon=False,
                      memhp_default_state="online_movable",
                      virtio_mem=[{"id": "vm0", "size": 2 * size, "requested_size": 0}]) as vm:
@@ -263,7 +264,8 @@ def summary_rows(fast: bool = True) -> list[tuple[str, str, str]]:
         p = ReportingCostParams(workload=workload, duration_s=duration,
                                 period_ms=100.0 if workload == "page_fault1" else 3000.0)
         r = reporting_overhead(p)
-        rows.append((f"reporting overhead, {workload} on the model", f"{100 * r['overhead']:.2f} %", MODELLED))
+        rows.append((f"reporting overhead, {workload} on the model", f"{100 * r['overhead']:.2f} %",
+                     MODELLED))
     model = resize_speed("model")
     for key in ("balloon_inflate_ms", "virtio_mem_unplug_ms", "balloon_deflate_ms", "virtio_mem_plug_ms"):
         rows.append((f"{key} ({format_size(model['size'])}, model)", f"{model[key]:.0f} ms", MODELLED))
