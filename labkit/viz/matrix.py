@@ -60,7 +60,7 @@ class MatrixView(Shown):
                 best = min(picked, key=lambda cr: cr[1])
                 rows["job"].append(job)
                 rows["mechanism"].append(mechanism)
-                rows["label"].append("\n".join(f"{c.variant}: {c.text}" for c, _ in picked))
+                rows["label"].append("\n".join(f"{_short(c.variant)}: {c.text}" for c, _ in picked))
                 rows["colour"].append(_colour(best[1]))
                 rows["details"].append("; ".join(
                     f"{c.variant}: " + ", ".join(f"{k}={_fmt(v)}" for k, v in c.details.items())
@@ -73,7 +73,7 @@ class MatrixView(Shown):
         fig.rect(x="mechanism", y="y", width=0.96, height=0.94, source=self.source, fill_color="colour",
                  line_color="white")
         fig.text(x="mechanism", y="y", text="label", source=self.source, text_align="center",
-                 text_baseline="middle", text_font_size="9pt")
+                 text_baseline="middle", text_font_size="8.5pt")
         fig.add_tools(HoverTool(tooltips=[("job", "@job"), ("mechanism", "@mechanism"),
                                           ("numbers", "@details")]))
         fig.xaxis.major_label_text_font_size = "10pt"
@@ -89,6 +89,11 @@ class MatrixView(Shown):
     def __repr__(self) -> str:
         applicable = int(np.count_nonzero(np.array(self.source.data["colour"]) != NOT_APPLICABLE))
         return f"MatrixView({len(self.cells)} outcomes in {applicable} cells)"
+
+
+def _short(variant: str) -> str:
+    """A variant's name short enough for its cell (``virtio_mem_movable`` -> ``movable``)."""
+    return variant.replace("virtio_mem_", "").replace("balloon_doo", "deflate-on-oom")
 
 
 def _fmt(v: float) -> str:
