@@ -142,8 +142,11 @@ class Notebook:
         """Shut the notebook's kernel down (the server's teardown would too) and close the tab."""
         from playwright.sync_api import Error as PlaywrightError
 
-        try:
-            self.js("return w && w.sessionContext.shutdown();")
+        try:  # stop the kernel, then close the tab unsaved, so that JupyterLab's workspace does
+            # not reopen this notebook (and start its kernel again) in the next test's page
+            self.js("if (!w) return; return w.sessionContext.shutdown().then(() => {"
+                    " w.context.model.dirty = false; w.dispose(); });")
+            time.sleep(0.5)  # the workspace saves the new layout
         except PlaywrightError:
             pass  # a broken page: the server's shutdown stops the kernel
         self.page.close()
