@@ -1,7 +1,7 @@
 """virtio-mem, drawn: memory blocks and subblocks as a grid, and requested vs plugged size over time.
 
 **The grid** (:class:`MemoryBlockGrid`): one row per 128 MiB Linux memory block of each device's
-region, one cell per 2 MiB subblock (64 a row, Sub Block Mode; mechanisms.md §5.3), or one cell
+region, one cell per 2 MiB subblock (64 a row, Sub Block Mode; §5.3), or one cell
 spanning the row per big block (Big Block Mode). A cell's colour says what the driver and the guest
 kernel hold there: unplugged (inside or outside the usable region, §5.2); plugged but the block not
 added yet; plugged in an added but offline block; online in ZONE_MOVABLE or ZONE_NORMAL; and

@@ -1,6 +1,6 @@
 """The migration view: what QEMU's pre-copy sends, round by round, and when it switches over.
 
-QEMU (mechanisms.md section 6) sends the dirty bitmap's pages in address order; it re-reads the
+QEMU (§6) sends the dirty bitmap's pages in address order; it re-reads the
 guest's dirty log (a *bitmap sync*) only when the backlog (``ram.remaining``) falls to the
 threshold, ``bandwidth x downtime-limit``; if the backlog is then still under it, the VM stops and
 the rest goes during the downtime. Free page hinting runs between syncs (section 2.3). The view:

@@ -11,7 +11,7 @@ free page reporting's host RSS staircase.
   in words, the decision in force at the slider's time (:meth:`Decision.reason
   <labkit.scenarios.mom.Decision.reason>`). Switching changes ``ColumnDataSource`` data only.
 * :func:`staircase`: host RSS, MemFree and free memory reported to the host over time, with
-  the reporting passes as ticks: the staircase of mechanisms.md section 3.3 (about 1/16 of each free
+  the reporting passes as ticks: the staircase of §3.3 (about 1/16 of each free
   list per pass, one pass every 2 s).
 * :class:`ReportingExplorer`: run a job that exits in a guest with free page reporting, then step
   2 s at a time: the page map (reported blocks light blue) and the staircase follow.

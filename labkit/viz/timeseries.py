@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 from bokeh.layouts import column
-from bokeh.models import ColumnDataSource, HoverTool
+from bokeh.models import ColumnDataSource, CustomJSTickFormatter, HoverTool
 from bokeh.plotting import figure
 
 from labkit.units import GiB, MiB
@@ -41,14 +41,31 @@ GUEST_LINES = (
     ("memtotal", "MemTotal", "#000000", "solid"),
     ("memfree", "MemFree", "#56B4E9", "solid"),
     ("memavailable", "MemAvailable", "#009E73", "solid"),
-    ("balloon_target", "balloon target", "#E69F00", "dashed"),
-    ("balloon_actual", "balloon actual", "#D55E00", "solid"),
+    ("balloon_target", "balloon target", "#E69F00", "dashed"),  # the balloon is orange everywhere
+    ("balloon_actual", "balloon actual", "#E69F00", "solid"),
 )
 HOST_LINES = (
     ("host_rss", "host RSS", "#0072B2", "solid"),
     ("host_swap", "host swap", "#CC79A7", "solid"),
 )
 SIZE_KEYS = tuple(key for key, *_ in GUEST_LINES + HOST_LINES)
+
+# Tick labels of a time axis in seconds: "250 ms" / "1.5 s" / "2 min", with as many decimals as
+# the tick spacing needs (never "2.000e-4"). Bokeh passes all ticks, so the spacing is known.
+TIME_TICKS_JS = """
+const step = ticks.length > 1 ? Math.abs(ticks[1] - ticks[0]) : Math.abs(tick) || 1;
+const top = Math.max(...ticks.map(Math.abs));
+let scale = 1, unit = " s";
+if (top < 2) { scale = 1000; unit = " ms"; }
+else if (top >= 600) { scale = 1 / 60; unit = " min"; }
+const digits = Math.max(0, Math.min(6, Math.ceil(-Math.log10(step * scale) + 1e-9)));
+return (tick * scale).toFixed(digits) + unit;
+"""
+
+
+def time_axis(axis) -> None:
+    """Readable ticks on a Bokeh axis whose data are seconds (ms below 2 s, min from 10 min)."""
+    axis.formatter = CustomJSTickFormatter(code=TIME_TICKS_JS)
 UNITS = {"GiB": GiB, "MiB": MiB}
 
 
@@ -108,19 +125,26 @@ class TimeSeries(Shown):
 
     def _figure(self, title: str, lines: tuple, width: int, height: int, x_range):
         kwargs = {"x_range": x_range} if x_range is not None else {}
-        fig = figure(width=width, height=height, title=title, x_axis_label="time (s)",
+        fig = figure(width=width, height=height, title=title, x_axis_label="time",
                      y_axis_label=self.unit, tools="pan,wheel_zoom,box_zoom,reset,save",
                      toolbar_location="above", **kwargs)
+        time_axis(fig.xaxis[0])
         renderers = []
         for key, label, color, dash in lines:
-            renderers.append(fig.line("t", key, source=self.source, color=color, line_dash=dash,
-                                      line_width=2, legend_label=label))
+            line = fig.line("t", key, source=self.source, color=color, line_dash=dash,
+                            line_width=2, legend_label=label)
+            # dots on every row: a series of one row (a VM just opened) shows, not an empty plot
+            fig.scatter("t", key, source=self.source, color=color, size=3,
+                        legend_label=label)
+            renderers.append(line)
         fig.y_range.start = 0
-        fig.legend.location = "bottom_left"
-        fig.legend.click_policy = "hide"
-        fig.legend.label_text_font_size = "8pt"
-        fig.legend.background_fill_alpha = 0.6
-        fig.legend.spacing = 0
+        legend = fig.legend[0]
+        legend.click_policy = "hide"
+        legend.label_text_font_size = "8pt"
+        legend.spacing = 0
+        legend.padding = 2
+        legend.glyph_width = 16
+        fig.add_layout(legend, "right")  # outside the plotted area: it never covers data
         fig.add_tools(HoverTool(
             renderers=renderers[:1], mode="vline",
             tooltips=[("t", "@t{0.000} s")] + [
