@@ -31,6 +31,7 @@ STEP_RE = re.compile(r"\bstep\b", re.IGNORECASE)
 PLAY_S = 2.5          # how long Play runs before it is paused again
 SETTLE_S = 0.4        # after an interaction, before waiting for the kernel to be idle
 IDLE_TIMEOUT_MS = 120_000
+SCROLLER = "(w.content.outerNode || w.content.node)"  # the notebook's scrolling element (JupyterLab 4)
 
 # --- JavaScript run in the page -------------------------------------------------------------------
 # JupyterLab's logger registry is the service of the logconsole plugin (no global exposes it); the
@@ -183,18 +184,18 @@ def snap(nb: Notebook, result: SweepResult, shots: Path, what: str, target: Any 
 
 def snap_whole(nb: Notebook, result: SweepResult, shots: Path, what: str) -> None:
     """The notebook top to bottom, one viewport-high screenshot at a time."""
-    height = nb.js("const s = w.content.node; s.scrollTop = 0; return [s.scrollHeight, s.clientHeight];")
+    height = nb.js(f"const s = {SCROLLER}; s.scrollTop = 0; return [s.scrollHeight, s.clientHeight];")
     total, page = height
     offset, part = 0, 1
     while True:
-        nb.js("w.content.node.scrollTop = arg;", offset)
+        nb.js(f"{SCROLLER}.scrollTop = arg;", offset)
         time.sleep(0.15)
         snap(nb, result, shots, f"{what}-{part:02d}")
         offset += max(200, page - 80)
         part += 1
         if offset >= total - 40 or part > 40:
             break
-    nb.js("w.content.node.scrollTop = 0;")
+    nb.js(f"{SCROLLER}.scrollTop = 0;")
 
 
 def outputs_with_widgets(nb: Notebook) -> list[tuple[int, Any]]:
@@ -239,7 +240,9 @@ def drive(nb: Notebook, result: SweepResult, shots: Path) -> None:
                 wait_kernel(nb)
                 result.interactions.append(f"{label}: toggle {k} button {b}")
                 snap(nb, result, shots, f"{label}-toggle{k}-{b}", area)
-        for k, box in enumerate(area.locator(".widget-checkbox input, button.widget-toggle-button").all()):
+        boxes = [b for b in area.locator(".widget-checkbox input, button.widget-toggle-button").all()
+                 if not b.evaluate("b => !!b.closest('.widget-toggle-buttons')")]
+        for k, box in enumerate(boxes):
             box.click()
             wait_kernel(nb)
             result.interactions.append(f"{label}: checkbox/toggle {k}")
