@@ -159,7 +159,9 @@ class MemoryBlockGrid(Shown):
     """
 
     def __init__(self, vm: Any, max_blocks: int = DEFAULT_MAX_BLOCKS, cell_px: int = 8,
-                 title: str | None = None):
+                 title: str | None = None, legend: str = "right"):
+        if legend not in ("right", "below"):
+            raise ValueError(f"legend must be 'right' or 'below', got {legend!r}")
         self.max_blocks = max_blocks
         self._title = title
         self.grid = block_grid(vm, max_blocks)
@@ -186,7 +188,10 @@ class MemoryBlockGrid(Shown):
                     source=self.legend_source)
         fig.legend[0].label_text_font_size = "9pt"
         fig.legend[0].spacing = 0
-        fig.add_layout(fig.legend[0], "right")
+        if legend == "below":  # two grids side by side fit a 900 px output area
+            fig.legend[0].ncols = 2
+            fig.legend[0].label_text_font_size = "8pt"
+        fig.add_layout(fig.legend[0], legend)
         row_js = ("const r = Math.min(Math.max(Math.floor(special_vars.y), 0), "
                   "rows.data.label.length - 1); const d = rows.data;")
         where = CustomJSHover(args={"rows": self.rows_source}, code=row_js + (

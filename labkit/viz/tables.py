@@ -43,6 +43,7 @@ class Table:
                  title: str | None = None, digits: Mapping[str, int] | None = None):
         self.columns, self.rows, self.units = columns, rows, dict(units)
         self.title, self.digits = title, dict(digits or {})
+        self.first_left = bool(rows) and all(isinstance(r[0], str) and len(r[0]) > 8 for r in rows)
 
     def header(self, name: str) -> str:
         unit = self.units.get(name)
@@ -81,7 +82,8 @@ class Table:
     def __str__(self) -> str:
         body = [[self.header(c) for c in self.columns]] + self.cells()
         widths = [max(len(r[j]) for r in body) for j in range(len(self.columns))]
-        lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in body]
+        lines = ["  ".join(c.ljust(w) if j == 0 and self.first_left else c.rjust(w)
+                           for j, (c, w) in enumerate(zip(r, widths, strict=True))) for r in body]
         return "\n".join(([self.title] if self.title else []) + lines)
 
     def _repr_html_(self) -> str:
@@ -137,3 +139,52 @@ def table(data: Mapping[str, Sequence] | Sequence[Mapping[str, Any]], units: Map
     rows = [[r.get(c, float("nan")) for c in columns] for r in rows_by_name]
     return Table(shown, rows, {rename.get(k, k): v for k, v in units.items()}, title,
                  {rename.get(k, k): v for k, v in (digits or {}).items()})
+
+
+def metric_table(metrics: Sequence[tuple[str, str, Sequence]], columns: Sequence[str],
+                 title: str | None = None) -> Table:
+    """A table with one row per metric and one column per variant: ``metrics`` holds
+    ``(label, unit, values)``; sizes ("MiB", ...) take bytes, as in :func:`table`.
+
+    >>> print(metric_table([("removed", "MiB", [2 << 30, 1 << 30]), ("time", "ms", [5.0, 7.5])],
+    ...                    ["virtio-mem", "balloon"]))
+    metric         virtio-mem  balloon
+    removed (MiB)        2048     1024
+    time (ms)               5     7.50
+    """
+    rows = []
+    for label, unit, values in metrics:
+        values = list(values)
+        if len(values) != len(columns):
+            raise ValueError(f"metric {label!r} has {len(values)} values for {len(columns)} columns")
+        scale = SIZE_UNITS.get(unit, 1)
+        shown = [float(v) / scale if _is_number(v) else v for v in values]
+        rows.append([f"{label} ({unit})" if unit else label, *shown])
+    return Table(["metric", *columns], rows, {}, title)
+
+
+def guess_unit(name: str) -> str:
+    """The unit of a scenario column by its name: ``*_bytes`` and sizes in MiB, ``*_ms`` in ms,
+    ``*_s`` in s, counts and flags without one."""
+    if name.endswith("_ms"):
+        return "ms"
+    if name.endswith("_s"):
+        return "s"
+    if name.endswith("_count") or name.startswith(("oom_", "out_of_puff")) or name.endswith(
+            ("_kills", "_events", "_alive", "reached", "_changes", "_pages")):
+        return ""
+    return "MiB"
+
+
+def summary_table(runs: Mapping[str, Any], keys: Sequence[str], title: str | None = None,
+                  units: Mapping[str, str] | None = None, label: str = "policy") -> Table:
+    """One row per run of ``runs`` (name -> a scenario ``Run``), the ``keys`` of its ``summary``;
+    units from the names (:func:`guess_unit`) unless ``units`` says otherwise; ``_bytes`` dropped
+    from the headers."""
+    columns = {label: list(runs)}
+    for key in keys:
+        columns[key] = [float(r.summary.get(key, float("nan"))) for r in runs.values()]
+    given = dict(units or {})
+    unit_of = {k: given.get(k, guess_unit(k)) for k in keys}
+    return table(columns, units={k: u for k, u in unit_of.items() if u},
+                 rename={k: k.removesuffix("_bytes") for k in keys}, title=title)
