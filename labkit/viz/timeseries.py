@@ -171,3 +171,27 @@ class TimeSeries(Shown):
     # --- display ------------------------------------------------------------------------------
     def __repr__(self) -> str:
         return f"<TimeSeries {len(self)} rows in {self.unit}>"
+
+
+def side_by_side(live: Any, model: Any, unit: str = "MiB", width: int = 440,
+                 titles: tuple[str, str] = ("real guest", "model")):
+    """Two :class:`TimeSeries` (a real guest's rows and the model's) on SHARED axes: the same time
+    and size ranges, so a difference in height or timing is a difference, not a rescaling. Returns
+    a Bokeh row (two columns of ``width`` px: 2 x 440 fits a 900 px output area).
+
+    >>> rows = [{"t_ms": 0, "memtotal": 1 << 30}, {"t_ms": 1000, "memtotal": 3 << 29}]
+    >>> lay = side_by_side(rows, rows[:1])
+    >>> a, b = lay.children
+    >>> a.children[0].x_range is b.children[0].x_range and a.children[0].y_range is b.children[0].y_range
+    True
+    """
+    from bokeh.layouts import row as bokeh_row
+
+    left, right = TimeSeries(live, unit=unit, width=width), TimeSeries(model, unit=unit, width=width)
+    for a, b in ((left.guest_figure, right.guest_figure), (left.host_figure, right.host_figure)):
+        b.x_range = a.x_range
+        b.y_range = a.y_range
+    right.host_figure.x_range = left.guest_figure.x_range
+    left.guest_figure.title.text = f"{titles[0]}: {left.guest_figure.title.text}"
+    right.guest_figure.title.text = f"{titles[1]}: {right.guest_figure.title.text}"
+    return bokeh_row(left.layout, right.layout)
