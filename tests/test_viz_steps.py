@@ -111,3 +111,25 @@ def test_explorer_step_readout_and_step_to_change():
         assert ex.step_to_change() == 1  # nothing to do: one (empty) step, then stop
     finally:
         ex.vm.close()
+
+
+@pytest.mark.parametrize("n_changed", [1, 300, 40_000])
+def test_incremental_update_draws_what_a_fresh_map_draws(n_changed):
+    """update() reclassifies only the changed pages (and their overview cells) when they are few:
+    the picture, the counts and the legend must be those of a map built from scratch."""
+    rng = np.random.default_rng(n_changed)
+    n = 1 << 18
+    state = rng.integers(0, len(PageState), n).astype(np.uint8)
+    flags = rng.integers(0, 8, n).astype(np.uint8)
+    for view in ("guest", "host"):
+        pm = page_map({"state": state, "flags": flags}, view=view, width=200, height=150)
+        new_state, new_flags = state.copy(), flags.copy()
+        where = rng.choice(n, n_changed, replace=False)
+        new_state[where] = rng.integers(0, len(PageState), n_changed)
+        new_flags[where] ^= 2
+        pm.update({"state": new_state, "flags": new_flags})
+        fresh = page_map({"state": new_state, "flags": new_flags}, view=view, width=200, height=150)
+        assert np.array_equal(pm.image, fresh.image)
+        assert np.array_equal(pm.counts, fresh.counts)
+        assert pm.legend_source.data["label"] == fresh.legend_source.data["label"]
+        assert pm.changed_pages == n_changed

@@ -61,7 +61,7 @@ from bokeh.plotting import figure
 from labkit.model.pages import PAGEBLOCK_ORDER, PAGES_PER_MEMORY_BLOCK
 from labkit.units import PAGE_SIZE, format_size
 from labkit.viz import palette
-from labkit.viz.changes import any_reduce, outline, transitions
+from labkit.viz.changes import outline, transitions
 from labkit.viz.palette import downsample
 from labkit.viz.shown import Shown
 
@@ -178,12 +178,14 @@ class PageMap(Shown):
     def _halo_data(self, data: dict) -> dict[str, list]:
         """The outline image for ``data`` (the same placement): 1 around changed cells."""
         image = data["image"][0]
-        if self._changed is None:
-            halo = np.zeros(image.shape, dtype=np.uint8)
-        else:
-            col0, row0 = data["x"][0], data["y"][0]
-            window = self._changed[row0:row0 + data["dh"][0], col0:col0 + data["dw"][0]]
-            halo = outline(any_reduce(window, data["cell"][0]))
+        mask = np.zeros(image.shape, dtype=bool)
+        if self._changed is not None and len(self._changed):
+            col0, row0, cell = data["x"][0], data["y"][0], data["cell"][0]
+            rows, cols = np.divmod(self._changed, self.row_pages)
+            inside = (rows >= row0) & (rows < row0 + data["dh"][0]) & (cols >= col0) & (
+                cols < col0 + data["dw"][0])
+            mask[rows[inside] - row0, (cols[inside] - col0) // cell] = True
+        halo = outline(mask) if mask.any() else mask.astype(np.uint8)
         return {**{k: v for k, v in data.items() if k != "image"}, "image": [halo]}
 
     @property
@@ -193,11 +195,10 @@ class PageMap(Shown):
 
     def changed_region(self) -> tuple[int, int, int, int] | None:
         """``(col0, col1, row0, row1)`` of the pages changed by the last update, or None."""
-        if self._changed is None or not self.changed_pages:
+        if self._changed is None or not len(self._changed):
             return None
-        rows = np.flatnonzero(self._changed.any(axis=1))
-        cols = np.flatnonzero(self._changed.any(axis=0))
-        return int(cols[0]), int(cols[-1]) + 1, int(rows[0]), int(rows[-1]) + 1
+        rows, cols = np.divmod(self._changed, self.row_pages)
+        return int(cols.min()), int(cols.max()) + 1, int(rows.min()), int(rows.max()) + 1
 
     def zoom_to_change(self, margin: float = 1.0) -> bool:
         """Zoom the figure to the pages the last update changed, with ``margin`` x their extent
@@ -323,29 +324,54 @@ class PageMap(Shown):
 
     # --- changes ------------------------------------------------------------------------------
     def update(self, snapshot: dict) -> None:
-        """Show a new snapshot of the same (or another) guest, by changing the sources' data."""
+        """Show a new snapshot of the same (or another) guest, by changing the sources' data.
+
+        Pages that changed are found in one pass; when they are few (at most 1/8 of the guest),
+        only they are classified again and only the overview cells holding them are downsampled
+        again, so a step of a 16 GiB guest costs milliseconds, not a full redraw."""
         state, flags = snapshot.get("state"), snapshot.get("flags")
-        if state is not None and flags is not None and np.array_equal(state, self._state) and (
-                np.array_equal(flags, self._flags)):
-            self.t_ms = snapshot.get("t_ms")
-            return  # no page changed: nothing to compute or send
-        old_rows, old_width = self.rows, self.row_pages
-        old_state, old_flags, old_cats = self._state, self._flags, self._cats
-        self._load(snapshot)
-        if len(old_state) == self.n_pages:
-            self.last_moves = transitions(old_state, self._state)
-            moved = (old_state != self._state) | (old_flags != self._flags)
-            self.changed_pages = int(np.count_nonzero(moved))
-            changed = old_cats != self._cats  # what the picture shows, plus state moves
-            changed.ravel()[:self.n_pages] |= moved
-            self._changed = changed
-        else:
+        if state is None or flags is None:
+            raise ValueError("a snapshot needs 'state' and 'flags' arrays (from vm.snapshot()), "
+                             f"got keys {sorted(snapshot)}")
+        state, flags = np.asarray(state), np.asarray(flags)
+        if len(state) != self.n_pages:  # another guest: draw it from scratch, nothing "changed"
+            old_rows, old_width = self.rows, self.row_pages
+            self._load(snapshot)
             self._changed, self.last_moves, self.changed_pages = None, [], 0
-        if (self.rows, self.row_pages) != (old_rows, old_width):
-            self.figure.x_range.update(start=0, end=self.row_pages, bounds=(0, self.row_pages))
-            self.figure.y_range.update(start=self.rows, end=0, bounds=(0, self.rows))
-            self._blocks.data = self._block_lines()
+            if (self.rows, self.row_pages) != (old_rows, old_width):
+                self.figure.x_range.update(start=0, end=self.row_pages, bounds=(0, self.row_pages))
+                self.figure.y_range.update(start=self.rows, end=0, bounds=(0, self.rows))
+                self._blocks.data = self._block_lines()
+            self._refresh()
+            return
+        self.t_ms = snapshot.get("t_ms")
+        moved = np.flatnonzero((state != self._state) | (flags != self._flags))
+        if len(moved) == 0:
+            return  # no page changed: nothing to compute or send
+        self.last_moves = transitions(self._state[moved], state[moved])
+        self.changed_pages = len(moved)
+        self._changed = moved
+        if len(moved) * 8 > self.n_pages:
+            self._load(snapshot)
+        else:
+            self._state[moved], self._flags[moved] = state[moved], flags[moved]
+            self._reclassify(moved)
         self._refresh()
+
+    def _reclassify(self, pages: np.ndarray) -> None:
+        """Classify ``pages`` (flat indices) again and downsample the overview cells holding them."""
+        cats = self._cats.reshape(-1)  # a view: assignments land in self._cats
+        old = cats[pages]
+        new = palette.classify(self._state[pages], self._flags[pages], self.view)
+        k = len(self.counts)
+        self.counts = self.counts + np.bincount(new, minlength=k) - np.bincount(old, minlength=k)
+        cats[pages] = new
+        cell = self.overview_cell
+        ncols = self.row_pages // cell
+        cells = np.unique(pages // cell)  # overview cells (rows of ncols cells) that changed
+        r, c = np.divmod(cells, ncols)
+        runs = self._cats.reshape(self.rows, ncols, cell)[r, c]
+        self._overview[r, c] = downsample(runs, cell, self._weights)[:, 0]
 
     def set_view(self, view: str) -> None:
         """Switch between the "guest" and the "host" view (palette, legend and image)."""
