@@ -36,7 +36,7 @@ class SteppingControls:
         self.step_button = widgets.Button(description="Step", tooltip=step_tooltip,
                                           icon="step-forward", layout=widgets.Layout(width="80px"))
         self.visible_button = widgets.Button(
-            description="Step to change", icon="fast-forward", layout=widgets.Layout(width="130px"),
+            description="Step to change", icon="fast-forward", layout=widgets.Layout(width="150px"),
             tooltip="step until the picture changes at the current zoom (at most "
                     f"{MAX_STEPS_TO_CHANGE} steps)")
         self.play = widgets.Play(value=0, min=0, max=1000, step=1, interval=play_interval_ms,

@@ -116,7 +116,7 @@ class Explorer(SteppingControls, widgets.VBox):
                                    "outlined in magenta on the page map.</i>")
         zoom_button = widgets.Button(description="Zoom to change", icon="search-plus",
                                      tooltip="zoom the page map to the pages the last step changed",
-                                     layout=widgets.Layout(width="140px"))
+                                     layout=widgets.Layout(width="150px"))
         has_pages = callable(getattr(vm, "snapshot", None))  # a live guest may have no page map
         page_map = PageMap(vm.snapshot(), view=view, width=400, height=320,
                            legend="below") if has_pages else None

@@ -111,6 +111,7 @@ class PageMap(Shown):
         if legend not in ("right", "below"):
             raise ValueError(f"legend must be 'right' or 'below', got {legend!r}")
         self._legend_place = legend
+        self._width = width
         self._changed: np.ndarray | None = None
         self.last_moves: list[tuple[str, str, int]] = []
         self.changed_pages = 0
@@ -270,17 +271,23 @@ class PageMap(Shown):
         legend.label_text_font_size = "9pt"
         legend.spacing = 0
         legend.padding = 4
-        if self._legend_place == "below":
-            legend.ncols = 2
+        if self._legend_place == "below":  # no wider than the map: 2 columns of short labels
+            legend.label_text_font_size = "8pt"
+            legend.ncols = self._below_columns()
         fig.add_layout(legend, self._legend_place)
         self._add_axes(fig)
         self._add_hover(fig, image)
         return fig
 
+    def _below_columns(self) -> int:
+        """Legend columns under the map: 2 while the longest label fits half the map's width."""
+        longest = max(len(label) for label in self.legend_source.data["label"])
+        return 2 if longest * 6 + 24 <= self._width // 2 + 40 else 1
+
     def _add_axes(self, fig) -> None:
         for axis, scale in ((fig.yaxis[0], "source.data.row_pages[0]"), (fig.xaxis[0], "1")):
-            axis.ticker = AdaptiveTicker(base=2, mantissas=[1], min_interval=1,
-                                         num_minor_ticks=0)
+            axis.ticker = AdaptiveTicker(base=2, mantissas=[1], min_interval=1, num_minor_ticks=0,
+                                         desired_num_ticks=max(3, self._width // 110))
             prefix = '"+" + ' if scale == "1" else ""
             axis.formatter = CustomJSTickFormatter(
                 args={"source": self.source},
@@ -319,6 +326,9 @@ class PageMap(Shown):
             return self._title
         what = "guest page states" if self.view == "guest" else "host backing (RSS)"
         cell = getattr(self, "cell", self.overview_cell)
+        if self._width < 480:  # a title no wider than the map
+            return (f"{format_size(self.n_pages * PAGE_SIZE)} guest, {self.view} view; "
+                    f"1 cell = {cell} page{'s' if cell > 1 else ''}")
         return (f"{format_size(self.n_pages * PAGE_SIZE)} guest, {what}; "
                 f"1 cell = {cell} page{'s' if cell > 1 else ''} ({format_size(cell * PAGE_SIZE)})")
 
@@ -385,6 +395,8 @@ class PageMap(Shown):
         self.figure.background_fill_color = palette.categories(view)[_ABSENT[view]].color
         self._classify()
         self._refresh()
+        if self._legend_place == "below":
+            self.figure.legend[0].ncols = self._below_columns()
 
     def zoom(self, x0: float, x1: float, y0: float, y1: float) -> None:
         """Re-render the window x in [x0, x1) pages of a row, y in [y0, y1) rows at the finest

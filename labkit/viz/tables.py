@@ -106,12 +106,14 @@ def _is_number(value: Any) -> bool:
 
 def table(data: Mapping[str, Sequence] | Sequence[Mapping[str, Any]], units: Mapping[str, str] | None = None,
           columns: Sequence[str] | None = None, title: str | None = None,
-          rename: Mapping[str, str] | None = None, digits: Mapping[str, int] | None = None) -> Table:
+          rename: Mapping[str, str] | None = None, digits: Mapping[str, int] | None = None,
+          flags: Sequence[str] = ()) -> Table:
     """A :class:`Table` of ``data`` (columns as a dict of sequences, or rows as a list of dicts).
 
     ``columns`` picks and orders the columns (default: all, in order); ``units`` maps a column to
     its unit (sizes convert from bytes); ``rename`` gives a column a shorter header; ``digits``
-    fixes the decimals of a column. Bad input raises ``ValueError`` naming what is wrong.
+    fixes the decimals of a column; ``flags`` are 0/1 columns shown as yes/no. Bad input raises
+    ``ValueError`` naming what is wrong.
     """
     if isinstance(data, Mapping):
         names = list(data)
@@ -136,7 +138,11 @@ def table(data: Mapping[str, Sequence] | Sequence[Mapping[str, Any]], units: Map
             raise ValueError(f"units for {name!r}, which is not a column shown ({columns})")
     rename = dict(rename or {})
     shown = [rename.get(c, c) for c in columns]
-    rows = [[r.get(c, float("nan")) for c in columns] for r in rows_by_name]
+    unknown = [c for c in flags if c not in columns]
+    if unknown:
+        raise ValueError(f"flags {unknown} are not columns shown ({columns})")
+    rows = [[bool(r[c]) if c in flags and r.get(c) == r.get(c) else r.get(c, float("nan"))
+             for c in columns] for r in rows_by_name]
     return Table(shown, rows, {rename.get(k, k): v for k, v in units.items()}, title,
                  {rename.get(k, k): v for k, v in (digits or {}).items()})
 

@@ -108,6 +108,7 @@ class TimeSeries(Shown):
         self.rollover = rollover
         self._bokeh_model = None
         self.source = ColumnDataSource(self._columns(rows))
+        self.last = ColumnDataSource(self._last())  # the newest row, drawn as dots
         self.guest_figure = self._figure("guest (logical sizes, as QEMU reports them)",
                                          GUEST_LINES, width, height, None)
         self.host_figure = self._figure("host", HOST_LINES, width, int(height * 0.75),
@@ -133,9 +134,9 @@ class TimeSeries(Shown):
         for key, label, color, dash in lines:
             line = fig.line("t", key, source=self.source, color=color, line_dash=dash,
                             line_width=2, legend_label=label)
-            # dots on every row: a series of one row (a VM just opened) shows, not an empty plot
-            fig.scatter("t", key, source=self.source, color=color, size=3,
-                        legend_label=label)
+            # a dot on the newest row: a series of one row (a VM just opened) shows, and the
+            # eye finds where "now" is
+            fig.scatter("t", key, source=self.last, color=color, size=6, legend_label=label)
             renderers.append(line)
         fig.y_range.start = 0
         legend = fig.legend[0]
@@ -151,19 +152,25 @@ class TimeSeries(Shown):
                 (label, f"@{key}{{0.00}} {self.unit}") for key, label, *_ in lines]))
         return fig
 
+    def _last(self) -> dict[str, list]:
+        return {k: list(v[-1:]) for k, v in self.source.data.items()}
+
     def append(self, row: Mapping) -> None:
         """Stream one ``vm.sample()`` row into the plots."""
         self.source.stream(self._columns([row]), rollover=self.rollover)
+        self.last.data = self._last()
 
     def extend(self, rows: Iterable[Mapping]) -> None:
         """Stream several rows at once."""
         rows = list(rows)
         if rows:
             self.source.stream(self._columns(rows), rollover=self.rollover)
+            self.last.data = self._last()
 
     def reset(self, data: Any) -> None:
         """Replace all rows (e.g. after re-opening the VM), keeping the figures."""
         self.source.data = self._columns(_rows_of(data))
+        self.last.data = self._last()
 
     def __len__(self) -> int:
         return len(self.source.data["t"])
