@@ -188,8 +188,7 @@ class MemoryBlockGrid(Shown):
                     source=self.legend_source)
         fig.legend[0].label_text_font_size = "9pt"
         fig.legend[0].spacing = 0
-        if legend == "below":  # two grids side by side fit a 900 px output area
-            fig.legend[0].ncols = 2
+        if legend == "below":  # one column, no wider than the grid: two grids fit side by side
             fig.legend[0].label_text_font_size = "8pt"
         fig.add_layout(fig.legend[0], legend)
         row_js = ("const r = Math.min(Math.max(Math.floor(special_vars.y), 0), "

@@ -80,7 +80,9 @@ class Notebook:
                                   [self.name, arg])
 
     def open(self) -> None:
-        self.page.goto(self.lab.url(f"lab/tree/{self.name}"), timeout=LOAD_TIMEOUT_MS)
+        # "reset": a fresh workspace, so notebooks of earlier tests are not reopened (nor their
+        # kernels started again) in this page
+        self.page.goto(self.lab.url(f"lab/tree/{self.name}") + "&reset", timeout=LOAD_TIMEOUT_MS)
         self.page.wait_for_function(f"(path) => window.jupyterapp && !!({_FIND})(path)",
                                     arg=self.name, timeout=LOAD_TIMEOUT_MS, polling=250)
         self.wait_idle(KERNEL_TIMEOUT_MS)
