@@ -179,7 +179,7 @@ class MemoryBlockGrid(Shown):
                      y_range=Range1d(n_rows, 0, bounds=(0, n_rows)),
                      tools="pan,wheel_zoom,box_zoom,reset,save", toolbar_location="above",
                      x_axis_label="subblock (2 MiB each)" if cols > 1 else "big block",
-                     y_axis_label="memory block (128 MiB), from the region's start")
+                     y_axis_label="memory block (128 MiB)")
         fig.grid.visible = False
         image = fig.image(image="image", x="x", y="y", dw="dw", dh="dh", source=self.source,
                           color_mapper=mapper)

@@ -121,6 +121,8 @@ class MigrationExplorer(widgets.VBox):
         recorder.poll()
         if self.migrate_uri:
             self.vm.qmp("migrate", uri=self.migrate_uri)
+            # one tick in: the setup sync has run and pass 1 has started, so every plot opens on data
+            recorder.advance(self.tick_ms, self.sample_ms or self.tick_ms)
         return recorder
 
     def tick(self) -> None:

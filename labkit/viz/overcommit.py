@@ -54,7 +54,7 @@ REASON_COLORS = {
     "change-too-small": "#999999", "not-ballooned": "#56B4E9", "no-stats": "#000000",
 }
 VM_LINES = (("rss", "host RSS", "#0072B2", "solid"), ("swap", "in host swap", "#CC79A7", "solid"),
-            ("balloon_actual", "balloon actual", "#D55E00", "dashed"),
+            ("balloon_actual", "balloon actual", "#E69F00", "dashed"),
             ("working_set", "working set", "#009E73", "dotted"))
 
 
@@ -79,7 +79,8 @@ class PolicyBars(Shown):
             fig.xaxis.major_label_orientation = 0.7
             fig.title.text_font_size = "9pt"
             self.figures.append(fig)
-        self.layout = row(*self.figures)
+        # at most 4 bars a row: five 190 px figures would not fit a 900 px output area
+        self.layout = column(*[row(*self.figures[i:i + 4]) for i in range(0, len(self.figures), 4)])
 
     def __repr__(self) -> str:
         return f"<PolicyBars of {list(self.source.data['policy'])}>"
@@ -189,10 +190,10 @@ class OvercommitView(widgets.VBox):
         figs = [host, free, guest, decisions]
         for fig in (host, guest):
             fig.y_range.start = 0
-            fig.legend.location = "top_left"
             fig.legend.label_text_font_size = "8pt"
-            fig.legend.background_fill_alpha = 0.6
+            fig.legend.spacing = 0
             fig.legend.click_policy = "hide"
+            fig.add_layout(fig.legend[0], "right")  # outside the plotted area: it covers no data
         for fig, cursor in zip((host, guest, decisions), self.cursors, strict=True):
             fig.add_layout(cursor)
         return figs

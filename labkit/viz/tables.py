@@ -92,8 +92,9 @@ class Table:
                        for row in self.cells())
         caption = (f'<caption style="caption-side:top;text-align:left;font-weight:600;padding:2px 0">'
                    f"{html.escape(self.title)}</caption>") if self.title else ""
-        return (f'<table class="labkit-table" style="{STYLE}">{caption}<thead><tr>{head}</tr></thead>'
-                f"<tbody>{body}</tbody></table>")
+        # a wide table scrolls inside its own box: it never makes the output area wider
+        return (f'<div style="overflow-x:auto;max-width:100%"><table class="labkit-table" style="{STYLE}">'
+                f"{caption}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>")
 
     def __repr__(self) -> str:
         return f"<Table {len(self.rows)} rows x {len(self.columns)} columns>"
@@ -192,5 +193,9 @@ def summary_table(runs: Mapping[str, Any], keys: Sequence[str], title: str | Non
         columns[key] = [float(r.summary.get(key, float("nan"))) for r in runs.values()]
     given = dict(units or {})
     unit_of = {k: given.get(k, guess_unit(k)) for k in keys}
+    def header(key: str) -> str:
+        for suffix in ("_bytes", "_ms", "_s"):
+            key = key.removesuffix(suffix)
+        return key.replace("_", " ")
     return table(columns, units={k: u for k, u in unit_of.items() if u},
-                 rename={k: k.removesuffix("_bytes") for k in keys}, title=title)
+                 rename={k: header(k) for k in keys}, title=title)

@@ -211,16 +211,17 @@ def outputs_with_widgets(nb: Notebook) -> list[tuple[int, Any]]:
 
 
 def drive(nb: Notebook, result: SweepResult, shots: Path) -> None:
-    """Every control of every widget output, at least once: sliders, dropdowns, toggles and
-    checkboxes first, then Step buttons and Play (checked for pixels), other buttons, Reset last."""
+    """Every control of every widget output, at least once: sliders (PageDown: five steps, so a
+    stepper has work to show), dropdowns, toggles and checkboxes first, then Step buttons and Play
+    (checked for pixels), other buttons, Reset last."""
     for index, area in outputs_with_widgets(nb):
         label = f"cell{index}"
         for k, handle in enumerate(area.locator(".widget-slider .noUi-handle").all()):
             handle.scroll_into_view_if_needed()
             handle.focus()
-            handle.press("ArrowLeft")
+            handle.press("PageDown")  # noUiSlider: 5 steps at once (one change, one callback)
             wait_kernel(nb)
-            result.interactions.append(f"{label}: slider {k} ArrowLeft")
+            result.interactions.append(f"{label}: slider {k} PageDown")
             snap(nb, result, shots, f"{label}-slider{k}", area)
         for k, select in enumerate(area.locator(".widget-dropdown select").all()):
             options = select.locator("option").count()
