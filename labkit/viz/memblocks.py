@@ -48,7 +48,7 @@ from labkit.model.pages import PAGES_PER_MEMORY_BLOCK
 from labkit.units import GiB, MiB, PAGE_SIZE, format_size
 from labkit.viz.palette import Category
 from labkit.viz.shown import Shown
-from labkit.viz.timeseries import _rows_of
+from labkit.viz.timeseries import _rows_of, time_axis
 
 UNPLUGGED, NOT_USABLE, NOT_ADDED, OFFLINE, MOVABLE, NORMAL, BUSY = range(7)
 BLOCK_CATEGORIES: tuple[Category, ...] = (  # Okabe-Ito colours; greys for "no memory here"
@@ -312,9 +312,9 @@ class ResizeTimeline(Shown):
             raise ValueError(f"unit {unit!r} is not one of ['GiB', 'MiB']")
         self.unit, self._scale = unit, GiB if unit == "GiB" else MiB
         self.source = ColumnDataSource(self._columns(rows))
-        self.failures = ColumnDataSource({"t": [], "y": [], "label": []})
+        self.failures = ColumnDataSource({"t": [], "y": [], "label": [], "short": [], "dy": []})
         self.retries = ColumnDataSource({"t": [], "y": [], "label": []})
-        fig = figure(width=width, height=height, x_axis_label="time (s)", y_axis_label=unit,
+        fig = figure(width=width, height=height, x_axis_label="time", y_axis_label=unit,
                      title="virtio-mem: requested vs plugged", toolbar_location="above",
                      tools="pan,wheel_zoom,box_zoom,reset,save")
         for key, label, color, dash in TIMELINE_LINES:
@@ -322,14 +322,16 @@ class ResizeTimeline(Shown):
                      legend_label=label)
         fig.scatter("t", "y", source=self.failures, marker="x", size=12, line_width=3,
                     color="#D55E00", legend_label="work run failed (rc != 0)")
-        fig.text("t", "y", text="label", source=self.failures, text_font_size="8pt", angle=0.5,
-                 x_offset=4, y_offset=-4, text_color="#D55E00")
+        # the delay armed, short, alternately above and below the cross: neighbours never overlap
+        fig.text("t", "y", text="short", source=self.failures, text_font_size="8pt",
+                 text_align="center", y_offset="dy", text_color="#D55E00")
         fig.scatter("t", "y", source=self.retries, marker="inverted_triangle", size=10,
                     fill_alpha=0, line_width=2, color="#D55E00", legend_label="retry timer fires")
         fig.y_range.start = 0
-        fig.legend.location = "top_left"
+        time_axis(fig.xaxis[0])
         fig.legend.label_text_font_size = "8pt"
-        fig.legend.background_fill_alpha = 0.6
+        fig.legend.spacing = 0
+        fig.add_layout(fig.legend[0], "right")  # outside the plotted area: it covers no data
         fig.add_tools(HoverTool(tooltips=[("t", "@t{0.000} s"), ("", "@label")],
                                 renderers=fig.renderers[3:4]))
         self.figure = fig
@@ -377,7 +379,9 @@ class ResizeTimeline(Shown):
         labels = [f"{f['error']}" + (f", retry in {f['retry_ms'] / 1000:.0f} s" if f["retry_ms"]
                                      else "") for f in fails]
         times = [f["t_ms"] for f in fails]
-        new = {"t": [x / 1000.0 for x in times], "y": level(times), "label": labels}
+        short = [f"{f['retry_ms'] / 1000:.0f} s" if f["retry_ms"] else f["error"] for f in fails]
+        new = {"t": [x / 1000.0 for x in times], "y": level(times), "label": labels, "short": short,
+               "dy": [-10.0 if i % 2 == 0 else 20.0 for i in range(len(fails))]}
         if new != dict(self.failures.data):
             self.failures.data = new
         armed = [f for f in fails if f["retry_at_ms"] is not None]
