@@ -303,7 +303,7 @@ class ResizeTimeline(Shown):
     ['EBUSY, retry in 50 s', 'EBUSY, retry in 100 s']
     """
 
-    def __init__(self, data: Any, unit: str | None = None, width: int = 520, height: int = 260):
+    def __init__(self, data: Any, unit: str | None = None, width: int = 720, height: int = 280):
         rows = _rows_of(data)
         if unit is None:
             biggest = max((float(r.get(k, 0) or 0) for r in rows for k, *_ in TIMELINE_LINES), default=0)
@@ -322,7 +322,7 @@ class ResizeTimeline(Shown):
                      legend_label=label)
         fig.scatter("t", "y", source=self.failures, marker="x", size=12, line_width=3,
                     color="#D55E00", legend_label="work run failed (rc != 0)")
-        # the delay armed, short, alternately above and below the cross: neighbours never overlap
+        # the delay armed, short, at two heights above the crosses: neighbours do not overlap
         fig.text("t", "y", text="short", source=self.failures, text_font_size="8pt",
                  text_align="center", y_offset="dy", text_color="#D55E00")
         fig.scatter("t", "y", source=self.retries, marker="inverted_triangle", size=10,
@@ -381,7 +381,7 @@ class ResizeTimeline(Shown):
         times = [f["t_ms"] for f in fails]
         short = [f"{f['retry_ms'] / 1000:.0f} s" if f["retry_ms"] else f["error"] for f in fails]
         new = {"t": [x / 1000.0 for x in times], "y": level(times), "label": labels, "short": short,
-               "dy": [-10.0 if i % 2 == 0 else 20.0 for i in range(len(fails))]}
+               "dy": [-10.0 if i % 2 == 0 else -24.0 for i in range(len(fails))]}
         if new != dict(self.failures.data):
             self.failures.data = new
         armed = [f for f in fails if f["retry_at_ms"] is not None]

@@ -50,14 +50,15 @@ HOST_LINES = (
 )
 SIZE_KEYS = tuple(key for key, *_ in GUEST_LINES + HOST_LINES)
 
-# Tick labels of a time axis in seconds: "250 ms" / "1.5 s" / "2 min", with as many decimals as
-# the tick spacing needs (never "2.000e-4"). Bokeh passes all ticks, so the spacing is known.
+# Tick labels of a time axis in seconds: "250 ms" / "1.5 s" / "2 min" (minutes only when the ticks
+# fall on whole minutes), with as many decimals as the tick spacing needs (never "2.000e-4").
+# Bokeh passes all ticks, so the spacing is known.
 TIME_TICKS_JS = """
 const step = ticks.length > 1 ? Math.abs(ticks[1] - ticks[0]) : Math.abs(tick) || 1;
 const top = Math.max(...ticks.map(Math.abs));
 let scale = 1, unit = " s";
 if (top < 2) { scale = 1000; unit = " ms"; }
-else if (top >= 600) { scale = 1 / 60; unit = " min"; }
+else if (top >= 600 && step % 60 === 0) { scale = 1 / 60; unit = " min"; }
 const digits = Math.max(0, Math.min(6, Math.ceil(-Math.log10(step * scale) + 1e-9)));
 return (tick * scale).toFixed(digits) + unit;
 """
