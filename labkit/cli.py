@@ -62,7 +62,8 @@ class Command:
 
 
 COMMANDS: dict[str, Command] = {}
-COMMAND_MODULES: tuple[str, ...] = ("labkit.backends.qemu.commands",)  # more commands, on import
+COMMAND_MODULES: tuple[str, ...] = (  # more commands, on import
+    "labkit.backends.qemu.commands", "labkit.grading.cli")
 
 
 def command(name: str, *, help: str,
