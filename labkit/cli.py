@@ -63,7 +63,7 @@ class Command:
 
 COMMANDS: dict[str, Command] = {}
 COMMAND_MODULES: tuple[str, ...] = (  # more commands, on import
-    "labkit.backends.qemu.commands", "labkit.grading.cli")
+    "labkit.backends.qemu.commands", "labkit.grading.cli", "labkit.regress.cli")
 
 
 def command(name: str, *, help: str,

@@ -22,6 +22,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -100,6 +101,23 @@ def run_tasks(fn: Callable[[T], R], tasks: Sequence[T], *, scheduler: str | None
         i, message = errors[0]
         raise RuntimeError(f"{label(tasks[i])}: {message}")
     return results
+
+
+@contextlib.contextmanager
+def stderr_to(path: Path) -> Iterator[None]:
+    """Send this process's file descriptor 2 (which the kernel inherits) to ``path``: the kernel's
+    own warnings and dying words go to a log of the task's own, not to the grader's terminal. A worker
+    runs one task at a time, so nothing else writes there meanwhile."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(path, "ab") as log:
+            os.dup2(log.fileno(), 2)
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def stderr_progress(line: str) -> None:

@@ -11,17 +11,15 @@ the checks recorded before it still count.
 
 from __future__ import annotations
 
-import contextlib
 import os
-import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import nbformat
 
+from labkit.cluster import stderr_to
 from labkit.exercises import record
 from labkit.grading.marks import other_variants, verify
 from labkit.grading.submissions import Submission, Template, normalized
@@ -60,23 +58,6 @@ def _running_cell(path: Path) -> str:
     started = [i for i, c in enumerate(nb.cells)
                if c.get("metadata", {}).get("papermill", {}).get("start_time")]
     return f"cell {_student_cell_number(nb, started[-1])}" if started else "a cell"
-
-
-@contextlib.contextmanager
-def _stderr_to(path: Path) -> Iterator[None]:
-    """Send this process's file descriptor 2 (which the kernel inherits) to ``path``: the kernel's
-    own warnings and dying words go to the submission's log, not to the grader's terminal. A worker
-    runs one submission at a time, so nothing else writes there meanwhile."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    try:
-        with open(path, "ab") as log:
-            os.dup2(log.fileno(), 2)
-        yield
-    finally:
-        sys.stderr.flush()
-        os.dup2(saved, 2)
-        os.close(saved)
 
 
 def _last_words(path: Path) -> str:
@@ -144,7 +125,7 @@ def _execute(sub: Submission, template: Template, records_path: Path, executed: 
     env_before = os.environ.get("BOKEH_RESOURCES")
     os.environ.setdefault("BOKEH_RESOURCES", "inline")  # offline: BokehJS from the kernel
     try:
-        with _stderr_to(kernel_log):
+        with stderr_to(kernel_log):
             out = papermill.execute_notebook(
                 nb, str(executed), parameters=params, kernel_name=task.get("kernel", "python3"),
                 cwd=str(workdir), progress_bar=False, log_output=False, execution_timeout=timeout,
