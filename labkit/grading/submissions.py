@@ -12,8 +12,8 @@ notebook" row).
 ``notebooks/exercises/``): by the ``labkit.template`` notebook metadata, else by file name, else by
 the exercises it makes. The template says which exercises the notebook holds (its
 ``exercises.make("<name>", student, seed)`` calls, or its nbgrader ``grade_id``s), which cells are
-answer cells (nbgrader ``solution`` cells, else the cells that say "replace each None with your
-answer") and which are locked (every other code cell but the parameters cell).
+answer cells (the cells that say "replace each None with your answer", or nbgrader ``solution``
+cells) and which are locked (every other code cell but the parameters cell).
 
 **Trust.** The student id and seed come from the notebook's ``parameters`` cell, and are checked:
 the student must be the one the path names, the seed the one the roster gives that student
@@ -91,7 +91,7 @@ class Template:
             for name in MAKE_CALL.findall(cell.source):
                 if name not in exercises:
                     exercises.append(name)
-            answer = meta.get("solution") if meta else ANSWER_MARK in cell.source
+            answer = meta.get("solution") or ANSWER_MARK in cell.source
             if not is_parameters(cell) and not answer:
                 locked.append(normalized(cell.source))
         params = next((literal_parameters(c.source) for c in nb.cells if is_parameters(c)), {})
