@@ -25,8 +25,9 @@ RECORDED = ROOT / "data" / "recorded"
 
 def test_every_check_has_a_source_a_tolerance_and_a_reason():
     registry = facts.load()
-    assert set(registry) >= {"01_balloon.ipynb", "regression/balloon.ipynb", "regression/reporting.ipynb",
-                             "regression/hinting.ipynb", "regression/virtio_mem.ipynb"}
+    teaching = {p.name for p in (ROOT / "notebooks").glob("0*.ipynb")}
+    assert set(registry) >= teaching | {"regression/balloon.ipynb", "regression/reporting.ipynb",
+                                        "regression/hinting.ipynb", "regression/virtio_mem.ipynb"}
     kinds = set()
     for name, nb_facts in registry.items():
         assert (ROOT / "notebooks" / name).exists(), name
@@ -68,6 +69,9 @@ def test_checks_can_fail():
                         max=2000)
     assert upper.evaluate({"p": 10, "q": 1999}).ok and not upper.evaluate({"p": 2001, "q": 0}).ok
     assert upper.expected_text == "≤ 2000" and band.expected_text == "0.84 (±0.08)"
+    listed = facts.Check(id="w", metric="d[1] / d[0]", fact="f", source="s", kind="kernel", tolerance="t",
+                         expect=2)
+    assert listed.evaluate({"d": [50, 100]}).ok and not listed.evaluate({"d": [50]}).ok
 
 
 def test_the_01_golden_master_became_facts():
@@ -113,6 +117,9 @@ def test_grid_plan():
     assert by_nb["regression/hinting.ipynb"] == [{"seed": 0}, {"seed": 1}, {"seed": 2}]  # no memory
     assert all(p["memory"] == "4G" for p in by_nb["01_balloon.ipynb"])  # memory_min = 2G
     assert any("01_balloon.ipynb" in n and "left out" in n for n in notes)
+    # grid_parameters = ["seed"]: the 8G guest of 03 keeps its size; 07 (no seed) runs once
+    assert by_nb["03_free_page_reporting.ipynb"] == [{"seed": 0}, {"seed": 1}, {"seed": 2}]
+    assert by_nb["07_live_qemu.ipynb"] == [{}]
     with pytest.raises(ValueError, match="no facts for"):
         runner.plan({"seed": [0]}, ["nope.ipynb"])
 

@@ -11,7 +11,9 @@ of several: ``a / b``, ``max(a, b)``) against a fact:
   under ``data/recorded/``); ``kind``: ``kernel``, ``qemu``, ``published`` or ``recorded``;
 * ``tolerance``: why the tolerance is what it is.
 
-A notebook file may restrict the grid it is meaningful on (``memory_min = "2G"``). Nothing here is a
+A notebook file may restrict the grid it is meaningful on: ``memory_min = "2G"`` leaves smaller
+guests out, ``grid_parameters = ["seed"]`` passes only those grid parameters (the notebook's own
+defaults for the rest, e.g. a published experiment's fixed size). Nothing here is a
 number the model produced and someone copied: a fact that the model stops meeting is a regression
 (or a fact to re-read), whatever the guest kernel's defaults are.
 
@@ -53,7 +55,8 @@ def _names(expression: str) -> list[str]:
 
 
 def evaluate_expression(expression: str, metrics: dict[str, Any]) -> float:
-    """``expression`` (metric names, numbers, + - * /, max/min/abs) over ``metrics``; NaN when a
+    """``expression`` (metric names, ``name[i]`` of a list metric, numbers, + - * /, max/min/abs)
+    over ``metrics``; NaN when a
     metric is missing or not a number, or on a division by zero.
 
     >>> evaluate_expression("a / b", {"a": 512, "b": 2})
@@ -68,6 +71,13 @@ def evaluate_expression(expression: str, metrics: dict[str, Any]) -> float:
             value = metrics.get(node.id)
             return float(value) if isinstance(value, int | float) and not isinstance(value, bool) \
                 else (float(value) if isinstance(value, bool) else math.nan)
+        if isinstance(node, ast.Subscript) and isinstance(node.value, ast.Name) \
+                and isinstance(node.slice, ast.Constant) and isinstance(node.slice.value, int):
+            seq = metrics.get(node.value.id)
+            try:
+                return float(seq[node.slice.value])
+            except (TypeError, IndexError, ValueError):
+                return math.nan
         if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
             return -ev(node.operand)
         if isinstance(node, ast.BinOp) and type(node.op) in _BINARY:
@@ -79,7 +89,7 @@ def evaluate_expression(expression: str, metrics: dict[str, Any]) -> float:
                 and not node.keywords:
             return float(_CALLS[node.func.id](*(ev(a) for a in node.args)))
         raise ValueError(f"metric expression {expression!r}: {ast.dump(node)[:60]} is not allowed "
-                         "(use metric names, numbers, + - * /, max, min, abs)")
+                         "(use metric names, list[index], numbers, + - * /, max, min, abs)")
 
     return ev(ast.parse(expression, mode="eval"))
 
@@ -124,6 +134,9 @@ class Check:
         if row.get("expect") is None and row.get("min") is None and row.get("max") is None:
             raise ValueError(f"{where}: check {row['id']!r} needs expect, or min and/or max")
         evaluate_expression(row["metric"], {})  # a malformed expression fails here, not mid-run
+        for name in _names(row["metric"]):
+            if not name.isidentifier():
+                raise ValueError(f"{where}: check {row['id']!r}: {name!r} is not a metric name")
         return cls(**row)
 
     @property
@@ -167,6 +180,7 @@ class NotebookFacts:
     checks: tuple[Check, ...]
     memory_min: int | None = None
     path: Path = field(default=Path())
+    grid_parameters: tuple[str, ...] | None = None  # None: every grid parameter it declares
 
     def applies(self, parameters: dict) -> str | None:
         """None when the grid point suits this notebook, else why not."""
@@ -198,7 +212,11 @@ def load(directory: str | Path | None = None) -> dict[str, NotebookFacts]:
         memory_min = parse_size(data["memory_min"], name="memory_min") if "memory_min" in data else None
         if data["notebook"] in out:
             raise ValueError(f"{where}: notebook {data['notebook']!r} has a second facts file")
-        out[data["notebook"]] = NotebookFacts(data["notebook"], checks, memory_min, path)
+        only = data.get("grid_parameters")
+        if only is not None and (not isinstance(only, list) or not all(isinstance(x, str) for x in only)):
+            raise ValueError(f"{where}: grid_parameters must be a list of parameter names, got {only!r}")
+        out[data["notebook"]] = NotebookFacts(data["notebook"], checks, memory_min, path,
+                                              None if only is None else tuple(only))
     return out
 
 

@@ -79,10 +79,12 @@ def plan(grid: dict[str, list], notebooks: Iterable[str] | None = None,
     for name in names:
         path = notebook_dir / name
         declared = notebook_parameters(path)
-        keys = [k for k in grid if k in declared]
-        ignored = [k for k in grid if k not in declared]
+        only = registry[name].grid_parameters
+        keys = [k for k in grid if k in declared and (only is None or k in only)]
+        ignored = [k for k in grid if k not in keys]
         if ignored:
-            notes.append(f"{name}: has no parameter {ignored}; runs once per value of {keys or 'nothing'}")
+            notes.append(f"{name}: takes no {ignored} from the grid (its own defaults); runs once per "
+                         f"value of {keys or 'nothing'}")
         for values in itertools.product(*(grid[k] for k in keys)):
             params = dict(zip(keys, values, strict=True))
             why = registry[name].applies(params)
