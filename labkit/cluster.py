@@ -7,8 +7,9 @@ single-threaded worker process per core of this machine (a notebook's kernel is 
 own, so one notebook per worker keeps the machine busy without oversubscribing it); with
 ``scheduler="tcp://host:8786"`` it uses an existing cluster instead (its workers need labkit and a
 Jupyter kernel installed, and must see the files the tasks name). Progress is reported as each task
-completes, not in submission order. A task that raises, or whose worker dies, becomes a result
-built by ``on_error(task, message)``: one failing notebook never stops the rest.
+completes, not in submission order. A task that raises or whose worker dies is run once more; if
+it fails again it becomes a result built by ``on_error(task, message)``: one failing notebook never
+stops the rest.
 
 >>> run_tasks(len, [[1], [1, 2]], workers=1, progress=None)  # doctest: +SKIP
 [1, 2]
@@ -81,8 +82,9 @@ def run_tasks(fn: Callable[[T], R], tasks: Sequence[T], *, scheduler: str | None
     errors: list[tuple[int, str]] = []
     start = time.monotonic()
     with client(scheduler, workers) as c:
-        # pure=False: two identical tasks (the same notebook twice) are two runs, not one
-        futures = c.map(fn, tasks, pure=False)
+        # pure=False: two identical tasks (the same notebook twice) are two runs, not one;
+        # retries=1: a task that failed (it raised, or its worker process died) runs once more
+        futures = c.map(fn, tasks, pure=False, retries=1)
         index = {f.key: i for i, f in enumerate(futures)}
         for done, future in enumerate(as_completed(futures), start=1):
             i = index[future.key]

@@ -181,6 +181,7 @@ def test_html_summary(graded):
     assert "Most common wrong answers, per mechanism" in html
     assert "each part: right / wrong / unanswered" in html and "total marks" in html
     assert "Bokeh" in html and "cdn.bokeh.org" not in html  # BokehJS inlined: opens offline
+    assert html.index("<h1>labkit grade") > html.rfind("</head>")  # in the page, not inside BokehJS
     for student in ("alice", "judy", "hank"):
         assert f"<td>{student}</td>" in html
 

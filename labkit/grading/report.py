@@ -47,25 +47,28 @@ def common_mistakes(results: list[dict], top: int = 3) -> dict[str, list[dict]]:
 
 def _figures(results: list[dict], columns: list[str], rows: list[dict]):
     from bokeh.layouts import row
-    from bokeh.models import ColumnDataSource
+    from bokeh.models import ColumnDataSource, Legend
     from bokeh.plotting import figure
 
     counts = part_counts(results, columns)
     parts = counts["part"] or ["(no part)"]
-    bars = figure(y_range=list(reversed(parts)), height=max(160, 28 * len(parts) + 80), width=560,
+    bars = figure(y_range=list(reversed(parts)), height=max(160, 28 * len(parts) + 80), width=640,
                   title="each part: right / wrong / unanswered (submissions)", toolbar_location=None,
                   x_axis_label="submissions")
     if counts["part"]:
         bars.hbar_stack(["right", "wrong", "unanswered"], y="part", height=0.7,
                         color=["#009E73", "#D55E00", "#BBBBBB"], source=ColumnDataSource(counts),
                         legend_label=["right", "wrong", "unanswered"])
-        bars.legend.location = "bottom_right"
+        legend = bars.legend[0]
+        bars.center = [c for c in bars.center if not isinstance(c, Legend)]
+        bars.add_layout(legend, "right")  # beside the bars, never over them
     totals = np.array([r["total"] for r in rows if r["status"] != "no submission"], dtype=float)
     n_parts = max(len(columns), 1)
     hist, edges = np.histogram(totals, bins=np.arange(-0.5, n_parts + 1.5, 1.0))
     dist = figure(height=300, width=420, title="total marks (students)", toolbar_location=None,
                   x_axis_label=f"marks out of {len(columns)}", y_axis_label="students")
     dist.quad(top=hist, bottom=0, left=edges[:-1] + 0.05, right=edges[1:] - 0.05, color="#0072B2")
+    dist.xaxis.ticker = list(range(n_parts + 1))
     return row(bars, dist)
 
 
@@ -102,10 +105,23 @@ def render(results: list[dict], columns: list[str], rows: list[dict], title: str
     page = file_html(_figures(results, part_cols, rows), INLINE, title)
     style = ("<style>body{font-family:sans-serif;margin:1em 2em} table{border-collapse:collapse;"
              "margin-bottom:1em} td,th{border:1px solid #ccc;padding:2px 6px;font-size:13px;"
-             "text-align:left} tr.flagged{background:#fff3d6} tr.error,tr.timeout,tr.crashed,"
-             "tr.not-a-notebook{background:#fde0dc} tr.no-submission{color:#888}</style>")
-    head = f"{style}<h1>{html.escape(title)}</h1>"
-    return page.replace("<body>", "<body>" + head, 1).replace("</body>", "".join(extra) + "</body>", 1)
+             "text-align:left;vertical-align:top} tr.flagged{background:#fff3d6} "
+             "tr.error,tr.timeout,tr.crashed,tr.not-a-notebook{background:#fde0dc} "
+             "tr.no-submission{color:#888}</style>")
+    return insert_html(page, head=style, top=f"<h1>{html.escape(title)}</h1>", bottom="".join(extra))
+
+
+def insert_html(page: str, head: str = "", top: str = "", bottom: str = "") -> str:
+    """``page`` (Bokeh's file_html) with ``head`` before its ``</head>``, ``top`` right after its
+    ``<body>`` and ``bottom`` before its ``</body>``. The inlined BokehJS holds those strings too,
+    so the real tags are found from the end of the head on, not by the first match."""
+    end_head = page.rfind("</head>")
+    body = page.find(">", page.find("<body", end_head)) + 1
+    end_body = page.rfind("</body>")
+    if end_head < 0 or body <= 0 or end_body < body:
+        raise ValueError("not an HTML page with a head and a body")
+    return (page[:end_head] + head + page[end_head:body] + top + page[body:end_body] + bottom
+            + page[end_body:])
 
 
 def write(path: str, results: list[dict], columns: list[str], rows: list[dict], **kw: Any) -> None:

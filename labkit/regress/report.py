@@ -9,6 +9,7 @@ import html
 import math
 from pathlib import Path
 
+from labkit.grading.report import insert_html
 from labkit.regress.facts import Check, NotebookFacts
 
 
@@ -103,7 +104,7 @@ def render(run: dict, registry: dict[str, NotebookFacts]) -> str:
              "td,th{border:1px solid #ccc;padding:2px 6px;font-size:12px;vertical-align:top;"
              "text-align:left} tr.fail td{background:#fde0dc}</style>")
     page = file_html(column(parts), INLINE, f"labkit regress {run['run']}")
-    return page.replace("</head>", style + "</head>", 1)
+    return insert_html(page, head=style)
 
 
 def write(path: str | Path, run: dict, registry: dict[str, NotebookFacts]) -> None:

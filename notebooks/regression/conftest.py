@@ -34,8 +34,9 @@ if IPyNbFile is not None:
 
 def pytest_collect_file(file_path: Path, parent: pytest.Collector):
     option = parent.config.option
-    if IPyNbFile is None or getattr(option, "nbval", False) or getattr(option, "nbval_lax", False):
-        return None  # nbval's own hook collects them (or nbval is not installed)
+    if IPyNbFile is None or getattr(option, "nbval", False) or getattr(option, "nbval_lax", False) \
+            or getattr(option, "nbmake", False):
+        return None  # nbval's (or nbmake's) own hook collects them, or nbval is not installed
     if file_path.suffix == ".ipynb" and file_path.parent == HERE:
         item = RegressionNotebook.from_parent(parent, path=file_path)
         item.add_marker(pytest.mark.notebook)
