@@ -2,8 +2,10 @@
 
 A backend speaks QMP (``qmp(command, **arguments)`` returns what QEMU returns and raises
 :class:`~labkit.errors.QMPError` with QEMU's class and text), runs workload steps in the guest
-(``guest(op, ...)``), reads ``/proc/meminfo`` (``meminfo()``), moves time (``advance(ms)``), and
-returns one row of metrics (``sample()``). ``events()`` lists the QMP events so far.
+(``guest(op, ...)``), reads ``/proc/meminfo`` (``meminfo()``), moves time (``advance(ms)``, or
+``advance_until(event)`` to the next event), returns one row of metrics (``sample()``) and a frozen
+snapshot of one mechanism (``inspect(mechanism)``, :mod:`labkit.backends.inspect`). ``events()``
+lists the QMP events so far. The model, the live QEMU and a replayed recording all provide it.
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ class Backend(Protocol):
     def advance(self, ms: float) -> None: ...
     def sample(self) -> dict[str, float]: ...
     def events(self) -> list[dict]: ...
+    def inspect(self, mechanism: str) -> Any: ...
+    def advance_until(self, event: str, max_ms: float = ..., **data: Any) -> dict | None: ...
     def close(self) -> None: ...
 
 

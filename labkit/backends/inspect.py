@@ -81,6 +81,7 @@ class ReportingView:
     refault_ms: float
     pass_starts_ms: tuple[float, ...] = ()
     why_inactive: str = ""
+    request_ms: float | None = None  # one report request's round trip (a model assumption)
 
 
 @dataclass(frozen=True)
@@ -169,6 +170,7 @@ class PmemView:
     writeback_runs: int | None = None
     written_pages: int | None = None
     sysctl: dict | None = None
+    guest_cached_pages: int | None = None  # guest page cache holding virtio-blk disks' data
 
 
 @dataclass(frozen=True)
@@ -182,6 +184,9 @@ class MemoryView:
     zero_fill_faults: int | None = None
     host_ram_pages: int | None = None
     host_discard: bool | None = None
+    swap_ins: int | None = None  # pages this VM faulted back from host swap
+    swap_outs: int | None = None  # pages of this VM the host swapped out
+    discarded_pages: int | None = None  # backed pages the host freed on discards (any mechanism)
 
 
 SNAPSHOTS = {"balloon": BalloonView, "reporting": ReportingView, "hinting": HintingView,
@@ -317,7 +322,8 @@ def _reporting(vm: Any) -> ReportingView:
     starts = tuple(p.start_ms for p in r.core.history) if r.core is not None else ()
     return ReportingView(r.negotiated, r.state.name, r.order, r.poison_val, r.passes, r.reports,
                          r.reported_pages, r.reported_now_pages, r.discarded_pages, r.skipped_reports,
-                         r.reused_pages, r.refaulted_pages, r.refault_ms, starts, r.why_inactive)
+                         r.reused_pages, r.refaulted_pages, r.refault_ms, starts, r.why_inactive,
+                         r.device.request_ms)
 
 
 def _hinting(vm: Any) -> HintingView:
@@ -372,7 +378,7 @@ def _pmem(vm: Any) -> PmemView:
                      "in_flight": d.in_flight})
     wb = p.writeback
     return PmemView(tuple(rows), p.cache.cached_pages, p.cache.dirty_pages, wb.runs, wb.written_pages,
-                    dict(wb.sysctl))
+                    dict(wb.sysctl), p.blk.guest_cached_pages())
 
 
 def _memory(vm: Any) -> MemoryView:
@@ -383,7 +389,8 @@ def _memory(vm: Any) -> MemoryView:
                    "high": int(k.watermarks[i].high)} for i, z in enumerate(vm.mem.zones))
     h = k.host_vm
     return MemoryView(zones, vm.mem.n_pages, h.rss_pages, h.swap_pages, h.zero_fill_faults,
-                      vm.host.ram // PAGE_SIZE, vm.host.discard_enabled)
+                      vm.host.ram // PAGE_SIZE, vm.host.discard_enabled, h.swap_ins, h.swap_outs,
+                      h.discarded_pages)
 
 
 _BUILDERS = {"balloon": _balloon, "reporting": _reporting, "hinting": _hinting, "migration": _migration,

@@ -139,6 +139,7 @@ class ModelBackend(ModelInspection):
         # pre-copy migration, and the guest workloads that keep memory dirty for it
         self.migration = MigrationState(self.env, self.kernel, self.run_state, emit,
                                         init_on_free=bool(options.cmdline["init_on_free"]))
+        self.migration.link.link_bandwidth = options.model.migration_link_bandwidth
         self.workloads = Workloads(self.env, self.kernel, self.ops, self.migration, options.seed)
 
         self.monitor = Monitor(self, options)

@@ -116,6 +116,7 @@ class ModelKnobs:
     balloon_request_ms: float = 0.5  # one inflate/deflate round trip of 256 PFNs (KVM-like)
     boot: str = "default"  # BootProfile: "default" (a small cloud guest) or "minimal" (busybox)
     epoch: float = EPOCH
+    migration_link_bandwidth: float = 1.25e9  # bytes/s of the simulated migration link (10 Gbit/s)
 
 
 @dataclass(frozen=True)

@@ -170,7 +170,9 @@ def model_from_keywords(model: Any) -> ModelKnobs:
     if knobs["boot"] not in ("default", "minimal"):
         raise ValueError(f"model boot {knobs['boot']!r} is not one of ['default', 'minimal']")
     return ModelKnobs(_number("model balloon_request_ms", knobs["balloon_request_ms"], 0, above=True),
-                      knobs["boot"], _number("model epoch", knobs["epoch"], 0))
+                      knobs["boot"], _number("model epoch", knobs["epoch"], 0),
+                      _number("model migration_link_bandwidth", knobs["migration_link_bandwidth"], 0,
+                              above=True))
 
 
 def qemu_from_keywords(qemu: Any) -> QemuKnobs:

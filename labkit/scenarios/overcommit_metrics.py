@@ -42,17 +42,17 @@ class Counters:
 
     def __init__(self, vms: list):
         self.vms = vms
-        self.host_vms = [vm.kernel.host_vm for vm in vms]
         self.base = self.read()
 
     def read(self) -> np.ndarray:
-        """One row per VM, the columns of :data:`COLUMNS`."""
+        """One row per VM, the columns of :data:`COLUMNS` (through ``vm.inspect``)."""
         rows = []
-        for vm, h in zip(self.vms, self.host_vms, strict=True):
-            device = getattr(vm, "balloon_device", None)
-            reporting = getattr(vm, "reporting", None)
+        for vm in self.vms:
+            h = vm.inspect("memory")
+            balloon = _view(vm, "balloon")
+            reporting = _view(vm, "reporting")
             rows.append([h.swap_outs, h.swap_ins, h.zero_fill_faults, h.discarded_pages,
-                         int(device.discarded_pages) if device is not None else 0,
+                         int(balloon.discarded_pages) if balloon is not None else 0,
                          reporting.reports if reporting is not None else 0,
                          reporting.refaulted_pages if reporting is not None else 0])
         return np.array(rows, dtype=np.int64)
@@ -69,8 +69,8 @@ def summarize(vm_names: Sequence[str], vms: list, workloads: list, delta: np.nda
     for i, (name, vm, w) in enumerate(zip(vm_names, vms, workloads, strict=True)):
         swap_outs, swap_ins, zero_fill, discarded, by_balloon, reports, refaulted = (
             int(x) for x in delta[i])
-        reporting = getattr(vm, "reporting", None)
-        request_ms = reporting.device.request_ms if reporting is not None else 0.0
+        reporting = _view(vm, "reporting")
+        request_ms = reporting.request_ms if reporting is not None else 0.0
         m = {
             "swap_out_pages": swap_outs, "swap_in_pages": swap_ins,
             "swap_out_bytes": swap_outs * PAGE_SIZE, "swap_in_bytes": swap_ins * PAGE_SIZE,
@@ -91,6 +91,14 @@ def summarize(vm_names: Sequence[str], vms: list, workloads: list, delta: np.nda
         if key != "peak_rss":
             out[key] = float(sum(m[key] for m in per_vm))
     return out
+
+
+def _view(vm, mechanism: str):
+    """``vm.inspect(mechanism)``, or None when the VM has no such mechanism."""
+    try:
+        return vm.inspect(mechanism)
+    except ValueError:
+        return None
 
 
 def _free_memory_on_host(vm) -> dict[str, int]:

@@ -47,6 +47,7 @@ from labkit.backends.qemu.guest import LiveGuestOps, parse_meminfo, parse_vmstat
 from labkit.backends.qemu.guestfiles import MODULE_FAILED_MARKER, READY_MARKER
 from labkit.backends.qemu.hostmem import read_host_memory
 from labkit.backends.qemu.image import GuestImage, build_guest_image
+from labkit.backends.qemu.inspect import LiveInspection
 from labkit.backends.qemu.pmem import PMEM_OPS, LivePmem
 from labkit.backends.qemu.process import (
     QemuConfig,
@@ -80,7 +81,7 @@ def _shutdown(parts: dict) -> None:
         process.stop()
 
 
-class QemuBackend:
+class QemuBackend(LiveInspection):
     """A live VM. See the module docstring and :func:`labkit.open` for the arguments."""
 
     name = "qemu"
@@ -209,6 +210,10 @@ class QemuBackend:
             return self.serial.run(command, timeout=timeout, check=check)
         except GuestDied as e:
             raise self._died(e) from None
+
+    def hmp(self, command_line: str) -> str:
+        """An HMP line through ``human-monitor-command``: QEMU's own answer."""
+        return self.qmp("human-monitor-command", **{"command-line": command_line})
 
     def qmp(self, command: str, **arguments: Any) -> Any:
         """Run a QMP command on QEMU; QEMU's errors come back as :class:`labkit.QMPError`."""
