@@ -22,6 +22,19 @@ SAMPLE_KEYS = (
     "balloon_target", "balloon_size", "host_rss", "host_swap", "host_free", "oom_kills",
 )
 
+# the columns each mechanism adds to sample() (the model adds migration's and virtio-pmem's always,
+# the others when the VM has the mechanism); the live backend adds LIVE_SAMPLE_KEYS
+MECHANISM_SAMPLE_KEYS = {
+    "reporting": ("reported_bytes", "reporting_passes", "reporting_reports", "reporting_discarded_bytes",
+                  "reporting_refaulted_bytes"),
+    "hinting": ("hinted",),
+    "migration": ("migration_active", "migration_transferred", "migration_remaining",
+                  "migration_threshold", "migration_syncs", "migration_throttle"),
+    "virtio-mem": ("virtio_mem_plugged", "virtio_mem_requested"),
+    "virtio-pmem": ("host_page_cache", "host_page_cache_dirty", "guest_dirty", "pmem_size", "pmem_memmap"),
+}
+LIVE_SAMPLE_KEYS = ("qemu_rss", "qemu_rss_anon", "qemu_rss_file")
+
 # monitor/monitor.c monitor_qapi_event_conf: events QEMU rate-limits, and the key of each limit
 THROTTLED_EVENTS_MS = {"BALLOON_CHANGE": 1000, "MEMORY_DEVICE_SIZE_CHANGE": 1000}
 

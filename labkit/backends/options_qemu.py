@@ -249,7 +249,7 @@ def _numa(line: CommandLine, objects: dict, memory: int, ram_memdev: str,
         if memdev and objects.get(memdev) is None:
             raise fail(where, f"Device '{memdev}' not found")
         nodes[node] = memdev
-    for node in range(max(nodes) + 1):
+    for node in range(max(nodes), -1, -1):  # "Report large node IDs first" (hw/core/numa.c)
         if node not in nodes:
             raise fail("numa", f"Node ID missing: {node}")
     sizes = tuple(objects[nodes[n]].size if nodes[n] else 0 for n in range(len(nodes)))
