@@ -4,7 +4,8 @@ QEMU's QMP wire protocol (docs/interop/qmp-spec.rst), so existing clients work u
 (qemu.qmp's ``QMPClient``, ``qmp-shell`` and its HMP mode ``qmp-shell -H``, libvirt-style scripts):
 
 * on connect the server sends its greeting, ``{"QMP": {"version": {"qemu": {...}, "package": ...},
-  "capabilities": []}}``; until the client sends ``qmp_capabilities`` every other command gets
+  "capabilities": ["oob"]}}`` (no model command runs out of band, as most of QEMU's don't); until
+  the client sends ``qmp_capabilities`` every other command gets
   ``CommandNotFound`` "Expecting capabilities negotiation with 'qmp_capabilities'";
 * then each ``{"execute": NAME, "arguments": {...}, "id": ID}`` is answered with ``{"return": ...}``
   or ``{"error": {"class", "desc"}}`` (``id`` echoed), from the model's monitor
@@ -57,7 +58,7 @@ HMP_PROMPT = "(qemu) "
 
 
 def greeting() -> dict:
-    return {"QMP": {"version": {"qemu": dict(QEMU_VERSION), "package": PACKAGE}, "capabilities": []}}
+    return {"QMP": {"version": {"qemu": dict(QEMU_VERSION), "package": PACKAGE}, "capabilities": ["oob"]}}
 
 
 def _error(error_class: str, desc: str) -> dict:
@@ -68,6 +69,7 @@ def _error(error_class: str, desc: str) -> dict:
 class _Client:
     writer: asyncio.StreamWriter
     negotiated: bool = False
+    oob: bool = False  # out-of-band execution enabled at negotiation
 
 
 class JsonStreamer:
@@ -201,7 +203,13 @@ class QmpServer:
         if not isinstance(message, dict):
             return _error("GenericError", "QMP input must be a JSON object")
         reply_id = {"id": message["id"]} if "id" in message else {}
-        name = message.get("execute")
+        name = message.get("execute", message.get("exec-oob"))
+        if "exec-oob" in message and "execute" not in message and isinstance(name, str):
+            # qmp_dispatch: no command of the model is allowed out of band (QEMU allows a few,
+            # such as migrate-recover); without oob negotiated, exec-oob is not even a member
+            if not client.oob:
+                return _error("GenericError", "QMP input member 'exec-oob' is unexpected") | reply_id
+            return _error("GenericError", f"The command {name} does not support OOB") | reply_id
         if not isinstance(name, str):
             return _error("GenericError", "QMP input lacks member 'execute'") | reply_id
         arguments = message.get("arguments", {})
@@ -212,9 +220,12 @@ class QmpServer:
                 return _error("CommandNotFound",
                               "Expecting capabilities negotiation with 'qmp_capabilities'") | reply_id
             enable = arguments.get("enable", [])
-            if enable:
-                return _error("GenericError", f"Capability '{enable[0]}' not available") | reply_id
-            client.negotiated = True
+            unknown = [c for c in enable if c != "oob"] if isinstance(enable, list) else [enable]
+            if unknown:
+                # QEMU 7.2's text, 'null' included (the visitor has no name for the list member)
+                return _error("GenericError", f"Parameter 'null' does not accept value "
+                                              f"'{unknown[0]}'") | reply_id
+            client.negotiated, client.oob = True, "oob" in enable
             return {"return": {}} | reply_id
         try:
             return {"return": self.vm.qmp(name, **arguments)} | reply_id
