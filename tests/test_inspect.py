@@ -71,6 +71,23 @@ def test_every_mechanism_has_a_snapshot_on_the_model():
     assert sum(z["end"] - z["start"] for z in views["memory"].zones) == views["memory"].n_pages
 
 
+def test_virtio_mem_snapshot_marks_the_subblocks_an_unplug_cannot_take():
+    # mm/memory_hotplug.c: alloc_contig_range fails (-EBUSY) on a range holding an unmovable page
+    with labkit.open(memory="1G", seed=0, balloon=False, memhp_default_state="online_kernel",
+                     virtio_mem=[{"id": "vm0", "size": "1G", "requested_size": "1G"}]) as vm:
+        vm.advance(2000)
+        vm.guest("alloc", size="64M", kind="slab")
+        view = vm.inspect("virtio-mem").devices[0]
+        unmovable_units = int(view.unmovable_units.sum())
+        state = vm.mem.state[view.region_start_pfn:view.region_start_pfn + view.blocks * 32768]
+        per_unit = state.reshape(len(view.plugged_units), -1)
+        from labkit.model.hotplug import UNMOVABLE_STATES
+
+        expected = np.isin(per_unit, list(UNMOVABLE_STATES)).any(axis=1)
+    assert unmovable_units > 0
+    np.testing.assert_array_equal(view.unmovable_units, expected)
+
+
 def test_the_migration_snapshot_has_one_row_per_sync_with_the_hinting_round():
     # hw/virtio/virtio-balloon.c: every AFTER_BITMAP_SYNC with the VM running starts a round,
     # VIRTIO_BALLOON_FREE_PAGE_HINT_CMD_ID_MIN + 1 first; the last-stage sync starts none

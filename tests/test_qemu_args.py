@@ -271,3 +271,13 @@ def test_bad_options_leave_no_vm_behind():
     with pytest.raises(QemuOptionError):
         labkit.open(host=host, qemu_args="-device virtio-balloon-pci,bogus=1")
     assert host.vms == []
+
+
+def test_the_readmes_command_line_example_runs(capsys):
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    (block,) = [b for b in re.findall(r"```python\n(.*?)```", readme, flags=re.DOTALL) if "qemu_args" in b]
+    exec(compile("import labkit\n" + block, "README.md", "exec"), {})  # noqa: S102 - our own README
+    assert "  size: 4294967296\n" in capsys.readouterr().out.replace("\r\n", "\n")

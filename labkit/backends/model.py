@@ -26,7 +26,7 @@ import numpy as np
 import simpy
 
 from labkit.backends.base import EventQueue
-from labkit.backends.inspect import ModelInspection
+from labkit.backends.inspect_model import ModelInspection
 from labkit.backends.monitor import Monitor
 from labkit.backends.options import HostOptions, VmOptions, check_fits, parse_options
 from labkit.devices.balloon import BalloonDevice, BalloonDriver
