@@ -88,8 +88,8 @@ def run_vm(args: argparse.Namespace) -> int:
     interactive = sys.stdin.isatty()
     with labkit.open(backend=args.backend, **options) as vm:
         if interactive:
-            print(f"labkit {args.backend} VM - QEMU {'7.2' if args.backend == 'model' else ''} monitor; "
-                  f"type 'help' for more information, 'quit' to stop")
+            what = "the model, with QEMU 7.2's monitor texts" if args.backend == "model" else "QEMU's monitor"
+            print(f"labkit run: {what}; type 'help' for more information, 'quit' to stop")
         last = time.monotonic()
         while True:
             if interactive:

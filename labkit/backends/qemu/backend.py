@@ -224,6 +224,10 @@ class QemuBackend(LiveInspection):
             raise self._died(e) from None
         if command == "balloon":
             self.balloon_target = int(arguments["value"])
+        elif command == "human-monitor-command":  # HMP's balloon N (MiB) sets the target too
+            words = str(arguments.get("command-line", "")).split()
+            if len(words) == 2 and words[0] == "balloon" and words[1].isdigit() and result == "":
+                self.balloon_target = int(words[1]) << 20
         return result
 
     # --- guest --------------------------------------------------------------------------------
