@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import concurrent.futures
 import json
 import os
 import shutil
@@ -83,8 +84,12 @@ async def _transcript(socket_path: str, timeout_s: float) -> dict:
 
 
 def run_transcript(socket_path: str, timeout_s: float = 120.0) -> dict:
-    """Run the transcript on ``socket_path`` with qemu.qmp's QMPClient; returns every answer."""
-    return asyncio.run(_transcript(socket_path, timeout_s))
+    """Run the transcript on ``socket_path`` with qemu.qmp's QMPClient; returns every answer.
+
+    It runs on its own thread and event loop: a test session may already run a loop on this one
+    (Playwright's sync API in the browser tests does)."""
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(asyncio.run, _transcript(socket_path, timeout_s)).result()
 
 
 def qmp_shell(socket_path: str, script: list[tuple[str, float]], hmp: bool = False,
