@@ -5,10 +5,12 @@
     labkit meminfo --memory 4G                the model guest's /proc/meminfo and /proc/buddyinfo
     labkit --version
 
-Subcommands live in a registry, :data:`COMMANDS`: ``@command("name", help=..., arguments=...)``
-registers a function that takes the parsed arguments and returns an exit code. A name with a space
-(``"guest build"``) makes a group (``labkit guest build``). Commands defined in other modules
-register the same way once the module is listed in :data:`COMMAND_MODULES`.
+Subcommands live in one table, :data:`COMMANDS`: ``@command("name", help=..., arguments=...)``
+adds a function that takes the parsed arguments and returns an exit code. A name with a space
+(``"guest build"``) makes a group (``labkit guest build``). The live backend's commands
+(:mod:`labkit.backends.qemu.commands`) and the VM commands ``labkit run`` and ``labkit serve``
+(:mod:`labkit.backends.vm_commands`) are listed in their modules as data and join the table when
+:func:`main` runs (they import heavier modules than the CLI needs to start).
 
 Sizes are parsed here, at the edge, with QEMU's suffixes (``4G`` is 4 GiB). Bad input never shows a
 traceback: a malformed option exits 2 with argparse's usage line; a value the model refuses exits 1
@@ -24,7 +26,6 @@ Node 0, zone   Normal ...
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import secrets
@@ -62,9 +63,6 @@ class Command:
 
 
 COMMANDS: dict[str, Command] = {}
-COMMAND_MODULES: tuple[str, ...] = (  # more commands, registered on import
-    "labkit.backends.qemu.commands", "labkit.scenarios.matrix_cli", "labkit.grading.cli",
-    "labkit.regress.cli")
 
 
 def command(name: str, *, help: str,
@@ -118,10 +116,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _more_commands() -> None:
+    """The live backend's commands and the VM commands, from the tables of their modules."""
+    # these register themselves with @command when imported
+    import labkit.grading.cli  # noqa: F401
+    import labkit.regress.cli  # noqa: F401
+    import labkit.scenarios.matrix_cli  # noqa: F401
+    from labkit.backends.qemu.commands import CLI_COMMANDS as live
+    from labkit.backends.vm_commands import CLI_COMMANDS as vms
+
+    for name, help_text, run, arguments in live + vms:
+        if name not in COMMANDS:
+            COMMANDS[name] = Command(name, help_text, run, arguments)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``labkit`` with ``argv`` (default: the command line) and return the exit code."""
-    for module in COMMAND_MODULES:
-        importlib.import_module(module)
+    _more_commands()
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
