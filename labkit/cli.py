@@ -38,9 +38,9 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import labkit
+from labkit.cli_args import positive_ms, project_root, size
 from labkit.errors import GuestError, HostOutOfMemory, QMPError
 from labkit.units import MiB, parse_size
 
@@ -76,24 +76,6 @@ def command(name: str, *, help: str,
     return register
 
 
-def size(text: str) -> str:
-    """argparse type: a size such as ``4G`` or ``512M`` (checked here, parsed where it is used)."""
-    try:
-        parse_size(text, name="value")
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-    return text
-
-
-def positive_ms(text: str) -> float:
-    """argparse type: milliseconds of simulated time, > 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a time in milliseconds > 0, e.g. 3000")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -117,15 +99,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _more_commands() -> None:
-    """The live backend's commands and the VM commands, from the tables of their modules."""
-    # these register themselves with @command when imported
-    import labkit.grading.cli  # noqa: F401
-    import labkit.regress.cli  # noqa: F401
-    import labkit.scenarios.matrix_cli  # noqa: F401
+    """The commands other modules declare in their ``CLI_COMMANDS`` tables (live backend, VMs, grading,
+    regression, the matrix)."""
     from labkit.backends.qemu.commands import CLI_COMMANDS as live
     from labkit.backends.vm_commands import CLI_COMMANDS as vms
+    from labkit.grading.cli import CLI_COMMANDS as grading
+    from labkit.regress.cli import CLI_COMMANDS as regress
+    from labkit.scenarios.matrix_cli import CLI_COMMANDS as matrix
 
-    for name, help_text, run, arguments in live + vms:
+    for name, help_text, run, arguments in live + vms + grading + regress + matrix:
         if name not in COMMANDS:
             COMMANDS[name] = Command(name, help_text, run, arguments)
 
@@ -297,13 +279,6 @@ def _lab_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=None,
                         help=f"port on 127.0.0.1 (default {DEFAULT_LAB_PORT}, or a free one if taken)")
 
-
-def project_root() -> Path:
-    """The checkout that holds notebooks/: the one above the package if it does, else the cwd."""
-    for candidate in (Path(__file__).resolve().parent.parent, Path.cwd()):
-        if (candidate / "notebooks").is_dir():
-            return candidate
-    return Path.cwd()
 
 
 def _port_free(port: int) -> bool:

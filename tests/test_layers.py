@@ -111,8 +111,18 @@ def test_model_sample_keys_are_the_base_and_each_mechanisms(tmp_path):
         assert set(vm.sample()) == always | {k for keys in MECHANISM_SAMPLE_KEYS.values() for k in keys}
 
 
-@pytest.mark.parametrize("recording", sorted((ROOT / "data" / "recorded").glob("*.json")),
-                         ids=lambda p: p.stem)
+RECORDED = sorted((ROOT / "data" / "recorded").glob("*.json"))
+# a replayable run holds the calls it answered; a measurement (e.g. costs.resize_speed) holds runs
+REPLAYABLE = [p for p in RECORDED if "calls" in json.loads(p.read_text())]
+
+
+def test_every_recording_is_a_replay_or_a_measurement():
+    for path in RECORDED:
+        doc = json.loads(path.read_text())
+        assert ("calls" in doc) != ("runs" in doc), f"{path.name}: neither a replay nor a measurement"
+
+
+@pytest.mark.parametrize("recording", REPLAYABLE, ids=lambda p: p.stem)
 def test_replayed_samples_have_the_protocols_keys(recording):
     from labkit.backends.qemu.record import ReplayBackend
 
