@@ -227,3 +227,8 @@ def watch(vm) -> BalloonWatch | None:
     if vm.balloon is None:
         return None
     return BalloonWatch(vm)
+
+
+def is_panicked(vm) -> bool:
+    """Did the guest kernel panic (out of memory with nothing left to kill)?"""
+    return bool(vm.kernel.panicked)

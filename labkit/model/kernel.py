@@ -233,7 +233,12 @@ class Kernel:
             self._reclaim(zones, need, direct=True)
             need -= self._take(zones, need, "min", state, parts)
         while need > 0 and not noretry:
-            self._out_of_memory(zones)
+            try:
+                self._out_of_memory(zones)
+            except GuestError:  # the kernel panicked: the pages taken so far are nobody's
+                for pfns in parts:
+                    self.free_pages(pfns, was=state)
+                raise
             need -= self._take(zones, need, "min", state, parts)
         pfns = (parts[0] if len(parts) == 1 else np.concatenate(parts) if parts
                 else np.zeros(0, dtype=np.int64))
