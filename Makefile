@@ -8,6 +8,8 @@
 #   make test PYTEST_ARGS="-k balloon -x"   pass options to pytest
 #   make test-fast                 everything but the live QEMU and real-browser tests
 #   make test-live                 only the live QEMU tests (a real Linux guest under QEMU)
+#   make fuzz                      the whole-machine fuzzer's long run (>= 50 000 random operations,
+#                                  every invariant after each; LABKIT_FUZZ_OPS=N, LABKIT_FUZZ_SEED=S)
 #   make clean                     remove .venv and the caches
 #
 # The install step is skipped while pyproject.toml and binder/requirements.txt are unchanged (their
@@ -23,10 +25,10 @@ PYTEST_ARGS ?=
 HEADLESS ?=
 PORT ?=
 
-.PHONY: help install lab lab-headless test test-fast test-live clean
+.PHONY: help install lab lab-headless test test-fast test-live fuzz clean
 
 help:
-	@sed -n '3,10s/^# \{0,1\}//p' Makefile
+	@sed -n '3,12s/^# \{0,1\}//p' Makefile
 
 install:
 	@set -e; \
@@ -68,6 +70,12 @@ test-fast:
 test-live: install
 	LABKIT_LIVE=1 BOKEH_RESOURCES=inline PATH="$(abspath $(BIN)):$$PATH" \
 	  $(BIN)/python -m pytest -m live tests/live $(PYTEST_ARGS)
+
+# tests/test_fuzz.py with its long profile (make test runs its fast one): prints the operation count
+# and the result; a failure prints hypothesis' shrunk list of steps
+fuzz: install
+	LABKIT_FUZZ=long BOKEH_RESOURCES=inline PATH="$(abspath $(BIN)):$$PATH" \
+	  $(BIN)/python -m pytest tests/test_fuzz.py -q -s -p no:cacheprovider $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis labkit.egg-info

@@ -24,3 +24,20 @@ def test_a_panic_mid_allocation_leaves_no_page_without_an_owner():
         vm.guest("alloc", size=size, kind="shmem", node=1)
     assert is_panicked(vm)
     check_machine(vm)
+
+
+def test_a_cached_window_is_not_evicted_to_make_room_for_itself(tmp_path):
+    """A write over a window of a file whose tail is cached clean, on a host with no free RAM:
+    making room for the pages not cached yet dropped the cached tail of the very window being
+    written, which the write then dirtied again: the host page cache held 768 pages more than the
+    host's RAM. The access protects its whole window from eviction now (Linux reclaims other
+    pages: the pages being written are locked in the page cache)."""
+    path = tmp_path / "pmem.img"
+    with open(path, "xb") as f:
+        f.truncate(16 * MiB)
+    vm = labkit.open(memory="256M", seed=0, balloon=False, host={"ram": "128M", "swap": "1G"},
+                     virtio_pmem=[{"id": "pmem0", "path": str(path), "size": "16M"}])
+    vm.guest("alloc", size=145965056, kind="anon")  # the host's RAM is full: swapping from here
+    vm.guest("pmem_read", device="pmem0", offset=10 * MiB, size=6 * MiB)
+    vm.guest("pmem_write", device="pmem0", offset=7 * MiB, size=9 * MiB)
+    check_machine(vm)  # before: host uses 33536 pages of RAM, it has 32768
