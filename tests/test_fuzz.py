@@ -5,7 +5,8 @@ A hypothesis ``RuleBasedStateMachine`` opens a VM with a random mix of devices (
 without deflate-on-oom, free page reporting, free page hinting; virtio-mem devices of several block
 sizes under every online policy; a virtio-pmem device; a small host with swap, with or without RAM
 discard) and drives it through public calls only (``vm.qmp``, ``vm.guest``, ``vm.advance``,
-``vm.step``): workloads of every kind, balloon targets, migrations started and cancelled (hinting),
+``vm.step``): workloads of every kind (and the background writer, a kernel build, virtio-blk
+reads and writes), balloon targets, migrations started and cancelled (hinting),
 virtio-mem plug and unplug, pmem reads, writes and flushes, drop_caches and sync, allocations big
 enough for the OOM killer, and time advances from nothing to minutes. After each step
 :func:`tests.machine_invariants.check_machine` checks every invariant (the one place that reads the
@@ -41,6 +42,7 @@ from hypothesis.stateful import (
 )
 
 import labkit
+from labkit.devices.virtio_blk import add_disk
 from labkit.errors import GuestError
 from tests.machine_invariants import check_machine, is_panicked, watch
 
@@ -97,6 +99,7 @@ def machines(draw) -> dict:
         "host": {"ram": max(64 * MiB, int(guest_max * host_ram)) // MiB * MiB,
                  "swap": 4 * guest_max, "discard": draw(st.sampled_from([True, True, False]))},
         "pmem": draw(st.sampled_from([None, None, (16, True), (16, False)])),
+        "disk": draw(st.sampled_from([None, None, "writeback", "none", "writethrough", "unsafe"])),
         "max_bandwidth": draw(st.sampled_from([0, 32 * MiB, 1024 * MiB])),
     }
 
@@ -122,20 +125,27 @@ class MachineFuzz(RuleBasedStateMachine):
         self.dead = False
         self.tmp: str | None = None
         self.opts: dict = {}
+        self.builds: list[int] = []
 
     # --- the machine ------------------------------------------------------------------------------
     @initialize(opts=machines())
     def open_vm(self, opts):
         self.opts = opts
-        kw = {k: v for k, v in opts.items() if k not in ("pmem", "max_bandwidth")}
+        kw = {k: v for k, v in opts.items() if k not in ("pmem", "max_bandwidth", "disk")}
+        if opts["pmem"] or opts["disk"]:
+            self.tmp = tempfile.mkdtemp(prefix="labkit-fuzz-")
         if opts["pmem"]:
             mib, share = opts["pmem"]
-            self.tmp = tempfile.mkdtemp(prefix="labkit-fuzz-")
             path = os.path.join(self.tmp, "pmem.img")
             with open(path, "xb") as f:
                 f.truncate(mib * MiB)
             kw["virtio_pmem"] = [{"id": "pmem0", "path": path, "size": f"{mib}M", "share": share}]
         self.vm = labkit.open(**kw)
+        if opts["disk"]:
+            path = os.path.join(self.tmp, "disk.img")
+            with open(path, "xb") as f:
+                f.truncate(64 * MiB)
+            add_disk(self.vm, path, cache=opts["disk"])  # blockdev-add + device_add over QMP
         self.watch = watch(self.vm)
         if opts["max_bandwidth"]:
             self.vm.qmp("migrate-set-parameters", **{"max-bandwidth": opts["max_bandwidth"]})
@@ -206,6 +216,32 @@ class MachineFuzz(RuleBasedStateMachine):
         """An anonymous allocation of the whole guest: the OOM killer (or deflate-on-oom) runs."""
         memory = int(self.opts["memory"][:-1]) * MiB
         self._op(self.vm.guest, "alloc", size=memory, kind="anon")
+
+    @precondition(lambda self: not self.dead)
+    @rule(index=st.integers(0, 50), rate=st.sampled_from(["0", "4M", "256M"]))
+    def writer(self, index, rate):
+        """A process dirtying its memory in the background (migration's dirtying workload)."""
+        hs = [h for h in self._handles() if h["kind"] in ("anon", "shmem") and h["name"] != "init"]
+        if hs:
+            self._op(self.vm.guest, "writer", handle=hs[index % len(hs)]["handle"], rate=rate)
+
+    @precondition(lambda self: not self.dead)
+    @rule(jobs=st.integers(1, 4), tree=st.sampled_from(["4M", "32M"]), stop=st.booleans())
+    def kernel_build(self, jobs, tree, stop):
+        """make -j: page cache read, compilers' anon memory, objects written back (or stop one)."""
+        if stop and self.builds:
+            self._op(self.vm.guest, "kernel_build_stop", build=self.builds.pop(0))
+        elif not stop and len(self.builds) < 2:
+            build = self._op(self.vm.guest, "kernel_build", jobs=jobs, tree=tree)
+            if build is not None:
+                self.builds.append(build)
+
+    @precondition(lambda self: not self.dead and self.opts.get("disk"))
+    @rule(write=st.booleans(), offset=st.integers(0, 63), size=st.integers(1, 64))
+    def disk(self, write, offset, size):
+        size = min(size, 64 - offset)
+        self._op(self.vm.guest, "blk_write" if write else "blk_read", device="blk0",
+                 offset=offset * MiB, size=size * MiB)
 
     # --- the balloon -----------------------------------------------------------------------------
     @precondition(lambda self: not self.dead and self.opts.get("balloon"))

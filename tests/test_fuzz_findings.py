@@ -41,3 +41,28 @@ def test_a_cached_window_is_not_evicted_to_make_room_for_itself(tmp_path):
     vm.guest("pmem_read", device="pmem0", offset=10 * MiB, size=6 * MiB)
     vm.guest("pmem_write", device="pmem0", offset=7 * MiB, size=9 * MiB)
     check_machine(vm)  # before: host uses 33536 pages of RAM, it has 32768
+
+
+def test_a_page_written_twice_in_one_tick_faults_once():
+    """The background writer draws the pages it dirties with replacement; a swapped-out page drawn
+    twice in one tick was swapped in twice: host RSS (``backed_pages``) ran ahead of the pages
+    actually backed. A write faults a page in once, however often the tick writes it."""
+    vm = labkit.open(memory="256M", seed=0, balloon=False, host={"ram": "128M", "swap": "1G"})
+    a = vm.guest("alloc", size=64 * MiB, kind="anon")
+    vm.guest("alloc", size=100 * MiB, kind="anon")  # the host swaps a's pages out to fit it
+    vm.guest("writer", handle=a, rate="256M", wss="64M")
+    vm.advance(200)
+    check_machine(vm)  # before: host RSS must equal the backed pages
+
+
+def test_a_kernel_build_whose_tree_was_removed_reads_nothing_more():
+    """``rm -rf`` of the tree (guest op free on the build's sources) while ``make`` reads it: the
+    build went on adding page cache to the removed file, 1024 FILE_CLEAN pages without owner.
+    A removed file gets no more page cache."""
+    vm = labkit.open(memory="256M", seed=0, balloon=False)
+    vm.guest("kernel_build", jobs=1, tree="4M")
+    vm.advance(100)
+    src = next(h["handle"] for h in vm.guest("handles") if h["name"] == "kernel-build-1 sources")
+    vm.guest("free", handle=src)
+    vm.advance(2000)
+    check_machine(vm)

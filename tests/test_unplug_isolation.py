@@ -184,3 +184,26 @@ def test_alloc_contig_range_failure_un_isolates_the_range():
     assert not (vm.mem.state[a:b] == PageState.OFFLINE).any()
     assert vm.mem.count(PageState.FREE) == free_before
     assert np.isin(vm.mem.state[a:b], [PageState.ANON, PageState.FREE, PageState.FILE_CLEAN]).all()
+
+
+def test_a_failed_big_block_unplug_gives_back_only_what_it_took_offline():
+    """BBM (a 256 MiB block: two memory blocks, one online, one added but offline): the device
+    answers BUSY while a migration runs (-ETXTBSY); the rollback fake-onlines the pages
+    alloc_contig_range took from the online block (drivers/virtio/virtio_mem.c
+    ``virtio_mem_bbm_offline_remove_and_unplug_bb``, its rollback), not the offline block's
+    PageOffline pages: before, those 32768 pages went to the free lists of no zone."""
+    vm = labkit.open(memory="512M", seed=0, memhp_default_state="offline",
+                     virtio_mem=[{"id": "vmem0", "size": "512M", "block_size": "256M"}])
+    vm.qmp("qom-set", path="vmem0", property="requested-size", value=256 * MiB)
+    vm.advance(100)
+    first = vm.guest("memory_blocks")[0]["block"]
+    vm.guest("online_memory", block=first, zone="movable")
+    vm.qmp("migrate-set-parameters", **{"max-bandwidth": MiB})
+    vm.qmp("migrate", uri="exec:cat > /dev/null")  # QEMU answers BUSY while it runs
+    vm.advance(10)
+    vm.qmp("qom-set", path="vmem0", property="requested-size", value=0)
+    vm.advance(10)
+    check_machine(vm)
+    blocks = {b["block"]: b for b in vm.guest("memory_blocks")}
+    assert blocks[first]["zone"] == "Movable" and blocks[first + 1]["zone"] is None
+    assert vm.qmp("qom-get", path="vmem0", property="size") == 256 * MiB  # nothing unplugged

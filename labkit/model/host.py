@@ -129,7 +129,8 @@ class Host:
 
     # --- guest touches and discards -----------------------------------------------------------
     def touch(self, vm: HostVM, pfns: np.ndarray, run_start: int | None = None) -> None:
-        """The guest wrote ``pfns``: fault in what is not backed (swap-in or zero-fill).
+        """The guest wrote ``pfns`` (unique page numbers: a page listed twice would be counted
+        twice): fault in what is not backed (swap-in or zero-fill).
         ``run_start``: the caller knows ``pfns`` is the run ``run_start, run_start + 1, ...``."""
         n = len(pfns)
         if n == 0:

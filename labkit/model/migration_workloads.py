@@ -96,8 +96,9 @@ class Workloads:
         yield from self.migration.wait_guest_running()
 
     def _write(self, pfns: np.ndarray) -> None:
+        """The guest writes ``pfns``; a page drawn twice in one tick faults (and counts) once."""
         if len(pfns):
-            self.kernel.touch(pfns)
+            self.kernel.touch(np.unique(pfns))
 
     # --- the writer ---------------------------------------------------------------------------
     def writer(self, handle: int, rate: int | str, wss: int | str | None = None) -> int:
@@ -174,6 +175,8 @@ class Workloads:
         return build
 
     def _file_pages(self, h: Handle, n: int, state: PageState) -> int:
+        if not h.alive:  # the files were removed (guest op free): nothing reads or writes them
+            return 0
         pfns = self.kernel.alloc_pages(n, state)
         self._write(pfns)  # the host fills the page (DMA from disk, or the compiler's write)
         h.pages = np.concatenate([h.pages, pfns]) if len(h.pages) else pfns
@@ -182,7 +185,7 @@ class Workloads:
 
     def _read_tree(self, b: KernelBuild):
         per_tick = int(64 * MiB * BUILD_TICK_MS / 1000) // PAGE_SIZE
-        while not b.stopped and len(b.source.pages) * PAGE_SIZE < b.tree_bytes:
+        while not b.stopped and b.source.alive and len(b.source.pages) * PAGE_SIZE < b.tree_bytes:
             yield from self._sleep(BUILD_TICK_MS)
             left = b.tree_bytes // PAGE_SIZE - len(b.source.pages)
             if not b.stopped and left > 0:
