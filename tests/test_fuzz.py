@@ -56,6 +56,7 @@ PROFILE = os.environ.get("LABKIT_FUZZ", "fast")
 if PROFILE not in PROFILES:
     raise ValueError(f"LABKIT_FUZZ={PROFILE!r}: accepted 'fast' or 'long'")
 SEED = int(os.environ.get("LABKIT_FUZZ_SEED", 0))
+LOG = open(os.environ["LABKIT_FUZZ_LOG"], "a") if os.environ.get("LABKIT_FUZZ_LOG") else None  # noqa: SIM115
 
 BLOCK_SIZES = {"2M": 2 * MiB, "4M": 4 * MiB, "128M": 128 * MiB, "256M": 256 * MiB}
 
@@ -140,6 +141,8 @@ class MachineFuzz(RuleBasedStateMachine):
             with open(path, "xb") as f:
                 f.truncate(mib * MiB)
             kw["virtio_pmem"] = [{"id": "pmem0", "path": path, "size": f"{mib}M", "share": share}]
+        if LOG is not None:
+            print(f"--- machine {MachineFuzz.machines_run + 1}: {opts}", file=LOG, flush=True)
         self.vm = labkit.open(**kw)
         if opts["disk"]:
             path = os.path.join(self.tmp, "disk.img")
@@ -166,6 +169,10 @@ class MachineFuzz(RuleBasedStateMachine):
         """Run one public call; a guest kernel panic (Linux panics too: out of memory with nothing
         killable) ends the machine's operations, its state still checked."""
         MachineFuzz.operations += 1
+        if LOG is not None:  # LABKIT_FUZZ_LOG: every call, flushed (to find a stall)
+            print(f"{time.monotonic():.1f} {MachineFuzz.machines_run}.{MachineFuzz.operations} "
+                  f"t={self.vm.now_ms:.1f} "
+                  f"{getattr(fn, '__name__', fn)} {args} {kwargs}", file=LOG, flush=True)
         try:
             return fn(*args, **kwargs)
         except GuestError:

@@ -66,3 +66,19 @@ def test_a_kernel_build_whose_tree_was_removed_reads_nothing_more():
     vm.guest("free", handle=src)
     vm.advance(2000)
     check_machine(vm)
+
+
+def test_a_kernel_build_whose_job_the_oom_killer_killed_stops_starting_jobs():
+    """A guest with no memory to spare: each new compiler job was OOM-killed and the build started
+    the next one at once, forever (400 kills in 5 s here; a 188 s advance of such a guest did
+    not finish in 15 minutes of the fuzzer's time). ``make`` stops at a failed recipe (a job killed
+    by signal 9 is "Error 137"): the jobs running finish, no new job starts."""
+    vm = labkit.open(memory="256M", seed=0, balloon=False)
+    vm.guest("drop_caches")
+    free = vm.meminfo()["MemFree"] * 1024
+    vm.guest("alloc", size=free - MiB, kind="slab")  # about 1 MiB left and nothing reclaimable
+    vm.guest("kernel_build", jobs=4, tree="4M")
+    vm.advance(5000)
+    assert vm.vmstat()["oom_kill"] <= 8  # before: 399
+    assert any("Killed process" in line for line in vm.dmesg())
+    check_machine(vm)
