@@ -127,6 +127,7 @@ class MachineFuzz(RuleBasedStateMachine):
         self.tmp: str | None = None
         self.opts: dict = {}
         self.builds: list[int] = []
+        self.writers: set[int] = set()
 
     # --- the machine ------------------------------------------------------------------------------
     @initialize(opts=machines())
@@ -230,7 +231,9 @@ class MachineFuzz(RuleBasedStateMachine):
         """A process dirtying its memory in the background (migration's dirtying workload)."""
         hs = [h for h in self._handles() if h["kind"] in ("anon", "shmem") and h["name"] != "init"]
         if hs:
-            self._op(self.vm.guest, "writer", handle=hs[index % len(hs)]["handle"], rate=rate)
+            handle = hs[index % len(hs)]["handle"]
+            if self._op(self.vm.guest, "writer", handle=handle, rate=rate) is not None:
+                (self.writers.discard if rate == "0" else self.writers.add)(handle)
 
     @precondition(lambda self: not self.dead)
     @rule(jobs=st.integers(1, 4), tree=st.sampled_from(["4M", "32M"]), stop=st.booleans())
@@ -329,6 +332,8 @@ class MachineFuzz(RuleBasedStateMachine):
     @precondition(lambda self: not self.dead)
     @rule(ms=TIMES)
     def advance(self, ms):
+        if self.builds or self.writers:  # simulated minutes of make -j or a writer cost real ones
+            ms = min(ms, 30_000.0)
         self._op(self.vm.advance, ms)
 
 

@@ -82,3 +82,21 @@ def test_a_kernel_build_whose_job_the_oom_killer_killed_stops_starting_jobs():
     assert vm.vmstat()["oom_kill"] <= 8  # before: 399
     assert any("Killed process" in line for line in vm.dmesg())
     check_machine(vm)
+
+
+def test_kernel_build_ids_are_never_reused():
+    """Build ids were ``len(builds) + 1``: start 1 and 2, stop 1, start another: it got id 2 and
+    replaced build 2, which ran on and could never be stopped."""
+    vm = labkit.open(memory="512M", seed=0, balloon=False)
+    first = vm.guest("kernel_build", jobs=1, tree="4M")
+    second = vm.guest("kernel_build", jobs=1, tree="4M")
+    vm.guest("kernel_build_stop", build=first)
+    third = vm.guest("kernel_build", jobs=1, tree="4M")
+    assert len({first, second, third}) == 3
+    vm.advance(1000)
+    vm.guest("kernel_build_stop", build=second)
+    vm.guest("kernel_build_stop", build=third)
+    jobs_before = sum(h["name"].startswith("anon-") for h in vm.guest("handles"))
+    vm.advance(3000)
+    assert sum(h["name"].startswith("anon-") for h in vm.guest("handles")) == jobs_before == 0
+    check_machine(vm)

@@ -86,6 +86,7 @@ class Workloads:
         self.migration = migration
         self.writers: dict[int, Writer] = {}
         self.builds: dict[int, KernelBuild] = {}
+        self._builds_started = 0
         self._started = 0
 
     def _rng(self) -> np.random.Generator:
@@ -155,7 +156,8 @@ class Workloads:
         tree_bytes = min(1 << 30, memory // 8) if tree is None else parse_size(tree, name="tree")
         if tree_bytes < 0 or tree_bytes > memory // 2:
             raise ValueError(f"tree must be between 0 and half the guest's memory, got {tree!r}")
-        build = KernelBuild(len(self.builds) + 1, jobs, self._rng(), tree_bytes)
+        self._builds_started += 1  # ids are never reused (len(builds) was, after a stop)
+        build = KernelBuild(self._builds_started, jobs, self._rng(), tree_bytes)
         build.source = new_handle(self.kernel, "file", np.zeros(0, np.int64), tree_bytes or PAGE_SIZE,
                                   name=f"kernel-build-{build.id} sources")
         build.objects = new_handle(self.kernel, "file", np.zeros(0, np.int64), PAGE_SIZE,
