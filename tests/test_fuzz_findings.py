@@ -100,3 +100,23 @@ def test_kernel_build_ids_are_never_reused():
     vm.advance(3000)
     assert sum(h["name"].startswith("anon-") for h in vm.guest("handles")) == jobs_before == 0
     check_machine(vm)
+
+
+def test_virtio_mem_frees_unplugged_memory_even_where_vfio_disables_discards():
+    """Host ``discard=False`` stands for VFIO, which disables *uncoordinated* discards (the
+    balloon's, reporting's). virtio-mem discards through its RamDiscardManager, which VFIO follows
+    (hw/virtio/virtio-mem.c realize: ``ram_block_coordinated_discard_require``): unplugged memory
+    is freed on the host. Before, it stayed backed after the unplug."""
+    vm = labkit.open(memory="256M", seed=0, balloon=False, host={"ram": "1G", "discard": False},
+                     memhp_default_state="online_movable",
+                     virtio_mem=[{"id": "vmem0", "size": "128M", "block_size": "4M"}])
+    vm.qmp("qom-set", path="vmem0", property="requested-size", value=88 * MiB)
+    vm.advance(100)
+    h = vm.guest("alloc", size=64 * MiB, kind="anon")  # the plugged memory is written: backed
+    vm.guest("free", handle=h)  # free again, still backed on the host
+    rss = vm.sample()["host_rss"]
+    vm.qmp("qom-set", path="vmem0", property="requested-size", value=0)
+    vm.advance(1000)
+    assert vm.qmp("qom-get", path="vmem0", property="size") == 0
+    assert vm.sample()["host_rss"] < rss - 60 * MiB
+    check_machine(vm)
