@@ -7,7 +7,7 @@ import pytest
 
 import labkit
 from labkit.errors import GuestError
-from tests.machine_invariants import check_machine, is_panicked
+from tests.machine_invariants import check_machine, is_panicked, watch
 
 MiB = 1 << 20
 
@@ -120,3 +120,21 @@ def test_virtio_mem_frees_unplugged_memory_even_where_vfio_disables_discards():
     assert vm.qmp("qom-get", path="vmem0", property="size") == 0
     assert vm.sample()["host_rss"] < rss - 60 * MiB
     check_machine(vm)
+
+
+def test_an_oom_deflate_during_a_leak_writes_two_requests_worth_of_actual():
+    """Not a model bug: the fuzzer's own check was too strict. With deflate-on-oom, the OOM
+    notifier runs ``leak_balloon(256)`` then ``update_balloon_size`` (drivers/virtio/virtio_balloon.c
+    ``virtio_balloon_oom_notify``) right after a leak in flight has told the host and before the
+    work item writes ``actual``: that one write moves ``actual`` by 512 pages, two requests. The
+    watch allows 256 pages per request told to the host since the last write."""
+    vm = labkit.open(memory="512M", seed=0, balloon={"deflate_on_oom": True})
+    w = watch(vm)
+    vm.qmp("balloon", value=384 * MiB)
+    vm.advance(5000)
+    vm.qmp("balloon", value=512 * MiB)
+    vm.advance(0.1)  # the first leak request waits for the host's ack
+    vm.guest("alloc", size=480 * MiB, kind="anon")  # out of memory: the OOM notifier deflates
+    assert (-512, 2) in w.moves  # the leak in flight and the OOM notifier's: one write
+    check_machine(vm)
+    assert not w.violations
