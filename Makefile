@@ -10,6 +10,8 @@
 #   make test-live                 only the live QEMU tests (a real Linux guest under QEMU)
 #   make regress [GRID="memory=2G seed=0,1"]   regression notebooks over a grid: out/regress/report.html
 #   make binder-check              build binder/ as repo2docker would (no docker), run every notebook
+#   make fuzz                      the whole-machine fuzzer's long run (>= 50 000 random operations,
+#                                  every invariant after each; LABKIT_FUZZ_OPS=N, LABKIT_FUZZ_SEED=S)
 #   make clean                     remove .venv and the caches
 #
 # The install step is skipped while pyproject.toml and binder/requirements.txt are unchanged (their
@@ -25,10 +27,10 @@ PYTEST_ARGS ?=
 HEADLESS ?=
 PORT ?=
 
-.PHONY: help install lab lab-headless test test-fast test-live regress binder-check clean
+.PHONY: help install lab lab-headless test test-fast test-live regress binder-check fuzz clean
 
 help:
-	@sed -n '3,12s/^# \{0,1\}//p' Makefile
+	@sed -n '3,16s/^# \{0,1\}//p' Makefile
 
 install:
 	@set -e; \
@@ -81,6 +83,12 @@ regress: install
 # environment, then every notebook in it (07 on a live guest); prints the time of each step
 binder-check:
 	$(PYTHON) binder/check.py
+
+# tests/test_fuzz.py with its long profile (make test runs its fast one): prints the operation count
+# and the result; a failure prints hypothesis' shrunk list of steps
+fuzz: install
+	LABKIT_FUZZ=long BOKEH_RESOURCES=inline PATH="$(abspath $(BIN)):$$PATH" \
+	  $(BIN)/python -m pytest tests/test_fuzz.py -q -s -p no:cacheprovider $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis labkit.egg-info

@@ -583,11 +583,11 @@ def test_sweep_stale_removes_dirs_of_dead_owners_only(tmp_path):
     dead = subprocess.Popen(["true"])
     dead.wait()
     gone = tmp_path / "labkit-qemu-dead"
-    gone.mkdir()
+    gone.mkdir(mode=0o700)  # what mkdtemp makes: only this user's private directories are swept
     (gone / "owner").write_text(f"{dead.pid} {dead.pid}\n")
     (gone / "qmp.sock").write_text("")
     kept = tmp_path / "labkit-qemu-live"
-    kept.mkdir()
+    kept.mkdir(mode=0o700)
     (kept / "owner").write_text(f"{os.getpid()} 1\n")
     assert sweep_stale(str(tmp_path)) == [str(gone)]
     assert not gone.exists() and kept.exists()

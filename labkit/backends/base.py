@@ -94,7 +94,9 @@ class EventQueue:
 
 
 # --- QMP argument checking, with QEMU's error texts (qapi/qobject-input-visitor.c) -------------
-_TYPE_NAMES = {int: "integer", str: "string", bool: "boolean"}
+# the QAPI type names QEMU's visitor puts in "expected: ..." (a struct is an "object")
+_TYPE_NAMES = {int: "integer", str: "string", bool: "boolean", float: "number", dict: "object",
+               list: "array"}
 
 
 def check_arguments(arguments: dict, required: dict[str, type], optional: dict[str, type]) -> None:

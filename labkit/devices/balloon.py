@@ -17,10 +17,15 @@ hw/virtio/virtio-balloon.c and system/balloon.c, QEMU 7.x-9.x):
 * QEMU discards inflated pages (``ram_block_discard_range``), so host RSS falls only by the pages that
   were backed; deflated pages are merely ``MADV_WILLNEED``-ed and stay unbacked until touched. With RAM
   discard disabled (as under VFIO) requests are acked and nothing is freed.
+* Pages on the balloon list are movable (balloon compaction, ``virtballoon_migratepage``): when
+  virtio-mem takes a range back, they migrate and the list follows. Pages in flight are not: those
+  ``leak_balloon`` dequeued and has not released yet (``balloon_page_list_dequeue`` takes them off
+  the list and clears their movable ops, mm/balloon_compaction.c) and those an Out-of-puff fill
+  holds on its local list across its 200 ms sleep; a range holding one fails with -EBUSY.
 
 Simplifications: a request's round trip takes a fixed ``request_ms`` of simulated time (a model knob;
-the live backend measures the real one); balloon compaction (migrating balloon pages) is not modelled;
-the OOM notifier's deflate takes no simulated time.
+the live backend measures the real one); compaction for its own sake (not for a virtio-mem unplug)
+is not modelled; the OOM notifier's deflate takes no simulated time.
 """
 
 from __future__ import annotations
@@ -236,6 +241,9 @@ class BalloonDriver:
         if self.deflate_on_oom:
             kernel.oom_notifiers.append(self.oom_notify)
         kernel.remap_hooks.append(self._migrated)  # balloon compaction: virtballoon_migratepage
+        # pages in flight (dequeued by leak_balloon and not yet released, or held on an
+        # Out-of-puff fill's local list) are not movable: migration cannot isolate them
+        kernel.unmovable_holders.append(lambda: self.in_flight)
         self._worker = env.process(self._work())
         self.stats_request()  # init_vqs primes the stats queue with one buffer at probe
 
@@ -345,12 +353,21 @@ class BalloonDriver:
         self.num_pages = need
 
     def _migrated(self, old_sorted: np.ndarray, new_sorted: np.ndarray) -> None:
-        """Balloon pages moved by page migration: the balloon list follows them."""
+        """Balloon pages moved by page migration (``virtballoon_migratepage``): the balloon list
+        follows them, the new page is inflated (the host discards it) and the old one deflated.
+        Linux tells the host page by page; here one request each way per migrated batch."""
         pages = self._pages[:self.num_pages]
+        if len(pages) == 0:
+            return
         at = np.searchsorted(old_sorted, pages)
         at[at == len(old_sorted)] = 0
         hit = old_sorted[at] == pages
+        if not hit.any():
+            return
+        old = pages[hit]
         pages[hit] = new_sorted[at[hit]]
+        self.device.handle_inflate(pages[hit])
+        self.device.handle_deflate(old)
 
     def _update_balloon_size(self, chased: int | None) -> None:
         """update_balloon_size: write ``actual`` into config space (``chased``: the target the

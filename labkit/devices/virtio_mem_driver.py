@@ -403,9 +403,12 @@ class VirtioMemDriver:
                 if any(zones) and self.hotplug.alloc_contig_range(a, b, attempts=attempts):
                     continue  # busy: skipped
                 rc = yield from self._send(Request.UNPLUG, int(unit), 1)
-                if rc:
-                    self.hotplug.fake_online(np.flatnonzero(
-                        self.kernel.mem.state[a:b] == int(PageState.OFFLINE)) + a)
+                if rc:  # roll back what was fake-offlined: the online memory blocks' pages only
+                    for mb, zone in zip(mbs, zones, strict=True):
+                        if zone is not None:
+                            lo, hi = self.hotplug.block_range(self.first_mb + mb)
+                            self.hotplug.fake_online(np.flatnonzero(
+                                self.kernel.mem.state[lo:hi] == int(PageState.OFFLINE)) + lo)
                     return rc
                 for mb in mbs:
                     was_offline = self.mb_online_zone(mb) is None

@@ -41,7 +41,9 @@ class VirtioMem:
             def discard(offset: int, size: int, region=region) -> int:
                 a = region.start + offset // PAGE_SIZE
                 pfns = np.arange(a, a + size // PAGE_SIZE, dtype=np.int64)
-                return host.discard(kernel.host_vm, pfns)
+                # coordinated (RamDiscardManager): it frees memory even where VFIO disables
+                # the balloon's discards (host discard=False)
+                return host.discard(kernel.host_vm, pfns, coordinated=True)
 
             device = VirtioMemDevice(spec["id"], region.memaddr, spec["size"], spec["block_size"],
                                      spec["node"], spec["requested_size"], discard=discard, busy=busy,

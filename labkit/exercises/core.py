@@ -85,7 +85,12 @@ class Part:
             raise TypeError(f"{self.name} must be {accepted}, got {value!r}")
         if isinstance(value, bool | np.bool_) or not isinstance(value, numbers.Real):
             raise TypeError(f"{self.name} must be {accepted}, got {value!r} ({type(value).__name__})")
-        number = float(value)
+        try:  # an int beyond a float (10**400) is not an answer either: OverflowError otherwise
+            number = float(value)
+        except OverflowError:
+            digits = str(value)
+            raise ValueError(f"{self.name} must be a finite number, got {digits[:12]}... "
+                             f"({len(digits)} digits, too large for any answer)") from None
         if not math.isfinite(number):
             raise ValueError(f"{self.name} must be a finite number, got {value!r}")
         if self.kind == "int":

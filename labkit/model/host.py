@@ -81,8 +81,9 @@ class Host:
     """A host with ``ram`` bytes for guest memory and ``swap`` bytes of swap.
 
     ``discard=False`` models a host where RAM discard is disabled, as when a vfio-pci device is
-    assigned (``ram_block_discard_disable``): QEMU still acks balloon and reporting requests, but
-    frees nothing (hw/virtio/virtio-balloon.c ``virtio_balloon_inhibited``).
+    assigned (``ram_block_uncoordinated_discard_disable``): QEMU still acks balloon and reporting
+    requests, but frees nothing (hw/virtio/virtio-balloon.c ``virtio_balloon_inhibited``);
+    virtio-mem's coordinated discards still free memory (:meth:`discard`).
     """
 
     def __init__(self, ram: int, swap: int = 0, *, discard: bool = True, swapin_us: float = 100.0):
@@ -129,7 +130,8 @@ class Host:
 
     # --- guest touches and discards -----------------------------------------------------------
     def touch(self, vm: HostVM, pfns: np.ndarray, run_start: int | None = None) -> None:
-        """The guest wrote ``pfns``: fault in what is not backed (swap-in or zero-fill).
+        """The guest wrote ``pfns`` (unique page numbers: a page listed twice would be counted
+        twice): fault in what is not backed (swap-in or zero-fill).
         ``run_start``: the caller knows ``pfns`` is the run ``run_start, run_start + 1, ...``."""
         n = len(pfns)
         if n == 0:
@@ -162,9 +164,14 @@ class Host:
         if not ranged:
             flags[pfns] = f
 
-    def discard(self, vm: HostVM, pfns: np.ndarray) -> int:
-        """``ram_block_discard_range`` on ``pfns``: returns how many backed pages were freed."""
-        if not self.discard_enabled or len(pfns) == 0:
+    def discard(self, vm: HostVM, pfns: np.ndarray, *, coordinated: bool = False) -> int:
+        """``ram_block_discard_range`` on ``pfns``: returns how many backed pages were freed.
+
+        ``discard=False`` on the host stands for VFIO, which disables only *uncoordinated*
+        discards (the balloon, free page reporting); a ``coordinated`` discard (virtio-mem, whose
+        RamDiscardManager tells VFIO to unmap first: ``ram_block_coordinated_discard_require`` in
+        hw/virtio/virtio-mem.c) still frees the memory."""
+        if (not self.discard_enabled and not coordinated) or len(pfns) == 0:
             return 0
         flags = vm.mem.flags
         f = flags[pfns]

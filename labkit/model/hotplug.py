@@ -181,50 +181,78 @@ class MemoryHotplug:
     def alloc_contig_range(self, start: int, end: int, *, attempts: int = 1) -> int:
         """Migrate movable pages out of [start, end) and claim the range as PageOffline.
 
-        Returns 0, -EBUSY (an unmovable or pinned page) or -ENOMEM (nowhere to migrate to).
-        Nothing changes on failure."""
-        state = self.mem.state[start:end]
-        if _UNMOVABLE_LUT[state].any():
+        As mm/page_alloc.c ``alloc_contig_range`` does: ``start_isolate_page_range`` first
+        (mm/page_isolation.c: the range's free pages leave the free lists, and pages freed into
+        it later stay isolated, so reclaim done to allocate migration targets cannot hand a page
+        of the range back out), then migrate what is in use, then check that every page is
+        isolated (``test_pages_isolated``). A page migration cannot isolate fails the range
+        with -EBUSY: unmovable kernel pages, pinned pages, and pages an owner holds off the LRU
+        and off the movable lists (balloon pages ``leak_balloon`` dequeued and has not released
+        yet, or an Out-of-puff fill's local list: mm/balloon_compaction.c
+        ``balloon_page_list_dequeue`` clears their movable ops; mechanisms.md §5.5).
+
+        Returns 0, -EBUSY or -ENOMEM (nowhere to migrate to). On failure the range is
+        un-isolated (``undo_isolate_page_range``): its free pages go back to the buddy allocator;
+        pages already migrated stay where they went, as in Linux."""
+        mem, kernel = self.mem, self.kernel
+        state = mem.state[start:end]
+        if _UNMOVABLE_LUT[state].any() or kernel.held_unmovable(start, end):
             return -errno.EBUSY
-        pinned = (self.mem.flags[start:end] & np.uint8(PageFlag.MOVABLE_PIN)) != 0
+        pinned = (mem.flags[start:end] & np.uint8(PageFlag.MOVABLE_PIN)) != 0
         if pinned.any():
             if attempts <= 1:
                 return -errno.EBUSY
-            self.mem.flags[start:end][pinned] &= np.uint8(~int(PageFlag.MOVABLE_PIN) & 0xFF)
+            mem.flags[start:end][pinned] &= np.uint8(~int(PageFlag.MOVABLE_PIN) & 0xFF)
+        was_offline = state == int(PageState.OFFLINE)  # a copy: unplugged before we came
+        has_movable = bool(_MOVABLE_LUT[state].any())
         free = np.flatnonzero(state == int(PageState.FREE)) + start
         # isolating free pages takes them off the free lists: PageReported goes, as on allocation
-        for hook in self.kernel.alloc_hooks:
+        for hook in kernel.alloc_hooks:
             hook(free)
-        self.mem.flags[start:end] &= np.uint8(~int(PageFlag.REPORTED) & 0xFF)
+        mem.flags[start:end] &= np.uint8(~int(PageFlag.REPORTED) & 0xFF)
         if len(free) == end - start:  # an empty range: slices, not an index array
-            self.mem.set_range_state(start, end, PageState.OFFLINE)
+            mem.set_range_state(start, end, PageState.OFFLINE)
         else:
-            self.mem.set_state(free, PageState.OFFLINE)  # isolated: the allocator can't hand them out
-        for zi in {int(z) for z in self.mem.zone_index_of(np.array([start, end - 1]))}:
+            mem.set_state(free, PageState.OFFLINE)  # isolated: the allocator can't hand them out
+        for zi in {int(z) for z in mem.zone_index_of(np.array([start, end - 1]))}:
             if zi >= 0:
-                self.kernel.allocators[int(zi)].invalidate()
-        moved_old, moved_new = [], []
-        for s in MOVABLE_STATES if _MOVABLE_LUT[state].any() else ():  # an empty range: no scan
-            old = np.flatnonzero(self.mem.state[start:end] == s) + start
+                kernel.allocators[int(zi)].invalidate()
+        kernel.isolated.append((start, end))
+        try:
+            rc = self._migrate_range(start, end) if has_movable else 0
+        finally:
+            kernel.isolated.remove((start, end))
+        if rc == 0 and (mem.state[start:end] != int(PageState.OFFLINE)).any():
+            rc = -errno.EBUSY  # test_pages_isolated: a page is not free in the isolated range
+        if rc:
+            ours = (mem.state[start:end] == int(PageState.OFFLINE)) & ~was_offline
+            kernel.free_pages(np.flatnonzero(ours) + start)
+        return rc
+
+    def _migrate_range(self, start: int, end: int) -> int:
+        """``__alloc_contig_migrate_range`` on an isolated range: each movable state's pages get
+        targets outside it, owners follow (``remap_pages``), the old pages stay isolated. The
+        targets are allocated with reclaim, which may free pages of the range: those are no
+        longer migrated (their owner let go of them) and stay isolated as they were freed."""
+        mem, kernel = self.mem, self.kernel
+        for s in MOVABLE_STATES:
+            old = np.flatnonzero(mem.state[start:end] == s) + start
             if len(old) == 0:
                 continue
-            new = self.kernel.alloc_pages(len(old), s, movable=True, noretry=True)
+            new = kernel.alloc_pages(len(old), s, movable=True, noretry=True)
+            old = old[mem.state[old] == s]  # reclaim freed some of them into the isolated range
             if len(new) < len(old):
-                # -ENOMEM: give back the targets and un-isolate the free pages. (Linux leaves the
-                # pages migrated so far where they went; here nothing has moved yet.)
-                for n in [*moved_new, new]:
-                    self.kernel.free_pages(n)
-                self.kernel.free_pages(free)
+                kernel.free_pages(new)
                 return -errno.ENOMEM
-            backed = (self.mem.flags[old] & np.uint8(PageFlag.BACKED | PageFlag.SWAPPED)) != 0
-            self.kernel.touch(new[backed])  # the copy writes the target pages
-            moved_old.append(old)
-            moved_new.append(new)
-        if moved_old:
-            old = np.concatenate(moved_old)
-            new = np.concatenate(moved_new)
-            self.kernel.remap_pages(old, new)
-            self.mem.set_state(old, PageState.OFFLINE)
+            if len(new) > len(old):
+                kernel.free_pages(new[len(old):])
+                new = new[:len(old)]
+            if len(old) == 0:
+                continue
+            backed = (mem.flags[old] & np.uint8(PageFlag.BACKED | PageFlag.SWAPPED)) != 0
+            kernel.touch(new[backed])  # the copy writes the target pages
+            kernel.remap_pages(old, new)
+            mem.set_state(old, PageState.OFFLINE)  # the old page is freed into the isolated range
             self.migrated_pages += len(old)
         return 0
 

@@ -134,6 +134,13 @@ class Kernel:
         self.shrinkers: list[Callable[[int], int]] = []
         # remap hooks: page owners outside the handles (the balloon list) follow migration
         self.remap_hooks: list[Callable[[np.ndarray, np.ndarray], None]] = []
+        # unmovable holders: each returns PFNs its owner holds off the LRU and off the movable
+        # lists, so migration cannot isolate them (balloon pages between balloon_page_list_dequeue
+        # and release, an Out-of-puff fill's local list): alloc_contig_range fails -EBUSY on them
+        self.unmovable_holders: list[Callable[[], np.ndarray]] = []
+        # PFN ranges [start, end) isolated by start_isolate_page_range (MIGRATE_ISOLATE pageblocks):
+        # a page freed into one stays isolated (PageOffline here), off the free lists
+        self.isolated: list[tuple[int, int]] = []
         self.hotplug = None  # MemoryHotplug, when the guest has hot-pluggable memory
         self.dmesg: list[tuple[float, str]] = []
         self.panicked: str | None = None
@@ -226,7 +233,12 @@ class Kernel:
             self._reclaim(zones, need, direct=True)
             need -= self._take(zones, need, "min", state, parts)
         while need > 0 and not noretry:
-            self._out_of_memory(zones)
+            try:
+                self._out_of_memory(zones)
+            except GuestError:  # the kernel panicked: the pages taken so far are nobody's
+                for pfns in parts:
+                    self.free_pages(pfns, was=state)
+                raise
             need -= self._take(zones, need, "min", state, parts)
         pfns = (parts[0] if len(parts) == 1 else np.concatenate(parts) if parts
                 else np.zeros(0, dtype=np.int64))
@@ -241,6 +253,10 @@ class Kernel:
         in, when the caller knows it (the balloon's pages are BALLOON): spares reading them."""
         if len(pfns) == 0:
             return
+        if self.isolated:
+            pfns = self._free_isolated(pfns)
+            if len(pfns) == 0:
+                return
         zone = 0 if len(self.mem.zones) == 1 else self.mem._single_zone(pfns)
         if was is not None and zone is not None:
             self.mem.move_known(pfns, was, PageState.FREE, zone)
@@ -254,6 +270,26 @@ class Kernel:
                 self.allocators[int(zi)].freed(pfns[zone_ids == zi])
         for hook in self.free_hooks:
             hook(pfns)
+
+    def _free_isolated(self, pfns: np.ndarray) -> np.ndarray:
+        """Pages freed into an isolated range go to the MIGRATE_ISOLATE free list, which nothing
+        allocates from (mm/page_alloc.c ``__free_one_page`` with the pageblock's isolate type): they
+        stay PageOffline until the range is claimed or un-isolated. Returns the other pages."""
+        inside = np.zeros(len(pfns), dtype=bool)
+        for a, b in self.isolated:  # a loop over ranges (one at a time in practice), not pages
+            inside |= (pfns >= a) & (pfns < b)
+        if inside.any():
+            self.mem.set_state(pfns[inside], PageState.OFFLINE)
+            return pfns[~inside]
+        return pfns
+
+    def held_unmovable(self, start: int, end: int) -> bool:
+        """Does an owner hold a page of [start, end) where migration cannot isolate it?"""
+        for holder in self.unmovable_holders:
+            held = holder()
+            if len(held) and np.count_nonzero((held >= start) & (held < end)):
+                return True
+        return False
 
     def recompute_watermarks(self) -> None:
         """setup_per_zone_wmarks after memory was onlined or offlined."""

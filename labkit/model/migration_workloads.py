@@ -10,7 +10,9 @@ serial shell):
 * ``vm.guest("kernel_build", jobs=4)``: a ``make -j4``-like mix: the source tree is read into the
   page cache, each job maps and writes an anonymous working set (compiler memory), keeps rewriting
   part of it, writes an object file (dirty page cache) and exits; writeback every 5 s. Returns an id
-  for ``vm.guest("kernel_build_stop", build=id)``.
+  for ``vm.guest("kernel_build_stop", build=id)``. A job killed (by the OOM killer) fails the build, as
+  ``make`` stops at a failed recipe: the jobs running finish, no new one starts, the tree is read
+  no further (``KernelBuild.failed`` says why).
 
 Both stop while the VM is stopped for the final stop-and-copy of a migration (the guest's time
 stands still) and run ``1 - cpu-throttle-percentage`` as fast under auto-converge. Writes go
@@ -72,6 +74,7 @@ class KernelBuild:
     jobs_done: int = 0
     bytes_written: int = 0
     stopped: bool = False
+    failed: str | None = None  # why the build stopped by itself (a job was killed)
 
 
 class Workloads:
@@ -87,6 +90,7 @@ class Workloads:
         self.seed = seed
         self.writers: dict[int, Writer] = {}
         self.builds: dict[int, KernelBuild] = {}
+        self._builds_started = 0
         self._started = 0
         migration.workloads = self
 
@@ -101,8 +105,10 @@ class Workloads:
         yield from self.migration.wait_guest_running()
 
     def _write(self, pfns: np.ndarray) -> None:
+        """The guest writes ``pfns``; a page drawn twice in one tick faults (and counts) once."""
         if len(pfns):
-            self.kernel.touch(pfns)
+            pfns = np.sort(pfns)  # np.unique's hash table costs ~10x more for a tick's few pages
+            self.kernel.touch(pfns[np.concatenate(([True], pfns[1:] != pfns[:-1]))])
 
     # --- the writer ---------------------------------------------------------------------------
     def writer(self, handle: int, rate: int | str, wss: int | str | None = None) -> int:
@@ -155,7 +161,8 @@ class Workloads:
         tree_bytes = min(1 << 30, memory // 8) if tree is None else parse_size(tree, name="tree")
         if tree_bytes < 0 or tree_bytes > memory // 2:
             raise ValueError(f"tree must be between 0 and half the guest's memory, got {tree!r}")
-        build = KernelBuild(len(self.builds) + 1, jobs, self._rng(), tree_bytes)
+        self._builds_started += 1  # ids are never reused (len(builds) was, after a stop)
+        build = KernelBuild(self._builds_started, jobs, self._rng(), tree_bytes)
         build.source = new_handle(self.kernel, "file", np.zeros(0, np.int64), tree_bytes or PAGE_SIZE,
                                   name=f"kernel-build-{build.id} sources")
         build.objects = new_handle(self.kernel, "file", np.zeros(0, np.int64), PAGE_SIZE,
@@ -179,6 +186,8 @@ class Workloads:
         return build
 
     def _file_pages(self, h: Handle, n: int, state: PageState) -> int:
+        if not h.alive:  # the files were removed (guest op free): nothing reads or writes them
+            return 0
         pfns = self.kernel.alloc_pages(n, state)
         self._write(pfns)  # the host fills the page (DMA from disk, or the compiler's write)
         h.pages = np.concatenate([h.pages, pfns]) if len(h.pages) else pfns
@@ -187,41 +196,45 @@ class Workloads:
 
     def _read_tree(self, b: KernelBuild):
         per_tick = int(64 * MiB * BUILD_TICK_MS / 1000) // PAGE_SIZE
-        while not b.stopped and len(b.source.pages) * PAGE_SIZE < b.tree_bytes:
+        while (not b.stopped and b.failed is None and b.source.alive
+               and len(b.source.pages) * PAGE_SIZE < b.tree_bytes):
             yield from self._sleep(BUILD_TICK_MS)
             left = b.tree_bytes // PAGE_SIZE - len(b.source.pages)
             if not b.stopped and left > 0:
                 self._file_pages(b.source, min(per_tick, left), PageState.FILE_CLEAN)
 
     def _writeback(self, b: KernelBuild):
-        while not b.stopped:
+        while not b.stopped and b.failed is None:
             yield from self._sleep(WRITEBACK_MS)
             self.ops.sync()
 
     def _job(self, b: KernelBuild):
         memory = self.kernel.mem.n_pages * PAGE_SIZE
-        while not b.stopped:
+        while not b.stopped and b.failed is None:  # jobs already running finish their work
             size = int(b.rng.uniform(32, 192) * MiB) // PAGE_SIZE * PAGE_SIZE
             size = max(PAGE_SIZE, min(size, memory // 32 // PAGE_SIZE * PAGE_SIZE))
             life_ms = float(b.rng.uniform(400, 1600))
             handle = self.ops.alloc(size, "anon")  # maps and writes its memory
             b.job_handles.add(handle)
             b.bytes_written += size
-            h = self.kernel.handles.get(handle)
+            h = self.kernel.handles[handle]
             rewrites = int(32 * MiB * BUILD_TICK_MS / 1000) // PAGE_SIZE
             for _ in range(int(life_ms // BUILD_TICK_MS)):
-                yield from self._sleep(BUILD_TICK_MS)
-                if b.stopped or h is None or not h.alive:
+                if b.stopped or not h.alive:
                     break
-                self._write(h.pages[_uniform_indices(b.rng, len(h.pages), rewrites)])
-                b.bytes_written += rewrites * PAGE_SIZE
+                yield from self._sleep(BUILD_TICK_MS)
+                if h.alive and not b.stopped:
+                    self._write(h.pages[_uniform_indices(b.rng, len(h.pages), rewrites)])
+                    b.bytes_written += rewrites * PAGE_SIZE
             if b.stopped:
                 break
-            if h is not None and h.alive:
-                obj = max(1, len(h.pages) // 8)
-                b.bytes_written += self._file_pages(b.objects, obj, PageState.FILE_DIRTY) * PAGE_SIZE
-                self.ops.free(handle)
             b.job_handles.discard(handle)
+            if not h.alive:  # the OOM killer (or a free) killed this job: make starts no new one
+                b.failed = f"job {handle} was killed (the OOM killer, or freed): make: Error 137"
+                break
+            obj = max(1, len(h.pages) // 8)
+            b.bytes_written += self._file_pages(b.objects, obj, PageState.FILE_DIRTY) * PAGE_SIZE
+            self.ops.free(handle)
             b.jobs_done += 1
 
 

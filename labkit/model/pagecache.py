@@ -172,12 +172,13 @@ class HostPageCache:
         """Host RAM this cache holds: cached file pages plus MAP_PRIVATE copies."""
         return self.cached_pages + self.private_pages
 
-    def _reserve(self, f: CachedFile, first: int, n_new: int) -> None:
+    def _reserve(self, f: CachedFile, first: int, n: int, n_new: int) -> None:
         """Find host RAM for ``n_new`` more pages (clean cache first, then swap; may raise
-        HostOutOfMemory), keeping [first, first + n) of ``f`` out of the eviction."""
+        HostOutOfMemory), keeping the whole window [first, first + n) of ``f`` out of the
+        eviction: the access is about to use every page of it, cached or not."""
         if n_new <= 0 or n_new <= self.host.free_pages:
             return
-        self._protect = (f, first, first + n_new)
+        self._protect = (f, first, first + n)
         try:
             self.host._make_room(n_new)
         finally:
@@ -189,7 +190,7 @@ class HostPageCache:
         f.check_range(first, n)
         window = f.state[first:first + n]
         misses = int(np.count_nonzero(window == FilePage.NOT_CACHED))
-        self._reserve(f, first, misses)
+        self._reserve(f, first, n, misses)
         window = f.state[first:first + n]
         window[window == FilePage.NOT_CACHED] = FilePage.CLEAN
         f.last_used = now
@@ -203,7 +204,7 @@ class HostPageCache:
         f.check_range(first, n)
         window = f.state[first:first + n]
         new = int(np.count_nonzero(window == FilePage.NOT_CACHED))
-        self._reserve(f, first, new)
+        self._reserve(f, first, n, new)
         f.state[first:first + n] = FilePage.DIRTY
         if f.dirtied_when is None:  # __mark_inode_dirty: the inode's first dirtying time
             f.dirtied_when = now

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -304,7 +305,16 @@ def generate_traces(n_vms: int = 4, hours: float = 6, seed: int = 0, *, start: i
 
 
 def write_traces(traces: Sequence[Trace], directory: str | Path) -> list[Path]:
-    """Write each trace to ``directory/<name>.csv``; returns the paths."""
+    """Write each trace to ``directory/<name>.csv``; returns the paths.
+
+    A trace's name becomes a file name in ``directory`` and nothing else: a name with a path
+    separator, ``..``, a leading dot or a NUL is refused (ValueError) before anything is written."""
+    for trace in traces:
+        name = trace.name
+        if (not isinstance(name, str) or not name or name.startswith(".") or "\0" in name
+                or "/" in name or os.sep in name or (os.altsep and os.altsep in name)):
+            raise ValueError(f"trace name {name!r} cannot name a file in {str(directory)!r}: use a "
+                             f"plain name (no path separator, not starting with a dot)")
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     paths = []

@@ -16,6 +16,7 @@ inside a real guest over its serial shell):
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,6 +26,7 @@ from labkit.model.pages import STRUCT_PAGE_SIZE, GuestMemory, PageState
 from labkit.units import MiB, PAGE_SIZE, format_size
 
 INIT_ANON = 4 * MiB  # pid 1's own memory: the OOM killer never chooses init
+ALLOC_CHUNK_PAGES = 1 << 18  # alloc() populates at most 1 GiB at a time (bounded temporaries)
 # "slab": unmovable kernel memory a workload makes the kernel allocate (dentries, inodes, page
 # tables): it lands wherever the unmovable allocation finds room, and pins that memory block
 KINDS = {"anon": PageState.ANON, "shmem": PageState.SHMEM, "file": PageState.FILE_CLEAN,
@@ -127,6 +129,9 @@ class GuestOps:
         self.kernel = kernel
 
     def _handle(self, handle: int) -> Handle:
+        # numpy integers are handles too (a handle read out of an array); bools are not
+        if isinstance(handle, numbers.Integral) and not isinstance(handle, bool | np.bool_):
+            handle = int(handle)
         h = self.kernel.handles.get(handle) if isinstance(handle, int) else None
         if h is None or h.name in ("kernel",):
             user = [i for i, x in self.kernel.handles.items() if x.alive and x.kind != "kernel"]
@@ -151,7 +156,10 @@ class GuestOps:
         movable = kind != "slab"
         zones = self.kernel.zonelist(movable, node)
         headroom = sum(self.kernel.zone_free(z) - self.kernel.watermarks[z].low for z in zones)
-        step = n if headroom >= n else 256
+        # A large allocation goes in chunks of ALLOC_CHUNK_PAGES: the allocator's and the host's
+        # temporaries (~26 bytes a page) stay bounded; only the handle's page list (8 bytes a
+        # page) grows with the size. A faulting process populates its memory piece by piece too.
+        step = min(n, ALLOC_CHUNK_PAGES) if headroom >= n else 256
         done = 0
         held = None  # h.pages grows in place in here (the OOM killer reads it as it grows)
         while done < n:

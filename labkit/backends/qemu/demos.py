@@ -14,7 +14,10 @@ guest, and on a :class:`~labkit.backends.qemu.record.ReplayBackend` of a recordi
 
 from __future__ import annotations
 
+import atexit
 import copy
+import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -115,16 +118,35 @@ def _pmem(vm: Any) -> list[dict]:
     return rows
 
 
+def private_file(name: str, size: int) -> Path:
+    """A new sparse file of ``size`` bytes in a directory made for it alone (``mkdtemp``: mode
+    0700, a fresh random name), created with ``O_CREAT | O_EXCL | O_NOFOLLOW``: nothing planted in
+    the shared temp directory (a symlink, a file of the same name) is ever opened, truncated or
+    written. The directory is removed when the interpreter exits."""
+    directory = tempfile.mkdtemp(prefix="labkit-demo-")
+    _PRIVATE_DIRS.append(directory)
+    path = Path(directory) / name
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.truncate(size)
+    return path
+
+
+@atexit.register
+def _remove_private_dirs() -> None:
+    while _PRIVATE_DIRS:
+        shutil.rmtree(_PRIVATE_DIRS.pop(), ignore_errors=True)
+
+
 def _pmem_vm() -> dict:
-    """The pmem demo's VM: 512 MiB and a 256 MiB virtio-pmem region on a sparse file in the temp
-    directory, emptied on every call (a live run writes into it; the model needs it to exist)."""
-    path = Path(tempfile.gettempdir()) / PMEM_DEMO_FILE
-    with open(path, "wb") as f:
-        f.truncate(256 * MiB)
+    """The pmem demo's VM: 512 MiB and a 256 MiB virtio-pmem region on a fresh sparse file of its
+    own on every call (a live run writes into it; the model needs it to exist)."""
+    path = private_file(PMEM_DEMO_FILE, 256 * MiB)
     return {"memory": 512 * MiB, "virtio_pmem": [{"id": "vpmem0", "path": str(path), "size": 256 * MiB}]}
 
 
-PMEM_DEMO_FILE = "labkit-demo-pmem.img"
+PMEM_DEMO_FILE = "pmem.img"
+_PRIVATE_DIRS: list[str] = []
 VIRTIO_MEM_VM = {"memory": 512 * MiB, "virtio_mem": [{"id": "vm0", "size": 1024 * MiB}]}
 # a VM's options, or a function returning them (when they need a file made first)
 DEMOS: dict[str, tuple[dict | Callable[[], dict], Callable[[Any], list[dict]]]] = {

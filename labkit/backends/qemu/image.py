@@ -45,6 +45,8 @@ from labkit.backends.qemu.kernel import (
     find_kernel,
     plan_modules,
     read_module,
+    safe_name,
+    under,
 )
 from labkit.backends.qemu.pvh import extract_pvh_vmlinux
 
@@ -196,11 +198,15 @@ def build_guest_image(kernel: str | Path | None = None, *, cache_dir: str | Path
     busybox = find_busybox()
     names = [name for name, _ in plan.load]
     key = _build_key(source, busybox, names, helper != "dd")
-    directory = root / "guest" / source.version
+    # the version is a validated single name (kernel.safe_name); checked again here because this
+    # directory is removed and replaced below
+    directory = under(root / "guest", root / "guest" / safe_name(source.version, "kernel version"))
     if not rebuild and (image := _load(directory, key)) is not None:
         return image
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    with open(directory.parent / ".lock", "w") as lock:
+    directory.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    lock_fd = os.open(directory.parent / ".lock", os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
+                      0o600)
+    with os.fdopen(lock_fd, "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # two builds at once: the second reuses the first's result
         if not rebuild and (image := _load(directory, key)) is not None:
             return image

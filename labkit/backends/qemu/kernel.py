@@ -50,6 +50,37 @@ class KernelNotFound(RuntimeError):
     """No usable guest kernel: the message says every place that was tried and why it failed."""
 
 
+# A kernel release (``uname -r``: 6.1.0-56-cloud-amd64) and a Debian package name
+# (linux-image-6.1.0-56-cloud-amd64) name directories in the cache: nothing else may get there.
+SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+~-]{0,127}")
+
+
+def safe_name(text: str, what: str) -> str:
+    """``text`` if it can name one directory (letters, digits and ``. _ + ~ -``, not starting with
+    a dot or a dash, at most 128 characters: no ``/``, no ``..``); else :class:`KernelNotFound`.
+
+    >>> safe_name("6.1.0-56-cloud-amd64", "kernel version")
+    '6.1.0-56-cloud-amd64'
+    >>> safe_name("../../../victim", "kernel version")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    labkit.backends.qemu.kernel.KernelNotFound: kernel version '../../../victim' cannot name a ...
+    """
+    if not isinstance(text, str) or not SAFE_NAME.fullmatch(text):
+        raise KernelNotFound(f"{what} {text!r} cannot name a directory: accepted are letters, "
+                             f"digits and . _ + ~ - (not first), up to 128 characters")
+    return text
+
+
+def under(root: Path, path: Path) -> Path:
+    """``path`` if it lies strictly inside ``root`` once ``.`` and ``..`` are resolved (lexically:
+    the cache's own symlinks, if the user made any, are the user's choice); else ValueError."""
+    base, full = os.path.normpath(os.path.abspath(root)), os.path.normpath(os.path.abspath(path))
+    if os.path.commonpath([base, full]) != base or full == base:
+        raise ValueError(f"{path} is not inside {root}: refusing to write there")
+    return path
+
+
 @dataclass(frozen=True)
 class KernelSource:
     """A kernel image and the directory of its modules (``None``: everything must be built in)."""
@@ -197,6 +228,7 @@ def _from_path(vmlinuz: Path, origin: str) -> KernelSource:
     if not _readable(vmlinuz):
         raise KernelNotFound(f"{origin}: {vmlinuz} is not a readable file")
     version = kernel_version(vmlinuz) or vmlinuz.name.removeprefix("vmlinuz-")
+    safe_name(version, f"{origin}: {vmlinuz}: kernel version")  # it names cache directories
     return KernelSource(vmlinuz, _modules_for(vmlinuz, version), version, origin)
 
 
@@ -237,7 +269,7 @@ def download_kernel(cache_root: Path, refresh: bool = False) -> KernelSource:
     if image is None:
         raise KernelNotFound(f"apt download: none of {metas} is known to apt (run 'apt-get update' "
                              "as root, or set LABKIT_KERNEL to a vmlinuz)")
-    root = cache_root / "kernels" / image
+    root = under(cache_root / "kernels", cache_root / "kernels" / safe_name(image, "apt package"))
     if not (root / ".unpacked").exists():
         suffix = re.sub(r"^linux-image-(unsigned-)?", "", image)
         packages = [image] + [d for d in _depends(image) if d == f"linux-modules-{suffix}"]

@@ -8,7 +8,7 @@ After boot the guest loads libnvdimm, nd_virtio, virtio_pmem, nd_btt and nd_pmem
 order) and each device becomes ``/dev/pmemN``; the device is told from the region's ``resource``
 (its guest-physical start), which is QEMU's ``memaddr``.
 
-The ops, with the model's names, arguments and result keys (:mod:`labkit.devices.virtio_pmem_qmp`):
+The ops, with the model's names, arguments and result keys (:mod:`labkit.devices.virtio_pmem_vm`):
 
 * ``pmem_write(device, offset, size)``: the whole pages of the range are written with
   ``dd oflag=direct`` to ``/dev/pmemN`` (the byte :data:`PMEM_FILL`, so the host can find it in the

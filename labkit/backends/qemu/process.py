@@ -32,6 +32,7 @@ import os
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import tempfile
 import threading
@@ -223,6 +224,14 @@ def sweep_stale(tmp: str | None = None) -> list[str]:
     removed = []
     base = Path(tmp or tempfile.gettempdir())
     for directory in base.glob(f"{STATE_DIR_PREFIX}*"):
+        # only this user's own private directories (what mkdtemp made): in a shared temp
+        # directory anyone can plant a symlink or a directory with that prefix
+        try:
+            st = os.lstat(directory)
+        except OSError:
+            continue
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or stat.S_IMODE(st.st_mode) != 0o700:
+            continue
         try:
             owner, qemu_pid = (int(x) for x in (directory / "owner").read_text().split())
         except (OSError, ValueError):
@@ -236,7 +245,7 @@ def sweep_stale(tmp: str | None = None) -> list[str]:
                 cmdline = Path(f"/proc/{qemu_pid}/cmdline").read_bytes()
             except OSError:
                 cmdline = b""
-            if str(directory).encode() in cmdline:  # it is this directory's QEMU, not a reused pid
+            if f"{directory}/".encode() in cmdline:  # this directory's QEMU, not a reused pid
                 os.kill(qemu_pid, signal.SIGKILL)
         shutil.rmtree(directory, ignore_errors=True)
         removed.append(str(directory))
