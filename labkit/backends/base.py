@@ -10,12 +10,15 @@ lists the QMP events so far. The model, the live QEMU and a replayed recording a
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Callable
 from typing import Any, Protocol, runtime_checkable
 
+import numpy as np
 import simpy
 
-from labkit.errors import QMPError
+from labkit.errors import QMPError, shown
 
 SAMPLE_KEYS = (
     "t_ms", "memtotal", "memfree", "memavailable", "cached", "anon", "balloon_actual",
@@ -34,6 +37,12 @@ MECHANISM_SAMPLE_KEYS = {
     "virtio-pmem": ("host_page_cache", "host_page_cache_dirty", "guest_dirty", "pmem_size", "pmem_memmap"),
 }
 LIVE_SAMPLE_KEYS = ("qemu_rss", "qemu_rss_anon", "qemu_rss_file")
+
+# Simulated time is a float of milliseconds. Below 2^40 ms (about 35 years) a float still tells
+# apart times 1/4096 ms apart; past it, ``now + ms`` rounds and the clock would freeze (advance(2**70)
+# did). Every backend refuses a time that would take its clock past this limit.
+CLOCK_LIMIT_MS = float(1 << 40)
+CLOCK_LIMIT_TEXT = "the simulated clock stops at 2^40 ms, about 35 years"
 
 # monitor/monitor.c monitor_qapi_event_conf: events QEMU rate-limits, and the key of each limit
 THROTTLED_EVENTS_MS = {"BALLOON_CHANGE": 1000, "MEMORY_DEVICE_SIZE_CHANGE": 1000}
@@ -91,6 +100,35 @@ class EventQueue:
                 return
             self.delivered.append(held)
             self._pending[key] = None
+
+
+def check_ms(value: Any, what: str = "advance()", now: float = 0.0) -> float:
+    """``value`` as milliseconds of simulated time, or a ``ValueError``/``TypeError`` naming it.
+
+    Accepted: a real number (``int``, ``float``, numpy's integers and floats; not a bool), finite,
+    from 0 to what is left before :data:`CLOCK_LIMIT_MS` when the clock reads ``now``.
+
+    >>> check_ms(np.int64(250))
+    250.0
+    >>> check_ms(float("nan"))
+    Traceback (most recent call last):
+    ...
+    ValueError: advance() takes a finite number of milliseconds from 0 to 1.09951e+12, got nan
+    """
+    left = CLOCK_LIMIT_MS - now
+    accepted = f"a finite number of milliseconds from 0 to {left:g}"
+    if isinstance(value, bool | np.bool_) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{what} takes {accepted}, got {shown(value)} ({type(value).__name__})")
+    try:
+        ms = float(value)
+    except OverflowError:  # an int beyond any float (10**400)
+        ms = math.inf
+    if not math.isfinite(ms) or ms < 0:
+        raise ValueError(f"{what} takes {accepted}, got {shown(value)}")
+    if ms > left:
+        reads = f"; it reads {now:g} ms" if now else ""
+        raise ValueError(f"{what} takes {accepted} ({CLOCK_LIMIT_TEXT}{reads}), got {shown(value)}")
+    return ms
 
 
 # --- QMP argument checking, with QEMU's error texts (qapi/qobject-input-visitor.c) -------------

@@ -41,6 +41,7 @@ from typing import Any
 
 import psutil
 
+from labkit.backends.base import check_ms
 from labkit.backends.options import VmOptions, cmdline_from_keywords, parse_options
 from labkit.backends.qemu import accel as accel_choice
 from labkit.backends.qemu.guest import LiveGuestOps, parse_meminfo, parse_vmstat
@@ -272,8 +273,7 @@ class QemuBackend(LiveInspection):
     def advance(self, ms: float) -> None:
         """Wait ``ms`` milliseconds of wall-clock time, polling QMP, host RSS and QEMU's health."""
         self._check_open()
-        if not isinstance(ms, int | float) or isinstance(ms, bool) or ms < 0:
-            raise ValueError(f"advance() takes milliseconds >= 0, got {ms!r}")
+        ms = check_ms(ms, "advance()", self.now_ms)
         end = time.monotonic() + ms / 1000.0
         self._poll()
         while (left := end - time.monotonic()) > 0:
@@ -286,6 +286,7 @@ class QemuBackend(LiveInspection):
         Returns False at once when the balloon has reached its target (nothing to do), else whether
         ``actual`` moved."""
         self._check_open()
+        max_ms = check_ms(max_ms, "step() max_ms", self.now_ms)
         if self.balloon_options is None:
             return False
         before = self.qmp("query-balloon")["actual"]

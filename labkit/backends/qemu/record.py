@@ -204,6 +204,9 @@ class ReplayBackend:
         return self._answer("sample", {})
 
     def advance(self, ms: float) -> None:
+        from labkit.backends.base import check_ms
+
+        check_ms(ms)  # refused as on the backends, before it can mismatch the recording
         return self._answer("advance", {"ms": ms})
 
     def step(self, *args: Any, **kwargs: Any) -> bool:
