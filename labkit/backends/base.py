@@ -18,7 +18,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 import simpy
 
-from labkit.errors import QMPError, shown
+from labkit.errors import shown
 
 SAMPLE_KEYS = (
     "t_ms", "memtotal", "memfree", "memavailable", "cached", "anon", "balloon_actual",
@@ -132,20 +132,19 @@ def check_ms(value: Any, what: str = "advance()", now: float = 0.0) -> float:
 
 
 # --- QMP argument checking, with QEMU's error texts (qapi/qobject-input-visitor.c) -------------
-_TYPE_NAMES = {int: "integer", str: "string", bool: "boolean"}
+# the QAPI type names QEMU's visitor puts in "expected: ..." (a struct is an "object")
+_TYPE_NAMES = {int: "integer", str: "string", bool: "boolean", float: "number", dict: "object",
+               list: "array"}
+_KINDS = {int: "int", str: "str", bool: "bool", float: "number", dict: "object", list: "array", object: "any"}
 
 
-def check_arguments(arguments: dict, required: dict[str, type], optional: dict[str, type]) -> None:
-    for name in arguments:
-        if name not in required and name not in optional:
-            raise QMPError("GenericError", f"Parameter '{name}' is unexpected")
-    for name in required:
-        if name not in arguments:
-            raise QMPError("GenericError", f"Parameter '{name}' is missing")
-    for name, value in arguments.items():
-        expected = required.get(name) or optional.get(name)
-        if expected is object:
-            continue
-        if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
-            raise QMPError("GenericError",
-                           f"Invalid parameter type for '{name}', expected: {_TYPE_NAMES[expected]}")
+def check_arguments(arguments: dict, required: dict[str, Any], optional: dict[str, Any]) -> dict:
+    """The arguments of a command, visited as QEMU's generated code does: members in the schema's
+    order (the required ones, then the optional ones), a missing or mistyped one reported first,
+    then one that is not in the schema. A member's type is a Python type (``int`` is QAPI's int64)
+    or a QAPI type name for :func:`labkit.backends.qapi.visit` (``"uint64"``, ``"size"``, an enum
+    as a tuple of names). Returns the visited values (negative uint64 wrapped, as QEMU does)."""
+    from labkit.backends.qapi import visit_struct
+
+    members = {name: _KINDS.get(kind, kind) for name, kind in (*required.items(), *optional.items())}
+    return visit_struct("", arguments, members, tuple(required))

@@ -154,6 +154,8 @@ class ModelBackend(ModelInspection):
                                                 self.balloon_options, emit, self.wallclock)
             self.balloon = BalloonDriver(self.env, self.kernel, self.balloon_device,
                                          options.model.balloon_request_ms)
+            if options.balloon.stats_polling_interval:  # -device ...,guest-stats-polling-interval=N
+                self.balloon_device.set_poll_interval(options.balloon.stats_polling_interval)
             if options.balloon.free_page_reporting:
                 self.reporting = FreePageReporting(self.env, self.kernel, self.host, self.balloon,
                                                    self.balloon_device, options.cmdline)

@@ -48,6 +48,7 @@ from typing import Any
 
 from labkit.backends import hmp
 from labkit.backends.monitor import PACKAGE, QEMU_VERSION
+from labkit.backends.qapi import parse_json
 from labkit.errors import QMPError
 
 log = logging.getLogger("labkit.serve")
@@ -182,9 +183,9 @@ class QmpServer:
                     break
                 for text in streamer.feed(data.decode(errors="replace")):
                     try:
-                        message = json.loads(text)
-                    except json.JSONDecodeError as e:
-                        self._send(client, _error("GenericError", f"JSON parse error, {e.msg}"))
+                        message = parse_json(text)
+                    except QMPError as e:  # QEMU's parser's texts (qobject/json-parser.c)
+                        self._send(client, e.as_qmp())
                         continue
                     self._send(client, self._answer(client, message))
                     await writer.drain()

@@ -43,6 +43,7 @@ import psutil
 
 from labkit.backends.base import check_ms
 from labkit.backends.options import VmOptions, cmdline_from_keywords, parse_options
+from labkit.backends.qapi import from_python
 from labkit.backends.qemu import accel as accel_choice
 from labkit.backends.qemu.guest import LiveGuestOps, parse_meminfo, parse_vmstat
 from labkit.backends.qemu.guestfiles import MODULE_FAILED_MARKER, READY_MARKER
@@ -219,6 +220,7 @@ class QemuBackend(LiveInspection):
     def qmp(self, command: str, **arguments: Any) -> Any:
         """Run a QMP command on QEMU; QEMU's errors come back as :class:`labkit.QMPError`."""
         self._check_open()
+        arguments = from_python(arguments)  # numpy's numbers as JSON numbers; NaN: QEMU's parse error
         try:
             result = self.qmp_conn.execute(command, arguments)
         except QMPConnectionLost as e:
