@@ -126,14 +126,16 @@ def test_guest_too_large_for_this_machine_is_refused_before_allocating(monkeypat
 
 @pytest.mark.parametrize(("op", "args", "exc", "fragment"), [
     ("dance", {}, ValueError, "guest op 'dance' is not one of"),
-    ("alloc", {"size": "1M", "kind": "gpu"}, ValueError, "kind 'gpu' is not one of"),
+    ("alloc", {"size": "1M", "kind": "gpu"}, ValueError,
+     "guest op 'alloc': kind must be one of ['anon', 'file', 'shmem', 'slab'], default 'anon', got 'gpu'"),
     ("alloc", {"size": 1000}, ValueError, "multiple of 4 KiB"),
     ("alloc", {"size": 0}, ValueError, "positive multiple of 4 KiB"),
     ("alloc", {"size": "1T"}, ValueError, "up to the guest's 512 MiB"),
     ("alloc", {"size": "1M", "node": 3}, ValueError, "node 3 does not exist"),
-    ("alloc", {}, TypeError, "needs argument 'size'"),
+    ("alloc", {}, TypeError, "guest op 'alloc' needs argument 'size'; it takes size (bytes or a size string"),
     ("touch", {"handle": 999}, ValueError, "handle 999 does not exist"),
-    ("free", {"handle": "x"}, ValueError, "handle 'x' does not exist"),
+    ("free", {"handle": "x"}, TypeError,
+     "guest op 'free': handle must be a handle number from alloc, got 'x' (str)"),
     ("free", {"handle": 3}, ValueError, "not freeable"),
 ])
 def test_bad_guest_ops_change_nothing(vm, op, args, exc, fragment):

@@ -26,6 +26,7 @@ import numpy as np
 import simpy
 
 from labkit.backends.base import EventQueue, check_ms
+from labkit.backends.guest_ops import check as check_guest_op
 from labkit.backends.inspect_model import ModelInspection
 from labkit.backends.monitor import Monitor
 from labkit.backends.options import HostOptions, VmOptions, check_fits, parse_options
@@ -48,8 +49,6 @@ from labkit.model.runstate import RunState
 from labkit.model.workloads import BootProfile, GuestOps, boot
 from labkit.model.writeback import GuestWriteback
 from labkit.units import PAGE_SIZE, format_size, parse_size
-
-KERNEL_OPS = ("alloc", "touch", "read", "free", "drop_caches", "handles")
 
 
 class HostFootprint:
@@ -268,12 +267,7 @@ class ModelBackend(ModelInspection):
         self._check_open()
         if op not in self.guest_ops:
             raise ValueError(f"guest op {op!r} is not one of {list(self.guest_ops)}")
-        if op not in KERNEL_OPS:
-            return self.guest_ops[op](**arguments)
-        try:
-            return self.guest_ops[op](**arguments)
-        except KeyError as e:
-            raise TypeError(f"guest op {op!r} needs argument {e.args[0]!r}") from None
+        return self.guest_ops[op](**check_guest_op(op, arguments))
 
     def _alloc(self, **arguments: Any) -> int:
         size = parse_size(arguments.pop("size"), name="size")

@@ -42,10 +42,11 @@ from typing import Any
 import psutil
 
 from labkit.backends.base import check_ms
+from labkit.backends.guest_ops import check as check_guest_op
 from labkit.backends.options import VmOptions, cmdline_from_keywords, parse_options
 from labkit.backends.qapi import from_python
 from labkit.backends.qemu import accel as accel_choice
-from labkit.backends.qemu.guest import LiveGuestOps, parse_meminfo, parse_vmstat
+from labkit.backends.qemu.guest import OPS, LiveGuestOps, parse_meminfo, parse_vmstat
 from labkit.backends.qemu.guestfiles import MODULE_FAILED_MARKER, READY_MARKER
 from labkit.backends.qemu.hostmem import read_host_memory
 from labkit.backends.qemu.image import GuestImage, build_guest_image
@@ -237,6 +238,8 @@ class QemuBackend(LiveInspection):
     def guest(self, op: str, **arguments: Any) -> Any:
         """Run a workload step in the guest: alloc, touch, read, free, drop_caches, sync, handles."""
         self._check_open()
+        if op in OPS or op in self.ops.extra_ops:  # the same argument checks as on the model
+            arguments = check_guest_op(op, arguments)
         return self.ops.call(op, arguments)
 
     def meminfo(self) -> dict[str, int]:
