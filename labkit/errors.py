@@ -39,11 +39,18 @@ def shown(value: Any, limit: int = 48) -> str:
     size string of 400 digits names itself without filling the screen).
 
     >>> shown(10**400)
-    '100000000000000000000000...00000000 (401 characters)'
+    '100000000000000000000000...00000000 (401 digits)'
+    >>> shown("x" * 100)
+    "'xxxxxxxxxxxxxxxxxxxxxxxx...xxxxxxxx' (100 characters)"
     >>> shown("4G")
     "'4G'"
     """
     text = repr(value)
     if len(text) <= limit:
         return text
+    if isinstance(value, str):
+        return f"{repr(value[:24])[:-1]}...{repr(value[-8:])[1:]} ({len(value)} characters)"
+    if isinstance(value, int):
+        digits = str(abs(value))
+        return f"{'-' if value < 0 else ''}{digits[:24]}...{digits[-8:]} ({len(digits)} digits)"
     return f"{text[:24]}...{text[-8:]} ({len(text)} characters)"

@@ -47,6 +47,7 @@ from labkit.model.hotplug import ONLINE_TYPES
 from labkit.units import MiB, parse_size
 
 ACPI_MAX_RAM_SLOTS = 256  # hw/i386/pc.c: "unsupported amount of memory slots"
+Q35_MAX_CPUS = 288  # hw/i386/pc_q35.c pc_q35_machine_options: m->max_cpus
 _MEMORY_BACKEND = {"id": "id", "size": "size", "share": "bool", "prealloc": "bool", "merge": "bool",
                    "dump": "bool", "reserve": "bool", "policy": "str", "host-nodes": "str",
                    "prealloc-threads": "uint32", "x-use-canonical-path-for-ramblock-id": "bool"}
@@ -265,14 +266,43 @@ def _numa(line: CommandLine, objects: dict, memory: int, ram_memdev: str,
 
 
 def _smp(props: dict) -> int:
+    """hw/core/machine-smp.c smp_parse and machine_parse_smp_config for pc-q35-7.2 (max_cpus 288):
+    cpus=0 (or none) is computed from the topology; maxcpus at least cpus; at most 288."""
     try:
-        counts = {k: int(v) for k, v in props.items() if k in ("cpus", "sockets", "cores", "threads")}
+        counts = {k: int(v) % (1 << 64) for k, v in props.items()
+                  if k in ("cpus", "sockets", "dies", "cores", "threads", "maxcpus")}
     except ValueError:
         raise QemuOptionError("Parameter 'smp.cpus' expects integer") from None
-    cpus = counts.get("cpus") or (
-        counts.get("sockets", 1) * counts.get("cores", 1) * counts.get("threads", 1))
-    if cpus < 1:
-        raise QemuOptionError("Invalid SMP CPUs 0. The min CPUs supported by machine 'pc-q35' is 1")
+    # what is not given is computed as smp_parse does for machines since 6.2 (they prefer cores)
+    cpus, maxcpus = counts.get("cpus") or 0, counts.get("maxcpus") or 0
+    sockets, dies = counts.get("sockets") or 0, counts.get("dies") or 1
+    cores, threads = counts.get("cores") or 0, counts.get("threads") or 0
+    if cpus == 0 and maxcpus == 0:
+        sockets, cores, threads = sockets or 1, cores or 1, threads or 1
+    else:
+        maxcpus = maxcpus or cpus
+        if cores == 0:
+            sockets, threads = sockets or 1, threads or 1
+            cores = maxcpus // (sockets * dies * threads)
+        elif sockets == 0:
+            threads = threads or 1
+            sockets = maxcpus // (dies * cores * threads)
+        if threads == 0:  # "try to calculate omitted threads at last"
+            threads = maxcpus // (sockets * dies * cores)
+    maxcpus = maxcpus or sockets * dies * cores * threads
+    cpus = cpus or maxcpus
+    if sockets * dies * cores * threads != maxcpus:
+        raise QemuOptionError(f"Invalid CPU topology: product of the hierarchy must match maxcpus: "
+                              f"sockets ({sockets}) * dies ({dies}) * cores ({cores}) * threads ({threads}) "
+                              f"!= maxcpus ({maxcpus})")
+    if maxcpus < cpus:
+        raise QemuOptionError(f"Invalid CPU topology: maxcpus must be equal to or greater than smp: "
+                              f"sockets ({sockets}) * dies ({dies}) * cores ({cores}) * threads ({threads}) "
+                              f"== maxcpus ({maxcpus}) < smp_cpus ({cpus})")
+    if maxcpus > Q35_MAX_CPUS:
+        signed = (maxcpus + (1 << 31)) % (1 << 32) - (1 << 31)  # printed with %d
+        raise QemuOptionError(f"Invalid SMP CPUs {signed}. The max CPUs supported by machine 'pc-q35-7.2' "
+                              f"is {Q35_MAX_CPUS}")
     return cpus
 
 
