@@ -1443,6 +1443,61 @@ def test_qemu_7_2_gives_the_same_answer(row: Row, ctx: Context, request):
     answer = qemu.execute(command, ctx.fill(arguments))
     assert answer == {"error": {"class": row.error, "desc": ctx.fill(row.exact)}}
 
+# --- numpy's numbers are numbers (a row of an array is a natural argument) -----------------------
+def test_numpy_numbers_are_taken_wherever_python_numbers_are(image):
+    """QMP carries JSON: an np.int64 is the JSON number a client would send (QEMU takes it as an
+    integer), an np.float64 a JSON double; options, guest ops and handles take numpy's integers."""
+    with labkit.open(memory="512M", seed=np.int64(2), numa_nodes=np.int64(1),
+                     host={"swapin_us": np.float32(50)},
+                     model={"balloon_request_ms": np.float64(0.5), "epoch": np.int64(10**9)},
+                     balloon={"deflate_on_oom": np.True_}, memhp_default_state="online_movable",
+                     virtio_mem=[{"id": "vm0", "size": "256M", "node": np.int64(0)}]) as vm:
+        vm.qmp("balloon", value=np.int64(384 * MiB))
+        vm.qmp("qom-set", path="vm0", property="requested-size", value=np.uint64(64 * MiB))
+        vm.advance(np.int32(2000))
+        assert vm.qmp("query-balloon") == {"actual": 384 * MiB}
+        assert vm.qmp("qom-get", path="vm0", property="size") == 64 * MiB
+        assert vm.qmp("qom-get", path="balloon0", property="deflate-on-oom") is True
+        handle = vm.guest("alloc", size=np.int64(8 * MiB), kind="anon")
+        handles = np.array([handle])
+        vm.guest("touch", handle=handles[0])
+        vm.guest("pmem_devices")
+        vm.guest("free", handle=np.int32(handle))
+        assert all(h["handle"] != handle for h in vm.guest("handles"))
+
+
+@pytest.mark.xfail(strict=True, reason=DEFECTS)
+def test_numpy_integer_sizes_in_options():
+    """Sizes as numpy integers go through labkit.units.parse_size (issue12-defects teaches it numpy)."""
+    with labkit.open(memory=np.int64(256 * MiB), host={"ram": np.int64(GiB)}) as vm:
+        assert vm.memory == 256 * MiB and vm.host.ram == GiB
+
+
+def test_the_live_backend_checks_guest_ops_and_qmp_arguments_as_the_model_does():
+    """On the live backend the same guest-op table and the same JSON rules apply before anything
+    reaches the guest or QEMU (a backend without a guest: nothing may be sent)."""
+    from labkit.backends.qemu.backend import QemuBackend
+    from labkit.backends.qemu.guest import LiveGuestOps
+
+    sent: list = []
+    live = object.__new__(QemuBackend)
+    live.closed = False
+    live.ops = LiveGuestOps(lambda *a, **k: sent.append(a) or ("", 0), 512 * MiB, "memhold", scratch=True)
+    live.qmp_conn = type("Conn", (), {"execute": lambda self, c, a: sent.append((c, a)) or {}})()
+    with pytest.raises(TypeError, match=r"^guest op 'free' needs argument 'handle'; it takes handle"):
+        live.guest("free")
+    with pytest.raises(TypeError, match=r"^guest op 'alloc': size must be bytes or a size string like '64M', "
+                                        r"got 1\.5 \(float\)$"):
+        live.guest("alloc", size=1.5)
+    with pytest.raises(QMPError, match=r"^JSON parse error, stray 'N'$"):
+        live.qmp("balloon", value=NAN)
+    with pytest.raises(TypeError, match=r"value=\{1\} \(set\) has no JSON form"):
+        live.qmp("balloon", value={1})
+    assert sent == []
+    live.qmp("balloon", value=np.int64(256 * MiB))  # sent as the JSON number
+    assert sent == [("balloon", {"value": 256 * MiB})] and type(sent[0][1]["value"]) is int
+
+
 # --- D7: a failed labkit.open on a shared host leaves nothing behind ---------------------------
 def host_state(host: Host) -> dict:
     cache = host.page_cache
