@@ -11,6 +11,7 @@ traceback.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import os
 import socket
 import stat
@@ -28,6 +29,13 @@ from labkit.cli import main
 PRECIOUS = b"precious: must survive\n"
 
 
+def in_thread(function, *args):
+    """Run ``function`` on a thread of its own (asyncio.run needs a thread without a running loop:
+    the browser tests' Playwright keeps one on the main thread) and return what it returns."""
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(function, *args).result(timeout=120)
+
+
 @pytest.fixture
 def victim(tmp_path) -> Path:
     path = tmp_path / "victim"
@@ -36,7 +44,7 @@ def victim(tmp_path) -> Path:
 
 
 def serve(argv: list[str], capsys) -> tuple[int, str]:
-    code = main(["serve", *argv, "--", "-m", "256M"])
+    code = in_thread(main, ["serve", *argv, "--", "-m", "256M"])
     return code, capsys.readouterr().err
 
 
@@ -111,7 +119,7 @@ def test_a_stale_socket_of_ours_is_replaced_and_removed_at_exit(tmp_path):
         server.stop()
         await task
 
-    asyncio.run(run())
+    in_thread(asyncio.run, run())
     assert not path.exists()
 
 
@@ -130,7 +138,7 @@ def test_at_exit_the_server_removes_only_the_socket_it_made(tmp_path, victim):
         server.stop()
         await task
 
-    asyncio.run(run())
+    in_thread(asyncio.run, run())
     assert path.is_symlink() and victim.read_bytes() == PRECIOUS
 
 
@@ -160,7 +168,7 @@ def test_serve_end_to_end_in_a_private_directory_leaves_nothing(tmp_path, monkey
 
     original = QmpServer.serve
     monkeypatch.setattr(QmpServer, "serve", stop_soon)
-    assert main(["serve", "--qmp", "unix:", "--hmp", "unix:", "--", "-m", "256M"]) == 0
+    assert in_thread(main, ["serve", "--qmp", "unix:", "--hmp", "unix:", "--", "-m", "256M"]) == 0
     out = capsys.readouterr().out
     assert f"QMP on unix:{tmp_path}/labkit-serve-" in out
     assert list(tmp_path.iterdir()) == []

@@ -256,6 +256,12 @@ class ModelBackend(ModelInspection):
         self._check_open()
         return self.monitor.execute(command, arguments)
 
+    def qmp_json(self, command: str, arguments: dict) -> Any:
+        """A QMP command whose arguments came as JSON text (``labkit serve``'s socket): 1e400 is a
+        number there, as QEMU's parser reads it, not a Python infinity."""
+        self._check_open()
+        return self.monitor.execute(command, arguments, parsed=True)
+
     def hmp(self, command_line: str) -> str:
         """An HMP line through ``human-monitor-command`` (QEMU's text, ``\\r\\n`` line ends)."""
         return self.qmp("human-monitor-command", **{"command-line": command_line})

@@ -246,7 +246,7 @@ class QmpServer:
             client.negotiated, client.oob = True, "oob" in enable
             return {"return": {}} | reply_id
         try:
-            return {"return": self.vm.qmp(name, **arguments)} | reply_id
+            return {"return": self.vm.qmp_json(name, arguments)} | reply_id
         except QMPError as e:
             return e.as_qmp() | reply_id
         except Exception as e:  # noqa: BLE001 - a model failure answers as QEMU would: an error
