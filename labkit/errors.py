@@ -6,6 +6,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class QMPError(Exception):
     """A QMP command failed: ``error_class`` is QEMU's class, ``desc`` its text.
@@ -30,3 +32,25 @@ class GuestError(RuntimeError):
 
 class HostOutOfMemory(RuntimeError):
     """The host ran out of RAM and swap: the real host's OOM killer would kill a VM here."""
+
+
+def shown(value: Any, limit: int = 48) -> str:
+    """``repr(value)`` for an error message, cut in the middle when it is long (a 10**400 or a
+    size string of 400 digits names itself without filling the screen).
+
+    >>> shown(10**400)
+    '100000000000000000000000...00000000 (401 digits)'
+    >>> shown("x" * 100)
+    "'xxxxxxxxxxxxxxxxxxxxxxxx...xxxxxxxx' (100 characters)"
+    >>> shown("4G")
+    "'4G'"
+    """
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    if isinstance(value, str):
+        return f"{repr(value[:24])[:-1]}...{repr(value[-8:])[1:]} ({len(value)} characters)"
+    if isinstance(value, int):
+        digits = str(abs(value))
+        return f"{'-' if value < 0 else ''}{digits[:24]}...{digits[-8:]} ({len(digits)} digits)"
+    return f"{text[:24]}...{text[-8:]} ({len(text)} characters)"

@@ -43,8 +43,8 @@ def test_advance_until_stops_at_the_event_and_only_there():
 
 
 @pytest.mark.parametrize(("event", "max_ms", "error"), [
-    ("balloon-request", float("nan"), "max_ms must be a finite number"),
-    ("balloon-request", -1, "max_ms must be a finite number"),
+    ("balloon-request", float("nan"), "max_ms takes a finite number of milliseconds from 0"),
+    ("balloon-request", -1, "max_ms takes a finite number of milliseconds from 0"),
     ("balloon_change", 10, "takes a QMP event name"),
     ("reporting-report", 10, "nothing that makes 'reporting-report'"),
 ])

@@ -37,7 +37,11 @@ def test_qom_objects_and_properties_come_from_the_device_declarations(image):
                      virtio_pmem=[{"id": "vpmem0", "path": image, "size": "256M"}]) as vm:
         for path, module in (("balloon0", balloon), ("vm0", virtio_mem), ("vpmem0", virtio_pmem)):
             listed = vm.qmp("qom-list", path=path)
-            assert listed == [{"name": p.name, "type": p.type} for p in module.QOM_PROPERTIES]
+            # QOM's own "type" first (qom/object.c object_class_init), the child a proxy owns last
+            assert listed == ([{"name": "type", "type": "string"}]
+                              + [{"name": p.name, "type": p.type} for p in module.QOM_PROPERTIES]
+                              + [{"name": "virtio-backend", "type": f"child<{module.QOM_VIRTIO_TYPE}>"}])
+            assert vm.qmp("qom-get", path=path, property="type") == module.QOM_TYPE
         assert vm.qmp("qom-get", path="/machine/peripheral/balloon0/virtio-backend",
                       property="guest-stats-polling-interval") == 0
         assert vm.qmp("qom-get", path="mem-vm0", property="size") == GiB  # /objects/<id>, by its id

@@ -10,12 +10,15 @@ lists the QMP events so far. The model, the live QEMU and a replayed recording a
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Callable
 from typing import Any, Protocol, runtime_checkable
 
+import numpy as np
 import simpy
 
-from labkit.errors import QMPError
+from labkit.errors import shown
 
 SAMPLE_KEYS = (
     "t_ms", "memtotal", "memfree", "memavailable", "cached", "anon", "balloon_actual",
@@ -34,6 +37,12 @@ MECHANISM_SAMPLE_KEYS = {
     "virtio-pmem": ("host_page_cache", "host_page_cache_dirty", "guest_dirty", "pmem_size", "pmem_memmap"),
 }
 LIVE_SAMPLE_KEYS = ("qemu_rss", "qemu_rss_anon", "qemu_rss_file")
+
+# Simulated time is a float of milliseconds. Below 2^40 ms (about 35 years) a float still tells
+# apart times 1/4096 ms apart; past it, ``now + ms`` rounds and the clock would freeze (advance(2**70)
+# did). Every backend refuses a time that would take its clock past this limit.
+CLOCK_LIMIT_MS = float(1 << 40)
+CLOCK_LIMIT_TEXT = "the simulated clock stops at 2^40 ms, about 35 years"
 
 # monitor/monitor.c monitor_qapi_event_conf: events QEMU rate-limits, and the key of each limit
 THROTTLED_EVENTS_MS = {"BALLOON_CHANGE": 1000, "MEMORY_DEVICE_SIZE_CHANGE": 1000}
@@ -93,23 +102,49 @@ class EventQueue:
             self._pending[key] = None
 
 
+def check_ms(value: Any, what: str = "advance()", now: float = 0.0) -> float:
+    """``value`` as milliseconds of simulated time, or a ``ValueError``/``TypeError`` naming it.
+
+    Accepted: a real number (``int``, ``float``, numpy's integers and floats; not a bool), finite,
+    from 0 to what is left before :data:`CLOCK_LIMIT_MS` when the clock reads ``now``.
+
+    >>> check_ms(np.int64(250))
+    250.0
+    >>> check_ms(float("nan"))
+    Traceback (most recent call last):
+    ...
+    ValueError: advance() takes a finite number of milliseconds from 0 to 1.09951e+12, got nan
+    """
+    left = CLOCK_LIMIT_MS - now
+    accepted = f"a finite number of milliseconds from 0 to {left:g}"
+    if isinstance(value, bool | np.bool_) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{what} takes {accepted}, got {shown(value)} ({type(value).__name__})")
+    try:
+        ms = float(value)
+    except OverflowError:  # an int beyond any float (10**400)
+        ms = math.inf
+    if not math.isfinite(ms) or ms < 0:
+        raise ValueError(f"{what} takes {accepted}, got {shown(value)}")
+    if ms > left:
+        reads = f"; it reads {now:g} ms" if now else ""
+        raise ValueError(f"{what} takes {accepted} ({CLOCK_LIMIT_TEXT}{reads}), got {shown(value)}")
+    return ms
+
+
 # --- QMP argument checking, with QEMU's error texts (qapi/qobject-input-visitor.c) -------------
 # the QAPI type names QEMU's visitor puts in "expected: ..." (a struct is an "object")
 _TYPE_NAMES = {int: "integer", str: "string", bool: "boolean", float: "number", dict: "object",
                list: "array"}
+_KINDS = {int: "int", str: "str", bool: "bool", float: "number", dict: "object", list: "array", object: "any"}
 
 
-def check_arguments(arguments: dict, required: dict[str, type], optional: dict[str, type]) -> None:
-    for name in arguments:
-        if name not in required and name not in optional:
-            raise QMPError("GenericError", f"Parameter '{name}' is unexpected")
-    for name in required:
-        if name not in arguments:
-            raise QMPError("GenericError", f"Parameter '{name}' is missing")
-    for name, value in arguments.items():
-        expected = required.get(name) or optional.get(name)
-        if expected is object:
-            continue
-        if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
-            raise QMPError("GenericError",
-                           f"Invalid parameter type for '{name}', expected: {_TYPE_NAMES[expected]}")
+def check_arguments(arguments: dict, required: dict[str, Any], optional: dict[str, Any]) -> dict:
+    """The arguments of a command, visited as QEMU's generated code does: members in the schema's
+    order (the required ones, then the optional ones), a missing or mistyped one reported first,
+    then one that is not in the schema. A member's type is a Python type (``int`` is QAPI's int64)
+    or a QAPI type name for :func:`labkit.backends.qapi.visit` (``"uint64"``, ``"size"``, an enum
+    as a tuple of names). Returns the visited values (negative uint64 wrapped, as QEMU does)."""
+    from labkit.backends.qapi import visit_struct
+
+    members = {name: _KINDS.get(kind, kind) for name, kind in (*required.items(), *optional.items())}
+    return visit_struct("", arguments, members, tuple(required))

@@ -49,17 +49,27 @@ from labkit.backends.hmp_commands import (
     hmp_info_migrate_capabilities,
     hmp_info_migrate_parameters,
     hmp_info_status,
+    hmp_migrate,
+    hmp_migrate_cancel,
     hmp_migrate_set_capability,
     hmp_migrate_set_parameter,
     hmp_qom_get,
+    hmp_qom_list,
     hmp_qom_set,
+    hmp_quit,
 )
+from labkit.backends.qapi import UINT64_MAX
 from labkit.errors import QMPError
 from labkit.units import MiB
 
 _NUMBER = re.compile(r"0[xX][0-9a-fA-F]+|0[0-7]*|[1-9][0-9]*")  # strtoull(base 0)
 _OPERATORS = {"+": operator.add, "-": operator.sub, "*": operator.mul, "/": lambda a, b: int(a / b),
               "%": operator.mod, "&": operator.and_, "|": operator.or_, "^": operator.xor}
+
+
+def _int64(value: int) -> int:
+    """A C int64_t: what get_expr computes in (it wraps)."""
+    return (value + (1 << 63)) % (1 << 64) - (1 << 63)
 
 
 class HmpSyntaxError(Exception):
@@ -124,7 +134,7 @@ def _expr(line: _Line) -> int:
         if c in "+-~" and c:
             line.pos += 1
             value = unary()
-            return value if c == "+" else (-value if c == "-" else ~value)
+            return value if c == "+" else _int64(-value if c == "-" else ~value)
         if c == "(":
             line.pos += 1
             value = sum_()
@@ -140,7 +150,10 @@ def _expr(line: _Line) -> int:
             raise HmpSyntaxError(f"invalid char '{c}' in expression")
         line.pos = number.end()
         token = number.group()
-        return int(token, 16) if token[1:2] in ("x", "X") else int(token, 8 if token[0] == "0" else 10)
+        value = int(token, 16) if token[1:2] in ("x", "X") else int(token, 8 if token[0] == "0" else 10)
+        if value > UINT64_MAX:  # strtoull: ERANGE
+            raise HmpSyntaxError("number too large")
+        return _int64(value)
 
     def binary(operand: Callable[[], int], ops: str) -> int:
         value = operand()
@@ -153,7 +166,7 @@ def _expr(line: _Line) -> int:
             right = operand()
             if op in "/%" and right == 0:
                 raise HmpSyntaxError("division by zero")
-            value = _OPERATORS[op](value, right)
+            value = _int64(_OPERATORS[op](value, right))
 
     def logic() -> int:
         return binary(unary, "&|^")
@@ -170,18 +183,21 @@ def _expr(line: _Line) -> int:
 def parse_arguments(name: str, args_type: str, line: _Line) -> dict:
     """The arguments of ``name`` by its ``args_type``; HmpSyntaxError with QEMU's text."""
     out: dict[str, Any] = {}
-    for spec in filter(None, args_type.split(",")):
-        key, _, kind = spec.partition(":")
+    specs = [s.partition(":") for s in filter(None, args_type.split(","))]
+    for index, (key, _, kind) in enumerate(specs):
         optional = kind.endswith("?")
         kind = kind.rstrip("?")
         line.skip_spaces()
-        if kind.startswith("-"):  # a flag such as -j
+        if kind.startswith("-"):  # a flag such as -j: on if "-j" comes next
             out[key] = False
-            if line.peek() == "-" and line.text[line.pos + 1:line.pos + 2] == kind[1]:
+            option = line.text[line.pos + 1:line.pos + 2]
+            if line.peek() == "-" and option == kind[1]:
                 out[key] = True
                 line.pos += 2
-            elif line.peek() == "-" and line.text[line.pos + 1:line.pos + 2].isalpha():
-                raise HmpSyntaxError(f"{name}: unsupported option -{line.text[line.pos + 1]}")
+            elif line.peek() == "-":  # another flag of this command, later in args_type: skip
+                later = {k[1] for _, _, k in specs[index + 1:] if k.startswith("-")}
+                if option not in later:
+                    raise HmpSyntaxError(f"{name}: unsupported option -{option}")
             continue
         if line.peek() == "":
             if optional:
@@ -191,7 +207,10 @@ def parse_arguments(name: str, args_type: str, line: _Line) -> dict:
             if kind == "b":
                 raise HmpSyntaxError("Expected 'on' or 'off'")
         if kind == "s":
-            out[key] = line.string()
+            try:
+                out[key] = line.string()
+            except HmpSyntaxError:  # QEMU prints the reason on its own console, then this
+                raise HmpSyntaxError(f"{name}: string expected") from None
         elif kind == "S":
             out[key] = line.text[line.pos:]
             line.pos = len(line.text)
@@ -199,7 +218,7 @@ def parse_arguments(name: str, args_type: str, line: _Line) -> dict:
             value = _expr(line)
             if value < 0:
                 raise HmpSyntaxError("enter a positive value")
-            out[key] = value * MiB
+            out[key] = _int64(value * MiB)  # int64_t val *= MiB: it wraps, as in C
         elif kind == "b":
             word = line.word()
             if word not in ("on", "off"):
@@ -228,7 +247,8 @@ def _run(monitor: Any, text: str) -> str:
     if not name:
         return ""
     table, full = COMMANDS, name
-    command = table.get(ALIASES.get(name, name))
+    name = ALIASES.get(name, name)  # QEMU's errors name the command as its table does (quit|q)
+    command = table.get(name)
     if command is not None and command is INFO:
         line.skip_spaces()
         sub = line.word()
@@ -262,10 +282,11 @@ def hmp_help(m: Any, args: dict) -> str:
         table, prefix, words = INFO_COMMANDS, "info ", words[1:]
     elif words[0] == "info":
         return help_text(INFO_COMMANDS, "info ")
-    command = table.get(ALIASES.get(words[0], words[0]))
+    key = ALIASES.get(words[0], words[0]) if table is COMMANDS else words[0]
+    command = table.get(key)
     if command is None:
         return f"unknown command: '{name}'\n"
-    return f"{prefix}{words[0]} {command.params} -- {command.help}\n"
+    return f"{prefix}{key} {command.params} -- {command.help}\n"
 
 
 INFO_COMMANDS = {
@@ -285,15 +306,23 @@ COMMANDS = {
                           hmp_balloon),
     "help|?": HmpCommand("name:S?", "[cmd]", "show the help", hmp_help),
     "info": INFO,
+    "migrate": HmpCommand("detach:-d,blk:-b,inc:-i,resume:-r,uri:s", "[-d] [-b] [-i] [-r] uri",
+                          "migrate to URI (using -d to not wait for completion)\n\t\t\t -b for migration "
+                          "without shared storage with full copy of disk\n\t\t\t -i for migration without "
+                          "shared storage with incremental copy of disk (base image shared between src and "
+                          "destination)\n\t\t\t -r to resume a paused migration", hmp_migrate),
+    "migrate_cancel": HmpCommand("", "", "cancel the current VM migration", hmp_migrate_cancel),
     "migrate_set_capability": HmpCommand("capability:s,state:b", "capability state",
                                          "Enable/Disable the usage of a capability for migration",
                                          hmp_migrate_set_capability),
     "migrate_set_parameter": HmpCommand("parameter:s,value:s", "parameter value",
                                         "Set the parameter for migration", hmp_migrate_set_parameter),
     "qom-get": HmpCommand("path:s,property:s", "path property", "print QOM property", hmp_qom_get),
+    "qom-list": HmpCommand("path:s?", "path", "list QOM properties", hmp_qom_list),
     "qom-set": HmpCommand("json:-j,path:s,property:s,value:S", "[-j] path property value",
                           "set QOM property.\n\t\t\t-j: the value is specified in json format.", hmp_qom_set),
 }
-ALIASES = {"help": "help|?", "?": "help|?"}
+COMMANDS["quit|q"] = HmpCommand("", "", "quit the emulator", hmp_quit)
+ALIASES = {"help": "help|?", "?": "help|?", "quit": "quit|q", "q": "quit|q"}
 
 __all__ = ["COMMANDS", "INFO_COMMANDS", "HmpCommand", "run_line"]

@@ -7,13 +7,14 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from labkit.backends.qapi import parse_json
 from labkit.backends.qemu_cmdline import QEMU_SIZE_HINT, parse_bool, qemu_strtosz
 from labkit.errors import QMPError
 from labkit.model.migration_params import PARAMETER_TYPES
 
 
 def _qmp(monitor: Any, name: str, **args: Any) -> Any:
-    return monitor.execute(name, args)
+    return monitor.execute(name, args, parsed=True)
 
 
 # --- the commands (hmp-cmds.c) ------------------------------------------------------------------
@@ -65,13 +66,37 @@ def hmp_qom_get(m: Any, args: dict) -> str:
 
 def hmp_qom_set(m: Any, args: dict) -> str:
     if args["json"]:
-        try:
-            value = json.loads(args["value"])
-        except json.JSONDecodeError as e:
-            raise QMPError("GenericError", f"JSON parse error, {e.msg}") from None
+        value = parse_json(args["value"])
         _qmp(m, "qom-set", path=args["path"], property=args["property"], value=value)
         return ""
     m.qom.resolve(args["path"]).set_text(args["property"], args["value"])
+    return ""
+
+
+def hmp_qom_list(m: Any, args: dict) -> str:
+    """hmp_qom_list: ``/`` without a path, else each property as ``name (type)``."""
+    path = args.get("path")
+    if path is None:
+        return "/\n"
+    return "".join(f"{p['name']} ({p['type']})\n" for p in _qmp(m, "qom-list", path=path))
+
+
+def hmp_migrate(m: Any, args: dict) -> str:
+    """hmp_migrate: QMP migrate (the model does not block the monitor while it runs: as -d)."""
+    if args["blk"] or args["inc"]:
+        raise QMPError("GenericError", "labkit's model does not simulate block migration (-b, -i): "
+                                       "its guests' disks are shared")
+    _qmp(m, "migrate", uri=args["uri"], **({"resume": True} if args["resume"] else {}))
+    return ""
+
+
+def hmp_migrate_cancel(m: Any, args: dict) -> str:
+    _qmp(m, "migrate_cancel")
+    return ""
+
+
+def hmp_quit(m: Any, args: dict) -> str:
+    _qmp(m, "quit")
     return ""
 
 

@@ -27,7 +27,6 @@ True
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -227,11 +226,11 @@ def json_ready(value: Any) -> Any:
 TRACE_POINTS = ("balloon-request", "bitmap-sync", "reporting-report", "hint-round", "virtio-mem-driver")
 
 
-def check_wait(max_ms: Any) -> float:
-    if not isinstance(max_ms, int | float) or isinstance(max_ms, bool) or not math.isfinite(max_ms) \
-            or max_ms < 0:
-        raise ValueError(f"max_ms must be a finite number of milliseconds >= 0, got {max_ms!r}")
-    return float(max_ms)
+def check_wait(max_ms: Any, now: float = 0.0) -> float:
+    """``advance_until``'s ``max_ms``, checked as every time is (:func:`labkit.backends.base.check_ms`)."""
+    from labkit.backends.base import check_ms
+
+    return check_ms(max_ms, "advance_until() max_ms", now)
 
 
 def unknown_mechanism(mechanism: str) -> ValueError:

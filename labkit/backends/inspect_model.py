@@ -65,8 +65,8 @@ class ModelInspection:
     def advance_until(self, event: str, max_ms: float = 60_000.0, **data: Any) -> dict | None:
         """Run until ``event`` (a QMP event name or a trace point), at most ``max_ms``."""
         self._check_open()
-        max_ms = check_wait(max_ms)
         env: simpy.Environment = self.env
+        max_ms = check_wait(max_ms, env.now)
         deadline = env.now + max_ms
         if event in PROBES:
             probe = PROBES[event]

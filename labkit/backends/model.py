@@ -1,6 +1,6 @@
 """ModelBackend: the numpy page model and its devices on simulated time, speaking QMP.
 
-``ModelBackend.__init__`` assembles the machine where a reader looks for it, in QEMU's order, each
+``ModelBackend._assemble`` builds the machine where a reader looks for it, in QEMU's order, each
 part a typed attribute built from explicit arguments: memory (page arrays, zones, NUMA nodes,
 device regions, the host) -> the guest kernel -> its boot -> virtio-balloon (+ free page reporting,
 + free page hinting) -> virtio-mem -> the guest's writeback and virtio-blk -> virtio-pmem -> the
@@ -25,7 +25,8 @@ from typing import Any
 import numpy as np
 import simpy
 
-from labkit.backends.base import EventQueue
+from labkit.backends.base import EventQueue, check_ms
+from labkit.backends.guest_ops import check as check_guest_op
 from labkit.backends.inspect_model import ModelInspection
 from labkit.backends.monitor import Monitor
 from labkit.backends.options import HostOptions, VmOptions, check_fits, parse_options
@@ -49,7 +50,38 @@ from labkit.model.workloads import BootProfile, GuestOps, boot
 from labkit.model.writeback import GuestWriteback
 from labkit.units import PAGE_SIZE, format_size, parse_size
 
-KERNEL_OPS = ("alloc", "touch", "read", "free", "drop_caches", "handles")
+
+class HostFootprint:
+    """What a VM being built adds to its host, to take back if the build fails: its guest RAM
+    (attached with the kernel, backed as boot touches it), the host page cache it created and the
+    private copies of ``share=off`` virtio-pmem files. A failed ``labkit.open`` leaves a shared host
+    as it found it (pages of other VMs a failed boot pushed to swap stay there, as on a real host).
+
+    On a shared host each VM needs its own ``vm_name``: it keys the VM's private copies."""
+
+    def __init__(self, host: Host, vm_name: str):
+        taken = [vm.name for vm in host.vms]
+        if vm_name in taken:
+            raise ValueError(f"vm_name {vm_name!r} is already a VM on this host (its VMs: {taken}); "
+                             f"give each VM on a shared Host its own vm_name")
+        self.host = host
+        self.vms = list(host.vms)
+        self.cache = host.page_cache
+        self.private = set(self.cache.private) if self.cache is not None else set()
+        self.files = set(self.cache.files) if self.cache is not None else set()
+
+    def undo(self) -> None:
+        host = self.host
+        for vm in [vm for vm in host.vms if vm not in self.vms]:
+            host.detach(vm)
+        if self.cache is None:
+            host.page_cache = None
+            return
+        for owner in set(self.cache.private) - self.private:
+            del self.cache.private[owner]
+        for path in set(self.cache.files) - self.files:
+            if self.cache.files[path].cached_pages() == 0:  # opened, never read: stat()ed only
+                del self.cache.files[path]
 
 
 def _host(options: VmOptions) -> Host:
@@ -84,6 +116,17 @@ class ModelBackend(ModelInspection):
             boot_pages, boot_zones, [d.spec() for d in options.virtio_mem])
         check_fits(n_pages)
         self.host = _host(options)
+        footprint = HostFootprint(self.host, options.vm_name)
+        try:  # a machine that fails to build leaves nothing on its host (a shared one above all)
+            self._assemble(options, n_pages, boot_zones, hotplug_zones)
+        except BaseException:
+            footprint.undo()
+            raise
+        self.closed = False
+
+    def _assemble(self, options: VmOptions, n_pages: int, boot_zones: list[Zone],
+                  hotplug_zones: list[Zone]) -> None:
+        """Everything after the host, in QEMU's order."""
         self.env = simpy.Environment()
         self.run_state = RunState(self.env)
         self.event_queue = EventQueue(self.env, self.wallclock)
@@ -110,6 +153,8 @@ class ModelBackend(ModelInspection):
                                                 self.balloon_options, emit, self.wallclock)
             self.balloon = BalloonDriver(self.env, self.kernel, self.balloon_device,
                                          options.model.balloon_request_ms)
+            if options.balloon.stats_polling_interval:  # -device ...,guest-stats-polling-interval=N
+                self.balloon_device.set_poll_interval(options.balloon.stats_polling_interval)
             if options.balloon.free_page_reporting:
                 self.reporting = FreePageReporting(self.env, self.kernel, self.host, self.balloon,
                                                    self.balloon_device, options.cmdline)
@@ -144,7 +189,7 @@ class ModelBackend(ModelInspection):
 
         self.monitor = Monitor(self, options)
         self.guest_ops = self._guest_ops()
-        self.closed = False
+
 
     @staticmethod
     def _zones(node_sizes: tuple[int, ...]) -> list[Zone]:
@@ -182,8 +227,7 @@ class ModelBackend(ModelInspection):
     def advance(self, ms: float) -> None:
         """Run simulated time forward by ``ms`` milliseconds."""
         self._check_open()
-        if not isinstance(ms, int | float) or isinstance(ms, bool) or ms < 0:
-            raise ValueError(f"advance() takes milliseconds >= 0, got {ms!r}")
+        ms = check_ms(ms, "advance()", self.env.now)
         if ms == 0:  # run what is due now; simpy's run() wants a later time
             while self.env.peek() == self.env.now:
                 self.env.step()
@@ -195,6 +239,7 @@ class ModelBackend(ModelInspection):
 
         Returns False, without moving time, if the driver has nothing to do."""
         self._check_open()
+        max_ms = check_ms(max_ms, "step() max_ms", self.env.now)
         b = self.balloon
         nothing_to_do = b is None or (  # target met and acknowledged, nothing queued or held
             not b._queued and b.towards_target() == 0 and len(b.in_flight) == 0
@@ -211,6 +256,12 @@ class ModelBackend(ModelInspection):
         self._check_open()
         return self.monitor.execute(command, arguments)
 
+    def qmp_json(self, command: str, arguments: dict) -> Any:
+        """A QMP command whose arguments came as JSON text (``labkit serve``'s socket): 1e400 is a
+        number there, as QEMU's parser reads it, not a Python infinity."""
+        self._check_open()
+        return self.monitor.execute(command, arguments, parsed=True)
+
     def hmp(self, command_line: str) -> str:
         """An HMP line through ``human-monitor-command`` (QEMU's text, ``\\r\\n`` line ends)."""
         return self.qmp("human-monitor-command", **{"command-line": command_line})
@@ -222,12 +273,7 @@ class ModelBackend(ModelInspection):
         self._check_open()
         if op not in self.guest_ops:
             raise ValueError(f"guest op {op!r} is not one of {list(self.guest_ops)}")
-        if op not in KERNEL_OPS:
-            return self.guest_ops[op](**arguments)
-        try:
-            return self.guest_ops[op](**arguments)
-        except KeyError as e:
-            raise TypeError(f"guest op {op!r} needs argument {e.args[0]!r}") from None
+        return self.guest_ops[op](**check_guest_op(op, arguments))
 
     def _alloc(self, **arguments: Any) -> int:
         size = parse_size(arguments.pop("size"), name="size")
@@ -314,8 +360,13 @@ class ModelBackend(ModelInspection):
             raise RuntimeError("this VM was closed; open a new one with labkit.open()")
 
     def close(self) -> None:
+        """The VM ends: its RAM and its private copies of virtio-pmem files leave the host."""
         if not self.closed:
             self.host.detach(self.kernel.host_vm)
+            cache = self.host.page_cache
+            for device in self.virtio_pmem.devices:
+                if cache is not None and not device.share:
+                    cache.private.pop(device.owner, None)
             self.virtio_pmem.closed = True
             self.closed = True
 

@@ -26,7 +26,14 @@ from typing import Any
 from labkit.backends import hmp, monitor_devices, monitor_migration
 from labkit.backends.base import check_arguments
 from labkit.backends.options import MemoryBackend, VmOptions
-from labkit.backends.qom import MEMORY_BACKEND_FILE_PROPERTIES, MEMORY_BACKEND_PROPERTIES, QomObject, QomTree
+from labkit.backends.qapi import from_python, visit
+from labkit.backends.qom import (
+    MEMORY_BACKEND_FILE_PROPERTIES,
+    MEMORY_BACKEND_PROPERTIES,
+    BackendObject,
+    QomObject,
+    QomTree,
+)
 from labkit.devices import balloon as balloon_device
 from labkit.devices import virtio_mem, virtio_pmem
 from labkit.errors import QMPError
@@ -54,19 +61,21 @@ class Monitor:
 
     def __init__(self, vm: Any, options: VmOptions):
         self.vm = vm
-        self.backends: dict[str, MemoryBackend] = {}
+        self.smp = options.smp
+        self.cold_plugged: set[str] = set()  # devices on the command line: on pcie.0, no hot-unplug
+        self.backends: dict[str, BackendObject] = {}
         # boot RAM: the nodes' backends (labkit's ram<N>, or the line's), or QEMU's default pc.ram
         self.busy: set[str] = set()
         if all(options.node_memdevs):
             boot_ram = list(zip(options.node_memdevs, options.node_sizes, strict=True))
         else:
             boot_ram = [(options.ram_memdev, options.memory)]
+        self.qom = QomTree()
         for name, size in boot_ram:
-            self.backends[name] = MemoryBackend(name, "memory-backend-ram", size)
+            self.add_backend(MemoryBackend(name, "memory-backend-ram", size))
             self.busy.add(name)
         for backend in options.memory_backends:
-            self.backends[backend.id] = backend
-        self.qom = QomTree()
+            self.add_backend(backend)
         self.anonymous = 0  # devices without an id: /machine/peripheral-anon/device[N]
         if vm.balloon_device is not None:
             self._add_balloon(vm.balloon_device)
@@ -74,8 +83,7 @@ class Monitor:
             self.add_memory_device(device, virtio_mem)
         for device in vm.virtio_pmem.devices:
             self.add_memory_device(device, virtio_pmem)
-        for backend in self.backends.values():
-            self.add_backend(backend)
+        self.cold_plugged = {o.path for o in self.qom.objects if o.device is not None}
 
     # --- the QOM tree, from the devices' declarations -----------------------------------------
     def _path(self, device_id: str | None) -> str:
@@ -85,43 +93,49 @@ class Monitor:
         self.anonymous += 1
         return path
 
+    def _add_virtio(self, path: str, device: Any, module: Any) -> QomObject:
+        """A virtio PCI proxy and its ``virtio-backend`` child: the proxy's properties are aliases
+        of the child's (virtio_instance_init_common, qdev_alias_all_properties)."""
+        virtio, properties = module.QOM_VIRTIO_TYPE, module.QOM_PROPERTIES
+        proxy = self.qom.add_device(path, module.QOM_TYPE, device, properties, virtio)
+        self.qom.add_device(f"{path}/virtio-backend", virtio, device, properties, virtio)
+        return proxy
+
     def _add_balloon(self, dev) -> None:
-        """virtio-balloon-pci and its virtio-backend child show the same properties."""
-        base = self._path(dev.id)
-        aliases = (dev.id,) if dev.id is not None else ()
-        self.qom.add_device(base, balloon_device.QOM_TYPE, dev, balloon_device.QOM_PROPERTIES, aliases,
-                            balloon_device.QOM_VIRTIO_TYPE)
-        self.qom.add_device(f"{base}/virtio-backend", balloon_device.QOM_VIRTIO_TYPE, dev,
-                            balloon_device.QOM_PROPERTIES, (), balloon_device.QOM_VIRTIO_TYPE)
+        self._add_virtio(self._path(dev.id), dev, balloon_device)
 
     def add_memory_device(self, device, module) -> QomObject:
         """A virtio-mem-pci or virtio-pmem-pci device (``module`` declares its QOM); its memdev
         becomes busy."""
         device.qom_path = self._path(device.id)
         self.busy.add(device.memdev)
-        return self.qom.add_device(device.qom_path, module.QOM_TYPE, device, module.QOM_PROPERTIES,
-                                   (device.id,) if device.id is not None else (), module.QOM_VIRTIO_TYPE)
+        return self._add_virtio(device.qom_path, device, module)
 
     def add_backend(self, backend: MemoryBackend) -> QomObject:
-        self.backends[backend.id] = backend
+        """A memory backend object at ``/objects/<id>`` (its qom-set-able state kept here)."""
+        state = BackendObject(backend)
+        self.backends[backend.id] = state
         properties = (MEMORY_BACKEND_FILE_PROPERTIES if backend.qom_type == "memory-backend-file"
                       else MEMORY_BACKEND_PROPERTIES)
-        return self.qom.add_device(f"/objects/{backend.id}", backend.qom_type, backend, properties,
-                                   (backend.id,))
+        return self.qom.add_device(f"/objects/{backend.id}", backend.qom_type, state, properties)
 
     # --- running commands ---------------------------------------------------------------------
-    def execute(self, name: str, arguments: dict) -> Any:
-        """Run one QMP command; raise QMPError with QEMU's class and text."""
+    def execute(self, name: str, arguments: dict, *, parsed: bool = False) -> Any:
+        """Run one QMP command; raise QMPError with QEMU's class and text. ``parsed``: the
+        arguments come from JSON text already (HMP's ``qom-set -j``), not from a Python caller."""
         command = COMMANDS.get(name)
         if command is None:
             raise QMPError("CommandNotFound", f"The command {name} has not been found")
-        if command.extra:
-            for key in command.args:
+        arguments = from_python(arguments, parsed=parsed)  # what QEMU parses from a client's JSON
+        if command.extra:  # 'gen': false: the command reads its own arguments
+            for key, kind in command.args.items():
                 if key not in arguments:
                     raise QMPError("GenericError", f"Parameter '{key}' is missing")
+                visit(key, arguments[key], "str" if kind is str else kind)
+            checked = arguments
         else:
-            check_arguments(arguments, dict(command.args), dict(command.optional))
-        return command.run(self, dict(arguments))
+            checked = check_arguments(arguments, dict(command.args), dict(command.optional))
+        return command.run(self, checked)
 
     def memory_devices(self) -> list:
         """Every memory device, in address order (qmp_memory_device_list's one loop)."""
@@ -161,7 +175,7 @@ def qom_set(m: Monitor, args: dict) -> dict:
 
 
 def qom_list(m: Monitor, args: dict) -> list:
-    return m.qom.resolve(args["path"]).list()
+    return m.qom.resolve(args["path"], ambiguous_error=True).list()
 
 
 def query_status(m: Monitor, args: dict) -> dict:
@@ -202,12 +216,17 @@ def query_memdev(m: Monitor, args: dict) -> list:
 
 
 def human_monitor_command(m: Monitor, args: dict) -> str:
+    cpu = args.get("cpu-index")
+    if cpu is not None:  # monitor_set_cpu(int cpu_index): the int64 truncated to a C int, 0..smp-1
+        cpu = (cpu + (1 << 31)) % (1 << 32) - (1 << 31)
+    if cpu is not None and not 0 <= cpu < m.smp:
+        raise QMPError("GenericError", "Parameter 'cpu-index' expects a CPU number")
     return hmp.run_line(m, args["command-line"])
 
 
 # The model's qapi schema: name -> Command. query-commands lists exactly these.
 COMMANDS: dict[str, Command] = {
-    "qmp_capabilities": Command(qmp_capabilities, optional={"enable": object},
+    "qmp_capabilities": Command(qmp_capabilities, optional={"enable": list},
                                 doc="enter command mode (the QMP server's negotiation)"),
     "query-commands": Command(query_commands, doc="the commands this monitor answers"),
     "query-version": Command(query_version, doc="QEMU's version the texts follow"),
@@ -230,12 +249,12 @@ COMMANDS: dict[str, Command] = {
     "migrate-set-capabilities": Command(monitor_migration.set_capabilities, {"capabilities": object}),
     "query-migrate-capabilities": Command(monitor_migration.query_capabilities),
     "query-migrate": Command(monitor_migration.query_migrate),
-    "device_add": Command(monitor_devices.device_add, {"driver": str}, extra=True),
+    "device_add": Command(monitor_devices.device_add, {"driver": "any"}, extra=True),
     "device_del": Command(monitor_devices.device_del, {"id": str}),
-    "object-add": Command(monitor_devices.object_add, {"qom-type": str, "id": str}, extra=True),
-    "blockdev-add": Command(monitor_devices.blockdev_add, {"driver": str, "node-name": str},
-                            {"filename": str, "cache": dict, "read-only": bool, "discard": str,
-                             "aio": str, "auto-read-only": bool}),
+    "object-add": Command(monitor_devices.object_add, {"qom-type": monitor_devices.OBJECT_TYPES, "id": str},
+                          extra=True),
+    "blockdev-add": Command(monitor_devices.blockdev_add, {"driver": monitor_devices.BLOCKDEV_DRIVERS},
+                            extra=True),
 }
 
 __all__ = ["COMMANDS", "QEMU_VERSION", "Command", "Monitor"]

@@ -20,8 +20,11 @@ ValueError: balloon deflate_on_oom='maybe': Parameter 'deflate-on-oom' expects '
 
 from __future__ import annotations
 
+import numbers
 from types import MappingProxyType
 from typing import Any
+
+import numpy as np
 
 from labkit.backends.options_data import (
     CMDLINE_CHECKS,
@@ -47,14 +50,19 @@ from labkit.backends.options_keywords import (
     cmdline_from_keywords,
     equal_node_sizes,
     host_from_keywords,
+    integer,
     model_from_keywords,
     qemu_from_keywords,
     virtio_mem_from_keywords,
     virtio_pmem_from_keywords,
 )
 from labkit.backends.options_qemu import from_command_line
+from labkit.backends.qemu_cmdline import id_wellformed
+from labkit.errors import shown
 from labkit.model.hotplug import ONLINE_TYPES
 from labkit.units import MiB, format_size, parse_size
+
+MAX_VM_NAME = 64
 
 
 # --- the one entry point ------------------------------------------------------------------------
@@ -71,11 +79,15 @@ def parse_options(backend: str = "model", **keywords: Any) -> VmOptions:
                             + ("" if backend == "qemu" else " (and qemu=... with backend='qemu')"))
     limits = LIMITS[backend]
     seed = keywords.get("seed", 0)
-    if not isinstance(seed, int) or isinstance(seed, bool):
-        raise TypeError(f"seed must be an int, got {seed!r}")
+    if not isinstance(seed, numbers.Integral) or isinstance(seed, bool | np.bool_):
+        raise TypeError(f"seed must be an int >= 0 (numpy's integers too), got {shown(seed)}")
+    if seed < 0:  # numpy's SeedSequence takes non-negative ints
+        raise ValueError(f"seed must be an int >= 0, got {shown(seed)}")
+    seed = int(seed)
     vm_name = keywords.get("vm_name", "vm0")
-    if not isinstance(vm_name, str) or not vm_name:
-        raise ValueError(f"vm_name must be a non-empty string, got {vm_name!r}")
+    if not id_wellformed(vm_name) or len(vm_name) > MAX_VM_NAME:
+        raise ValueError(f"vm_name must be a name of at most {MAX_VM_NAME} letters, digits, '-', '.', "
+                         f"'_', starting with a letter (as QEMU's ids), got {shown(vm_name)}")
     state = keywords.get("memhp_default_state", "offline")
     if state not in ONLINE_TYPES:
         raise ValueError(f"memhp_default_state {state!r} is not one of {list(ONLINE_TYPES)}")
@@ -92,11 +104,11 @@ def parse_options(backend: str = "model", **keywords: Any) -> VmOptions:
     memory = keywords.get("memory", "4G")
     size = parse_size(memory, name="memory")
     check_memory(size, memory, limits)
-    numa_nodes = keywords.get("numa_nodes", 1)
-    if not isinstance(numa_nodes, int) or isinstance(numa_nodes, bool) or not (
-            1 <= numa_nodes <= limits.max_numa_nodes) or size < numa_nodes * 128 * MiB:
+    numa_nodes = integer("numa_nodes", keywords.get("numa_nodes", 1), 1, limits.max_numa_nodes,
+                         " with at least 128 MiB per node")
+    if size < numa_nodes * 128 * MiB:
         raise ValueError(f"numa_nodes must be an int from 1 to {limits.max_numa_nodes} with at least "
-                         f"128 MiB per node, got {numa_nodes!r} for {format_size(size)}")
+                         f"128 MiB per node, got {numa_nodes} for {format_size(size)}")
     balloon = balloon_from_keywords(keywords.get("balloon"))
     virtio_mem = virtio_mem_from_keywords(keywords.get("virtio_mem"), numa_nodes, backend)
     virtio_pmem = virtio_pmem_from_keywords(keywords.get("virtio_pmem"), {d.id for d in virtio_mem})

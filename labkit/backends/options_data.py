@@ -43,10 +43,11 @@ class BalloonOptions:
     free_page_reporting: bool = False
     page_poison: bool = True
     iothread: str | None = None
+    stats_polling_interval: int = 0  # guest-stats-polling-interval (s), given on a -device line
 
     def properties(self) -> dict:
         """As a dict of properties (what the model's BalloonDevice and the live command line take)."""
-        return asdict(self)
+        return {k: v for k, v in asdict(self).items() if k != "stats_polling_interval"}
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,7 @@ _PCI = {"id": "id", "bus": "str", "addr": "str", "multifunction": "bool", "romba
 DEVICE_PROPERTIES = {
     "virtio-balloon-pci": {**_PCI, "deflate-on-oom": "bool", "free-page-hint": "bool",
                            "free-page-reporting": "bool", "page-poison": "bool",
-                           "iothread": "link<iothread>"},
+                           "iothread": "link<iothread>", "guest-stats-polling-interval": "int64"},
     "virtio-mem-pci": {**_PCI, "memdev": "link<memory-backend>", "node": "uint32",
                        "requested-size": "size", "block-size": "size", "prealloc": "bool",
                        "unplugged-inaccessible": "OnOffAuto", "dynamic-memslots": "bool",
@@ -81,7 +81,9 @@ def devices(opts: VmOptions, line: CommandLine, objects: dict, keywords: Mapping
             raise fail(where, f"not enough space, currently 0x{space_used:x} in use of total space for "
                                f"memory devices 0x{total:x}")
         if memdev in busy or memdev in opts.node_memdevs or memdev == opts.ram_memdev:
-            raise fail(where, f"can't use already busy memdev: {memdev}")
+            if driver == "virtio-mem-pci":  # virtio_mem_device_realize
+                raise fail(where, f"'memdev' property specifies a busy memdev: {memdev}")
+            raise fail(where, f"can't use already busy memdev: {memdev}")  # virtio_pmem_realize
         space_used += backing.size
         busy.add(memdev)
         try:
@@ -128,7 +130,11 @@ def _balloon(given: Given, props: dict, objects: dict) -> BalloonOptions:
     iothread = props.get("iothread")
     if iothread is not None and (iothread not in objects or objects[iothread] is not None):
         raise fail(given.where, f"Device '{iothread}' not found")
-    balloon = BalloonOptions(id=props.get("id"), iothread=iothread, **{
+    interval = props.get("guest-stats-polling-interval", 0)
+    if interval < 0 or interval > 0xFFFFFFFF:  # balloon_stats_set_poll_interval, at creation
+        raise fail(given.where, "timer value must be greater than zero" if interval < 0
+                   else "timer value is too big")
+    balloon = BalloonOptions(id=props.get("id"), iothread=iothread, stats_polling_interval=interval, **{
         key.replace("-", "_"): props[key] for key in
         ("deflate-on-oom", "free-page-hint", "free-page-reporting", "page-poison") if key in props})
     try:

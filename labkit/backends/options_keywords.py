@@ -4,6 +4,7 @@ the keywords and a QEMU command line share (QEMU's texts where QEMU has one)."""
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import warnings
 from collections.abc import Mapping
@@ -11,6 +12,7 @@ from dataclasses import asdict
 from types import MappingProxyType
 from typing import Any
 
+import numpy as np
 import psutil
 
 from labkit.backends.options_data import (
@@ -31,8 +33,13 @@ from labkit.devices.virtio_mem import PROPERTY_DEFAULTS as VIRTIO_MEM_DEFAULTS
 from labkit.devices.virtio_mem import check_block_size
 from labkit.devices.virtio_pmem import MEMMAP_MAX_SHARE, check_backing_file, memmap_bytes
 from labkit.devices.virtio_pmem import PROPERTY_DEFAULTS as PMEM_DEFAULTS
+from labkit.errors import shown
 from labkit.model.host import Host
 from labkit.units import MiB, PAGE_SIZE, format_size, parse_size
+
+MAX_SWAPIN_US = 1e6  # a swap-in of one page taking a second is already a dead disk
+MAX_REQUEST_MS = 60_000.0  # a balloon request answered after a minute: the device is gone
+MAX_EPOCH = 2**53 / 1e6  # the wall clock's seconds stay exact to the microsecond in a float
 
 
 # --- checks shared by keywords and the command line ---------------------------------------------
@@ -75,10 +82,11 @@ def check_virtio_mem(d: VirtioMemOptions, numa_nodes: int, backend: str) -> None
     if d.requested_size % d.block_size:
         raise ValueError(f"'requested-size' property has to be multiples of 'block-size' "
                          f"(0x{d.block_size:x})")
-    if d.requested_size > d.size:
-        raise ValueError(f"'requested-size' cannot exceed the memory backend size(0x{d.size:x})")
     if d.memaddr is not None and d.memaddr % d.block_size:
         raise ValueError(f"address must be aligned to 0x{d.block_size:x} bytes")
+    if backend == "model" and d.requested_size > d.size:  # QEMU 7.2 takes it and plugs at most size
+        raise ValueError(f"labkit's model needs 'requested-size' (0x{d.requested_size:x}) at most the "
+                         f"memory backend size (0x{d.size:x}) when the VM starts; qom-set it later")
     if backend == "model" and d.size % (128 * MiB):
         raise ValueError(f"virtio-mem device {d.id!r}: its memory backend size must be a multiple of "
                          f"128 MiB (a Linux memory block) in this model, got {format_size(d.size)}")
@@ -120,12 +128,28 @@ def _id(where: str, value: Any) -> str:
         raise ValueError(f"{where} id={value!r}: {e}") from None
 
 
-def _number(where: str, value: Any, low: float, *, above: bool = False) -> float:
-    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and (
-        value > low if above else value >= low)
-    if not ok:
-        raise ValueError(f"{where} must be a finite number {'>' if above else '>='} {low:g}, got {value!r}")
-    return float(value)
+def _number(where: str, value: Any, low: float, *, above: bool = False, high: float = math.inf,
+            unit: str = "") -> float:
+    """A real number (numpy's too; not a bool), finite, in range; else a ValueError naming it."""
+    accepted = f"a finite number {'>' if above else '>='} {low:g}" + (
+        f" and <= {high:g}" if high < math.inf else "") + (f" ({unit})" if unit else "")
+    number = math.nan
+    if isinstance(value, numbers.Real) and not isinstance(value, bool | np.bool_):
+        try:
+            number = float(value)
+        except OverflowError:  # an int beyond any float
+            number = math.inf
+    if not (math.isfinite(number) and (number > low if above else number >= low) and number <= high):
+        raise ValueError(f"{where} must be {accepted}, got {shown(value)}")
+    return number
+
+
+def integer(where: str, value: Any, low: int, high: int, what: str = "") -> int:
+    """An int (numpy's integers too; not a bool) from ``low`` to ``high``; else a ValueError naming it."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool | np.bool_) and \
+            low <= int(value) <= high:
+        return int(value)
+    raise ValueError(f"{where} must be an int from {low} to {high}{what}, got {shown(value)}")
 
 
 def balloon_from_keywords(balloon: Any) -> BalloonOptions | None:
@@ -155,10 +179,14 @@ def host_from_keywords(host: Any, backend: str) -> HostOptions | Host:
     h = merge("host", host, asdict(HostOptions()))
     ram = parse_size(h["ram"], name="host ram") if h["ram"] is not None else None
     swap = parse_size(h["swap"], name="host swap")
-    if (ram is not None and ram <= 0) or swap < 0:
-        raise ValueError(f"host ram must be > 0 and swap >= 0, got {h['ram']!r}, {h['swap']!r}")
+    if ram is not None and ram <= 0:
+        raise ValueError(f"host ram must be a size > 0 (bytes or a string like '8G'), got {shown(h['ram'])}")
+    if swap < 0:
+        raise ValueError(f"host swap must be a size >= 0 (bytes or a string like '8G'), got "
+                         f"{shown(h['swap'])}")
     result = HostOptions(ram, swap, _bool("host", "discard", h["discard"]),
-                         _number("host swapin_us", h["swapin_us"], 0))
+                         _number("host swapin_us", h["swapin_us"], 0, high=MAX_SWAPIN_US,
+                                 unit="microseconds a swapped-out page takes to come back"))
     if backend == "qemu" and result != HostOptions():
         warnings.warn("host options describe the model's host; the live backend runs on this "
                       "machine's real host, so they are ignored", stacklevel=4)
@@ -169,30 +197,44 @@ def model_from_keywords(model: Any) -> ModelKnobs:
     knobs = merge("model", model, asdict(ModelKnobs()))
     if knobs["boot"] not in ("default", "minimal"):
         raise ValueError(f"model boot {knobs['boot']!r} is not one of ['default', 'minimal']")
-    return ModelKnobs(_number("model balloon_request_ms", knobs["balloon_request_ms"], 0, above=True),
-                      knobs["boot"], _number("model epoch", knobs["epoch"], 0),
-                      _number("model migration_link_bandwidth", knobs["migration_link_bandwidth"], 0,
-                              above=True))
+    return ModelKnobs(
+        _number("model balloon_request_ms", knobs["balloon_request_ms"], 0, above=True,
+                high=MAX_REQUEST_MS, unit="milliseconds one balloon request takes"),
+        knobs["boot"],
+        _number("model epoch", knobs["epoch"], 0, high=MAX_EPOCH,
+                unit="seconds since 1970 at t=0, exact to the microsecond"),
+        _number("model migration_link_bandwidth", knobs["migration_link_bandwidth"], 0, above=True,
+                unit="bytes per second"))
 
 
 def qemu_from_keywords(qemu: Any) -> QemuKnobs:
     knobs = merge("qemu", qemu, asdict(QemuKnobs()))
     if knobs["accel"] not in ("auto", "kvm", "tcg"):
         raise ValueError(f"qemu accel {knobs['accel']!r} is not one of ['auto', 'kvm', 'tcg']")
-    smp = knobs["smp"]
-    if not isinstance(smp, int) or isinstance(smp, bool) or not 1 <= smp <= 64:
-        raise ValueError(f"qemu smp must be an int from 1 to 64, got {smp!r}")
+    knobs["smp"] = integer("qemu smp", knobs["smp"], 1, 64)
     for key in ("boot_timeout_s", "kvm_boot_timeout_s", "poll_ms"):
-        _number(f"qemu {key}", knobs[key], 0, above=True)
-    knobs["extra_args"] = tuple(knobs["extra_args"])
+        knobs[key] = _number(f"qemu {key}", knobs[key], 0, above=True)
+    for key in ("thp", "scratch_disk", "pvh"):
+        knobs[key] = _bool("qemu", key, knobs[key])
+    for key in ("kernel", "bios"):
+        if knobs[key] is not None and not isinstance(knobs[key], str | os.PathLike):
+            raise ValueError(f"qemu {key} must be a path (a string), got {shown(knobs[key])}")
+    extra = knobs["extra_args"]
+    if isinstance(extra, str) or not isinstance(extra, list | tuple) or not all(
+            isinstance(a, str) for a in extra):
+        raise ValueError(f"qemu extra_args must be a list of strings (QEMU arguments), got {shown(extra)}")
+    knobs["extra_args"] = tuple(extra)
     return QemuKnobs(**knobs)
 
 
 def cmdline_from_keywords(cmdline: Any) -> tuple[Mapping[str, Any], str]:
     merged = merge("cmdline", cmdline, CMDLINE_DEFAULTS)
     for key, (check, accepted) in CMDLINE_CHECKS.items():
-        if not check(merged[key]):
-            raise ValueError(f"cmdline {key}={merged[key]!r}: {accepted}")
+        value = merged[key]
+        if isinstance(value, np.integer):  # numpy's integers are ints
+            merged[key] = value = int(value)
+        if not check(value):
+            raise ValueError(f"cmdline {key}={shown(value)}: {accepted}")
     params = " ".join(f"{k}={v}" for k, v in (cmdline or {}).items())
     return MappingProxyType(merged), params
 
@@ -221,15 +263,20 @@ def virtio_mem_from_keywords(specs: Any, numa_nodes: int, backend: str) -> tuple
             raise ValueError(f"{where}: size must be > 0 and requested-size >= 0, got "
                              f"{spec.get('size')!r}, {spec.get('requested_size')!r}")
         node = opts["node"]
+        if isinstance(node, np.integer):
+            node = int(node)
         if not isinstance(node, int) or isinstance(node, bool) or node < 0:
-            raise ValueError(f"'node' property has value '{node}', which exceedsthe number of numa "
-                             f"nodes: {numa_nodes}")
+            raise ValueError(f"{where} node must be a NUMA node number from 0 to {numa_nodes - 1}, "
+                             f"got {shown(node)}")
         if opts["unplugged_inaccessible"] not in ("on", "off", "auto"):
             raise ValueError(f"Parameter 'unplugged-inaccessible' does not accept value "
                              f"'{opts['unplugged_inaccessible']}'")
         memaddr = opts["memaddr"]
         if memaddr is not None:
             memaddr = parse_size(memaddr, name="memaddr")
+            if memaddr < 0:
+                raise ValueError(f"{where} memaddr must be a guest physical address >= 0, got "
+                                 f"{shown(opts['memaddr'])}")
         device = VirtioMemOptions(
             id=opts["id"], memdev=f"mem-{opts['id']}", node=node, memaddr=memaddr,
             prealloc=_bool(where, "prealloc", opts["prealloc"]),

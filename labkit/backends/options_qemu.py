@@ -47,6 +47,7 @@ from labkit.model.hotplug import ONLINE_TYPES
 from labkit.units import MiB, parse_size
 
 ACPI_MAX_RAM_SLOTS = 256  # hw/i386/pc.c: "unsupported amount of memory slots"
+Q35_MAX_CPUS = 288  # hw/i386/pc_q35.c pc_q35_machine_options: m->max_cpus
 _MEMORY_BACKEND = {"id": "id", "size": "size", "share": "bool", "prealloc": "bool", "merge": "bool",
                    "dump": "bool", "reserve": "bool", "policy": "str", "host-nodes": "str",
                    "prealloc-threads": "uint32", "x-use-canonical-path-for-ramblock-id": "bool"}
@@ -54,8 +55,8 @@ OBJECT_PROPERTIES = {
     "memory-backend-ram": _MEMORY_BACKEND,
     "memory-backend-file": {**_MEMORY_BACKEND, "mem-path": "str", "align": "size", "pmem": "bool",
                             "discard-data": "bool", "readonly": "bool", "offset": "size"},
-    "iothread": {"id": "id", "poll-max-ns": "uint64", "poll-grow": "uint64", "poll-shrink": "uint64",
-                 "aio-max-batch": "uint64"},
+    "iothread": {"id": "id", "poll-max-ns": "int64", "poll-grow": "int64", "poll-shrink": "int64",
+                 "aio-max-batch": "int64"},
 }
 # options the live backend sets itself (its guest kernel, consoles, QMP, accelerator)
 LIVE_OWNED = ("-kernel", "-initrd", "-append", "-bios", "-accel", "-enable-kvm", "-no-kvm", "-serial",
@@ -83,7 +84,8 @@ def from_command_line(base: VmOptions, keywords: Mapping[str, Any], limits: Limi
         ram_memdev = _machine(line.machine, objects, backend, memory, line.memory is not None) or ram_memdev
         if line.memory is None and ram_memdev != "pc.ram":
             memory = objects[ram_memdev].size
-    check_memory(memory, line.memory["size"] if line.memory else keywords.get("memory", "4G"), limits)
+    given = line.memory.get("size", "128M") if line.memory else keywords.get("memory", "4G")
+    check_memory(memory, given, limits)
     node_sizes, node_memdevs = _numa(line, objects, memory, ram_memdev, backend)
     smp = base.qemu.smp
     if line.smp is not None:
@@ -190,11 +192,12 @@ def _memory(line: CommandLine, keywords: Mapping[str, Any], limits: Limits) -> t
     for name in props:
         if name not in ("size", "slots", "maxmem"):
             raise fail(where, f"Invalid parameter '{name}'")
-    if "size" not in props:
-        raise fail(where, "Parameter 'size' is missing")
-    memory = property_value(where, "size", "size", props["size"], "-m")
+    # -m without a size: the machine's default RAM (MachineClass default_ram_size, 128 MiB on q35)
+    memory = property_value(where, "size", "size", props.get("size", "128M"), "-m")
     maxmem = property_value(where, "maxmem", "size", props["maxmem"], "-m") if "maxmem" in props else None
-    slots = property_value(where, "slots", "uint64", props.get("slots", "0"), "-m")
+    slots = property_value(where, "slots", "number", props.get("slots", "0"), "-m")
+    if slots and maxmem is None:  # softmmu/vl.c set_memory_options
+        raise fail("", "slots specified but no max-size")
     if maxmem is not None and maxmem < memory:
         raise fail("", f"invalid value of maxmem: maximum memory size (0x{maxmem:x}) must be at least "
                         f"the initial memory size (0x{memory:x})")
@@ -217,8 +220,8 @@ def _machine(props: dict, objects: dict, backend: str, memory: int, memory_given
     ram = props.get("memory-backend")
     if ram is None:
         return None
-    if objects.get(ram) is None:
-        raise fail(where, f"Device '{ram}' not found")
+    if objects.get(ram) is None:  # hw/core/machine.c machine_run_board_init
+        raise fail("", f"Memory backend '{ram}' not found")
     if memory_given and objects[ram].size != memory:
         raise fail("", "Machine memory size does not match the size of the memory backend")
     return ram
@@ -246,8 +249,8 @@ def _numa(line: CommandLine, objects: dict, memory: int, ram_memdev: str,
         if node in nodes:
             raise fail(where, f"Duplicate NUMA nodeid: {node}")
         memdev = props.get("memdev", "")
-        if memdev and objects.get(memdev) is None:
-            raise fail(where, f"Device '{memdev}' not found")
+        if memdev and objects.get(memdev) is None:  # hw/core/numa.c: the link is resolved as a path
+            raise fail(where, f"memdev={memdev} is ambiguous")
         nodes[node] = memdev
     for node in range(max(nodes), -1, -1):  # "Report large node IDs first" (hw/core/numa.c)
         if node not in nodes:
@@ -263,14 +266,43 @@ def _numa(line: CommandLine, objects: dict, memory: int, ram_memdev: str,
 
 
 def _smp(props: dict) -> int:
+    """hw/core/machine-smp.c smp_parse and machine_parse_smp_config for pc-q35-7.2 (max_cpus 288):
+    cpus=0 (or none) is computed from the topology; maxcpus at least cpus; at most 288."""
     try:
-        counts = {k: int(v) for k, v in props.items() if k in ("cpus", "sockets", "cores", "threads")}
+        counts = {k: int(v) % (1 << 64) for k, v in props.items()
+                  if k in ("cpus", "sockets", "dies", "cores", "threads", "maxcpus")}
     except ValueError:
         raise QemuOptionError("Parameter 'smp.cpus' expects integer") from None
-    cpus = counts.get("cpus") or (
-        counts.get("sockets", 1) * counts.get("cores", 1) * counts.get("threads", 1))
-    if cpus < 1:
-        raise QemuOptionError("Invalid SMP CPUs 0. The min CPUs supported by machine 'pc-q35' is 1")
+    # what is not given is computed as smp_parse does for machines since 6.2 (they prefer cores)
+    cpus, maxcpus = counts.get("cpus") or 0, counts.get("maxcpus") or 0
+    sockets, dies = counts.get("sockets") or 0, counts.get("dies") or 1
+    cores, threads = counts.get("cores") or 0, counts.get("threads") or 0
+    if cpus == 0 and maxcpus == 0:
+        sockets, cores, threads = sockets or 1, cores or 1, threads or 1
+    else:
+        maxcpus = maxcpus or cpus
+        if cores == 0:
+            sockets, threads = sockets or 1, threads or 1
+            cores = maxcpus // (sockets * dies * threads)
+        elif sockets == 0:
+            threads = threads or 1
+            sockets = maxcpus // (dies * cores * threads)
+        if threads == 0:  # "try to calculate omitted threads at last"
+            threads = maxcpus // (sockets * dies * cores)
+    maxcpus = maxcpus or sockets * dies * cores * threads
+    cpus = cpus or maxcpus
+    if sockets * dies * cores * threads != maxcpus:
+        raise QemuOptionError(f"Invalid CPU topology: product of the hierarchy must match maxcpus: "
+                              f"sockets ({sockets}) * dies ({dies}) * cores ({cores}) * threads ({threads}) "
+                              f"!= maxcpus ({maxcpus})")
+    if maxcpus < cpus:
+        raise QemuOptionError(f"Invalid CPU topology: maxcpus must be equal to or greater than smp: "
+                              f"sockets ({sockets}) * dies ({dies}) * cores ({cores}) * threads ({threads}) "
+                              f"== maxcpus ({maxcpus}) < smp_cpus ({cpus})")
+    if maxcpus > Q35_MAX_CPUS:
+        signed = (maxcpus + (1 << 31)) % (1 << 32) - (1 << 31)  # printed with %d
+        raise QemuOptionError(f"Invalid SMP CPUs {signed}. The max CPUs supported by machine 'pc-q35-7.2' "
+                              f"is {Q35_MAX_CPUS}")
     return cpus
 
 

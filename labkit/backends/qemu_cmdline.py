@@ -39,13 +39,21 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 QEMU_SIZE_HINT = ("Optional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\n"
                   "and exabytes, respectively.")
-_SIZE = re.compile(r"^\s*(0[xX][0-9a-fA-F]+|\d+)(\.\d+)?\s*([bBkKmMgGtTpPeE])?$")
+# do_strtosz: strtoull (leading blanks, a '+'), decimal even with leading zeros, 0x for hex, an
+# optional fraction, at most one suffix letter right after the number, nothing after it
+_SIZE = re.compile(r"^[ \t\n\v\f\r]*\+?(0[xX][0-9a-fA-F]+|\d+)(\.\d*)?([bBkKmMgGtTpPeE])?$")
 _SUFFIX_SHIFT = {"B": 0, "K": 10, "M": 20, "G": 30, "T": 40, "P": 50, "E": 60}
 _ID = re.compile(r"^[A-Za-z][A-Za-z0-9._-]*$")
 TRUE_WORDS = ("on", "yes", "true", "y")
 FALSE_WORDS = ("off", "no", "false", "n")
+
+
+class SizeOutOfRange(ValueError):
+    """A size QEMU parses but cannot hold (2^64 or more): qemu_strtosz's ERANGE."""
 
 
 class QemuOptionError(ValueError):
@@ -64,13 +72,13 @@ def qemu_strtosz(text: str, default_suffix: str = "B") -> int:
         raise ValueError(f"{text!r} is not a size")
     whole, fraction, suffix = match.groups()
     shift = _SUFFIX_SHIFT[(suffix or default_suffix).upper()]
-    if fraction and (whole.lower().startswith("0x") or shift == 0):
+    if fraction and (whole.lower().startswith("0x") or (shift == 0 and fraction.strip(".0"))):
         raise ValueError(f"{text!r} is not a size")
-    value = int(whole, 0) << shift
-    if fraction:
+    value = int(whole, 16 if whole[1:2] in ("x", "X") else 10) << shift
+    if fraction and fraction != ".":
         value += int(float("0" + fraction) * (1 << shift))
     if value >= 1 << 64:
-        raise ValueError(f"{text!r} is too large")
+        raise SizeOutOfRange(f"{text!r} is too large")
     return value
 
 
@@ -79,6 +87,9 @@ def parse_size_value(name: str, text: str, context: str = "device") -> int:
     visitor), ``-object`` properties (``a size value``) or ``-m`` and HMP (the long hint)."""
     try:
         return qemu_strtosz(text, "M" if context == "-m" else "B")
+    except SizeOutOfRange:
+        if context == "-m":  # parse_option_size
+            raise ValueError(f"Value '{text}' is out of range for parameter '{name}'") from None
     except ValueError:
         pass
     if context == "object":
@@ -90,9 +101,10 @@ def parse_size_value(name: str, text: str, context: str = "device") -> int:
 
 
 def parse_bool(name: str, value: object) -> bool:
-    """A boolean property as ``qapi_bool_parse`` reads it; Python bools are taken as they are."""
-    if isinstance(value, bool):
-        return value
+    """A boolean property as ``qapi_bool_parse`` reads it; Python (and numpy) bools are taken as
+    they are."""
+    if isinstance(value, bool | np.bool_):
+        return bool(value)
     if isinstance(value, str) and value in TRUE_WORDS:
         return True
     if isinstance(value, str) and value in FALSE_WORDS:
@@ -113,15 +125,22 @@ def check_id(value: object, name: str = "id") -> str:
     return value
 
 
+def parse_int(text: str) -> int | None:
+    """``text`` as strtoll/strtoull with base 0 read all of it, or None."""
+    match = re.match(r"^\s*([+-]?)(0[xX][0-9a-fA-F]+|0[0-7]*|[1-9][0-9]*)$", text)
+    if match is None:
+        return None
+    sign, digits = match.groups()
+    base = 16 if digits[1:2] in ("x", "X") else 8 if len(digits) > 1 and digits[0] == "0" else 10
+    return -int(digits, base) if sign == "-" else int(digits, base)
+
+
 def parse_uint(name: str, value: object, bits: int = 32) -> int:
     """An unsigned qdev property (``uint32``/``uint64``), with QEMU's two texts."""
     if isinstance(value, bool):
         raise ValueError(f"Parameter '{name}' expects integer")
     if isinstance(value, str):
-        try:
-            value = int(value, 0)
-        except ValueError:
-            raise ValueError(f"Parameter '{name}' expects integer") from None
+        value = parse_int(value)
     if not isinstance(value, int):
         raise ValueError(f"Parameter '{name}' expects integer")
     if not 0 <= value < 1 << bits:
@@ -185,7 +204,20 @@ def property_value(where: str, name: str, kind: str, raw: Any, context: str) -> 
             return raw if isinstance(raw, int) and not isinstance(raw, bool) and raw >= 0 else \
                 parse_size_value(name, str(raw), context)
         if kind in ("uint32", "uint64"):
+            if context == "object" and isinstance(raw, str) and parse_int(raw) is None:
+                raise ValueError(f"Parameter '{name}' expects an uint64 value")  # the keyval visitor
             return parse_uint(name, raw, int(kind[4:]))
+        if kind == "int64":
+            value = raw if isinstance(raw, int) and not isinstance(raw, bool) else parse_int(str(raw))
+            if value is None or not -(1 << 63) <= value < 1 << 63:
+                raise ValueError(f"Parameter '{name}' expects an int64 value" if context == "object"
+                                 else f"Parameter '{name}' expects int64")
+            return value
+        if kind == "number":  # a QemuOpts number (qemu_strtou64)
+            value = parse_int(str(raw))
+            if value is None or not 0 <= value < 1 << 64:
+                raise ValueError(f"Parameter '{name}' expects a number")
+            return value
         if kind == "id":
             return check_id(raw)
         if kind == "OnOffAuto":
@@ -318,6 +350,6 @@ def _looks_like_option(arg: str) -> bool:
     return arg.startswith("-") and len(arg) > 1 and not arg[1:2].isdigit()
 
 
-__all__ = ["OPTIONS", "CommandLine", "Given", "QemuOptionError", "check_id", "id_wellformed",
-           "parse_bool", "parse_command_line", "parse_opts", "parse_size_value", "parse_uint",
-           "qemu_strtosz", "split_args"]
+__all__ = ["OPTIONS", "CommandLine", "Given", "QemuOptionError", "SizeOutOfRange", "check_id",
+           "id_wellformed", "parse_bool", "parse_command_line", "parse_opts", "parse_size_value",
+           "parse_uint", "qemu_strtosz", "split_args"]

@@ -43,15 +43,19 @@ import contextlib
 import json
 import logging
 import os
+import stat
 from dataclasses import dataclass
 from typing import Any
 
 from labkit.backends import hmp
+from labkit.backends.base import CLOCK_LIMIT_MS, CLOCK_LIMIT_TEXT
 from labkit.backends.monitor import PACKAGE, QEMU_VERSION
+from labkit.backends.qapi import parse_json
 from labkit.errors import QMPError
 
 log = logging.getLogger("labkit.serve")
 TICK_S = 0.02  # how often simulated time catches up with wall time
+MAX_SPEED = 1e6  # simulated ms per wall ms: a wall second is at most ~17 simulated minutes
 HMP_BANNER = (f"QEMU {QEMU_VERSION['major']}.{QEMU_VERSION['minor']}.{QEMU_VERSION['micro']} monitor "
               f"(labkit's model) - type 'help' for more information\r\n")
 HMP_PROMPT = "(qemu) "
@@ -111,8 +115,9 @@ class QmpServer:
     """Serve ``vm`` (a model backend) on a QMP socket and optionally an HMP socket."""
 
     def __init__(self, vm: Any, speed: float = 1.0):
-        if not isinstance(speed, int | float) or isinstance(speed, bool) or not 0 < speed < float("inf"):
-            raise ValueError(f"speed must be a number > 0 (simulated ms per wall ms), got {speed!r}")
+        if not isinstance(speed, int | float) or isinstance(speed, bool) or not 0 < speed <= MAX_SPEED:
+            raise ValueError(f"speed must be a number > 0 and <= {MAX_SPEED:g} (simulated ms per wall ms), "
+                             f"got {speed!r}")
         self.vm = vm
         self.speed = float(speed)
         self.clients: list[_Client] = []
@@ -124,19 +129,27 @@ class QmpServer:
     async def serve(self, qmp_path: str, hmp_path: str | None = None) -> None:
         """Listen on ``qmp_path`` (and ``hmp_path``) until :meth:`stop` or ``quit``."""
         self._stopped = asyncio.Event()
-        self._servers.append(await asyncio.start_unix_server(self._qmp_session, path=qmp_path))
-        if hmp_path is not None:
-            self._servers.append(await asyncio.start_unix_server(self._hmp_session, path=hmp_path))
+        ours: dict[str, tuple[int, int]] = {}  # path -> (device, inode) of the socket we bound
         try:
+            for path, session in ((qmp_path, self._qmp_session), (hmp_path, self._hmp_session)):
+                if path is None:
+                    continue
+                try:
+                    self._servers.append(await asyncio.start_unix_server(session, path=path))
+                except OSError as e:
+                    raise ValueError(f"cannot listen on unix:{path}: {e.strerror or e}") from None
+                st = os.lstat(path)
+                ours[path] = (st.st_dev, st.st_ino)
             await self._clock()
         finally:
             for server in self._servers:
                 server.close()
             for client in self.clients:
                 client.writer.close()
-            for path in (qmp_path, hmp_path):
-                if path is not None:
-                    with contextlib.suppress(FileNotFoundError):
+            for path, inode in ours.items():  # only the socket we made: never what replaced it
+                with contextlib.suppress(FileNotFoundError):
+                    st = os.lstat(path)
+                    if (st.st_dev, st.st_ino) == inode and stat.S_ISSOCK(st.st_mode):
                         os.unlink(path)
 
     def stop(self) -> None:
@@ -152,7 +165,12 @@ class QmpServer:
                 await asyncio.wait_for(self._stopped.wait(), TICK_S)
             now = loop.time()
             if not self.vm.closed:
-                self.vm.advance((now - last) * 1000.0 * self.speed)
+                left = CLOCK_LIMIT_MS - self.vm.now_ms
+                if left <= 0:  # 35 simulated years: the clock stops here, and so does the server
+                    log.warning("the simulated clock reached its limit (%s); stopping", CLOCK_LIMIT_TEXT)
+                    self.stop()
+                    break
+                self.vm.advance(min((now - last) * 1000.0 * self.speed, left))
             last = now
             self._flush_events()
 
@@ -182,9 +200,9 @@ class QmpServer:
                     break
                 for text in streamer.feed(data.decode(errors="replace")):
                     try:
-                        message = json.loads(text)
-                    except json.JSONDecodeError as e:
-                        self._send(client, _error("GenericError", f"JSON parse error, {e.msg}"))
+                        message = parse_json(text)
+                    except QMPError as e:  # QEMU's parser's texts (qobject/json-parser.c)
+                        self._send(client, e.as_qmp())
                         continue
                     self._send(client, self._answer(client, message))
                     await writer.drain()
@@ -228,7 +246,7 @@ class QmpServer:
             client.negotiated, client.oob = True, "oob" in enable
             return {"return": {}} | reply_id
         try:
-            return {"return": self.vm.qmp(name, **arguments)} | reply_id
+            return {"return": self.vm.qmp_json(name, arguments)} | reply_id
         except QMPError as e:
             return e.as_qmp() | reply_id
         except Exception as e:  # noqa: BLE001 - a model failure answers as QEMU would: an error

@@ -32,6 +32,8 @@ import asyncio
 import os
 import shutil
 import signal
+import socket
+import stat
 import sys
 import tempfile
 import time
@@ -48,22 +50,28 @@ def _qemu_args(args: argparse.Namespace) -> list[str]:
 
 
 def _speed(text: str) -> float:
+    from labkit.backends.qmp_server import MAX_SPEED
+
     try:
         value = float(text)
     except ValueError:
         value = float("nan")
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a speed > 0 (simulated ms per wall ms), e.g. 10")
+    if not 0 < value <= MAX_SPEED:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a speed > 0 and <= {MAX_SPEED:g} (simulated ms "
+                                         f"per wall ms), e.g. 10")
     return value
 
 
 def _ms(text: str) -> float:
+    from labkit.backends.base import CLOCK_LIMIT_MS
+
     try:
         value = float(text)
     except ValueError:
         value = float("nan")
-    if not 0 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a time in milliseconds >= 0, e.g. 1000")
+    if not 0 <= value <= CLOCK_LIMIT_MS:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a time in milliseconds from 0 to "
+                                         f"{CLOCK_LIMIT_MS:g}, e.g. 1000")
     return value
 
 
@@ -111,7 +119,12 @@ def run_vm(args: argparse.Namespace) -> int:
 
 # --- labkit serve -------------------------------------------------------------------------------
 def _socket_path(spec: str, private: list[str], name: str) -> str:
-    """``unix:PATH``; ``unix:`` alone is a fresh private directory (mode 0700)."""
+    """``unix:PATH``; ``unix:`` alone is a fresh private directory (mode 0700).
+
+    A path the user names is used only if nothing is there, or a stale socket of this user's that
+    nobody listens on (it is replaced, as QEMU's server=on replaces its socket). Anything else is
+    refused and left alone: a file, a directory, a symlink (even a dangling one, which bind(2)
+    would trip on), another user's socket, a socket a server still answers on."""
     if not spec.startswith("unix:"):
         raise ValueError(f"--{name} takes unix:PATH (a Unix socket), got {spec!r}")
     path = spec[len("unix:"):]
@@ -119,12 +132,29 @@ def _socket_path(spec: str, private: list[str], name: str) -> str:
         if not private:
             private.append(tempfile.mkdtemp(prefix="labkit-serve-"))
         return os.path.join(private[0], f"{name}.sock")
-    if os.path.exists(path):
-        import stat
-
-        if not stat.S_ISSOCK(os.lstat(path).st_mode):
-            raise ValueError(f"--{name} {path} exists and is not a socket: labkit will not replace it")
-        os.unlink(path)  # a stale socket, as QEMU's server=on replaces it
+    try:
+        st = os.lstat(path)  # the path itself: a symlink is not followed
+    except FileNotFoundError:
+        return path
+    except OSError as e:
+        raise ValueError(f"--{name} {path}: {e.strerror}") from None
+    if stat.S_ISLNK(st.st_mode):
+        raise ValueError(f"--{name} {path} is a symlink: labkit will not follow or replace it; name a "
+                         f"path of your own, or give unix: for a private directory")
+    if not stat.S_ISSOCK(st.st_mode):
+        raise ValueError(f"--{name} {path} exists and is not a socket: labkit will not replace it")
+    if st.st_uid != os.getuid():
+        raise ValueError(f"--{name} {path} is a socket of another user (uid {st.st_uid}): labkit will "
+                         f"not replace it")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(path)
+        except OSError:
+            pass  # nobody listens: stale
+        else:
+            raise ValueError(f"--{name} {path}: a server is listening on this socket; stop it or "
+                             f"name another path")
+    os.unlink(path)  # our own stale socket: unlink(2) removes the name, never what it might point to
     return path
 
 

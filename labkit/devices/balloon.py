@@ -428,4 +428,7 @@ QOM_PROPERTIES = (
     QomProperty("guest-stats-polling-interval", "int", lambda d: d.stats_poll_interval,
                 BalloonDevice.set_poll_interval),
     *(_feature(name) for name in ("deflate-on-oom", "free-page-hint", "free-page-reporting", "page-poison")),
+    QomProperty("iothread", "link<iothread>",
+                lambda d: f"/objects/{d.options['iothread']}" if d.options.get("iothread") else "",
+                static=True),
 )

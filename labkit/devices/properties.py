@@ -5,7 +5,8 @@ how to read it from the device, how to set it); the monitor (:mod:`labkit.backen
 the QOM tree from these declarations, so a device never registers itself anywhere. ``set`` raises
 ``ValueError`` with QEMU's text when QEMU refuses the value; a property with no ``set`` is read-only
 (``Property 'type.name' is not writable``) and a ``static`` one is a qdev property that is fixed
-once the device is realized.
+once the device is realized. A value is checked against ``type`` before ``set`` sees it, unless
+``visit_first`` is False (QEMU setters that refuse any value once realized say so first).
 
 >>> prop = QomProperty("size", "size", lambda device: device["plugged"])
 >>> prop.get({"plugged": 2 << 20})
@@ -29,6 +30,7 @@ class QomProperty:
     get: Callable[[Any], Any]
     set: Callable[[Any, Any], None] | None = None
     static: bool = False  # a qdev property: settable only before realize
+    visit_first: bool = True  # False: the setter refuses (fixed once realized) before reading a value
 
 
 __all__ = ["QomProperty"]

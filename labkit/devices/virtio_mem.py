@@ -120,6 +120,7 @@ class VirtioMemDevice:
         self.config = MemConfig(block_size, node, addr, region_size)
         self.bitmap = np.zeros(region_size // block_size, dtype=bool)
         self.prealloc = prealloc
+        self.unplugged_inaccessible = "on"  # the property as given (the machine sets it); QEMU 8.1+'s default
         self._discard = discard  # (gpa offset in the region, size) -> backed bytes freed
         self._busy = busy
         self._emit = emit
@@ -262,10 +263,12 @@ QOM_VIRTIO_TYPE = "virtio-mem"
 QOM_PROPERTIES = (
     QomProperty("requested-size", "size", lambda d: d.requested_size, VirtioMemDevice.set_requested_size),
     QomProperty("size", "size", lambda d: d.size),
-    QomProperty("block-size", "size", lambda d: d.block_size, _block_size_fixed),
+    QomProperty("block-size", "size", lambda d: d.block_size, _block_size_fixed, visit_first=False),
     QomProperty("node", "uint32", lambda d: d.config.node_id, static=True),
     QomProperty("memaddr", "uint64", lambda d: d.config.addr, static=True),
     QomProperty("memdev", "link<memory-backend>", lambda d: f"/objects/{d.memdev}", static=True),
+    QomProperty("prealloc", "bool", lambda d: d.prealloc, static=True),
+    QomProperty("unplugged-inaccessible", "OnOffAuto", lambda d: d.unplugged_inaccessible, static=True),
 )
 
 

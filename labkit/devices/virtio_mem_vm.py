@@ -48,6 +48,7 @@ class VirtioMem:
             device = VirtioMemDevice(spec["id"], region.memaddr, spec["size"], spec["block_size"],
                                      spec["node"], spec["requested_size"], discard=discard, busy=busy,
                                      emit=emit, prealloc=spec["prealloc"], memdev=spec.get("memdev"))
+            device.unplugged_inaccessible = spec.get("unplugged_inaccessible", "on")
             driver = VirtioMemDriver(env, kernel, device, region, kernel.hotplug)
             self.devices.append(device)
             self.drivers.append(driver)

@@ -100,6 +100,8 @@ def check_backing_file(path: str, size: int, backend_id: str) -> None:
     rules (the file must already exist; raw images only). Raises ValueError; creates nothing."""
     where = f"can't open backing store {path} for guest RAM"
     if not os.path.exists(path):
+        if not os.path.isdir(os.path.dirname(os.path.abspath(path))):  # QEMU 7.2's own error
+            raise ValueError(f"{where}: No such file or directory")
         raise ValueError(f"{where}: No such file or directory (labkit never creates it; QEMU "
                          f"would create an empty file here)")
     if os.path.isdir(path):
@@ -108,9 +110,11 @@ def check_backing_file(path: str, size: int, backend_id: str) -> None:
     if not os.access(path, os.R_OK) or not os.access(path, os.W_OK):
         raise ValueError(f"{where}: Permission denied (QEMU opens it read-write)")
     file_size = os.stat(path).st_size
-    if file_size < size:
-        raise ValueError(f"{backend_id} backing store size 0x{file_size:x} is too small for "
-                         f"'size' option 0x{size:x} plus 'offset' option 0x0")
+    if file_size == 0:
+        raise ValueError(f"{path} is empty: QEMU 7.2 would grow it to the 'size' option 0x{size:x}; "
+                         f"labkit maps existing files only (truncate -s {size} {os.path.basename(path)})")
+    if file_size < size:  # qemu_ram_alloc_from_fd (QEMU 7.2; 8.0 added 'offset' to the text)
+        raise ValueError(f"backing store size 0x{file_size:x} does not match 'size' option 0x{size:x}")
     kind = _image_format(path)
     if kind is not None:
         raise ValueError(f"{path} is a {kind} image: virtio-pmem maps the file's bytes as they are, "

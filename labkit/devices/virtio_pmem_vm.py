@@ -7,7 +7,7 @@ other half of the same story, the guest's writeback and virtio-blk, which the ma
   type ``virtio-pmem`` (``memaddr``, ``size``, ``memdev``, ``id``) after virtio-mem's; ``info
   memory-devices``; ``object-add`` of a ``memory-backend-file`` and ``device_add`` of
   ``virtio-pmem-pci`` (hot-plug works, §4.3, through :meth:`VirtioPmem.plug`) or
-  ``virtio-blk-pci``; ``device_del`` refuses virtio-pmem with QEMU 8.2's text; ``migrate`` is
+  ``virtio-blk-pci``; ``device_del`` refuses virtio-pmem with QEMU 7.2's text; ``migrate`` is
   refused while a virtio-pmem device exists (a labkit blocker: QEMU has no vmstate for it).
 * Guest ops: ``pmem_read``, ``pmem_write`` (DAX loads and stores: host page cache pages, no guest
   page cache), ``pmem_flush`` (``requests`` concurrent fsync/msync calls: each one FLUSH request;

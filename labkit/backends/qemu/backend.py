@@ -41,9 +41,12 @@ from typing import Any
 
 import psutil
 
+from labkit.backends.base import check_ms
+from labkit.backends.guest_ops import check as check_guest_op
 from labkit.backends.options import VmOptions, cmdline_from_keywords, parse_options
+from labkit.backends.qapi import from_python
 from labkit.backends.qemu import accel as accel_choice
-from labkit.backends.qemu.guest import LiveGuestOps, parse_meminfo, parse_vmstat
+from labkit.backends.qemu.guest import OPS, LiveGuestOps, parse_meminfo, parse_vmstat
 from labkit.backends.qemu.guestfiles import MODULE_FAILED_MARKER, READY_MARKER
 from labkit.backends.qemu.hostmem import read_host_memory
 from labkit.backends.qemu.image import GuestImage, build_guest_image
@@ -218,6 +221,7 @@ class QemuBackend(LiveInspection):
     def qmp(self, command: str, **arguments: Any) -> Any:
         """Run a QMP command on QEMU; QEMU's errors come back as :class:`labkit.QMPError`."""
         self._check_open()
+        arguments = from_python(arguments)  # numpy's numbers as JSON numbers; NaN: QEMU's parse error
         try:
             result = self.qmp_conn.execute(command, arguments)
         except QMPConnectionLost as e:
@@ -234,6 +238,8 @@ class QemuBackend(LiveInspection):
     def guest(self, op: str, **arguments: Any) -> Any:
         """Run a workload step in the guest: alloc, touch, read, free, drop_caches, sync, handles."""
         self._check_open()
+        if op in OPS or op in self.ops.extra_ops:  # the same argument checks as on the model
+            arguments = check_guest_op(op, arguments)
         return self.ops.call(op, arguments)
 
     def meminfo(self) -> dict[str, int]:
@@ -272,8 +278,7 @@ class QemuBackend(LiveInspection):
     def advance(self, ms: float) -> None:
         """Wait ``ms`` milliseconds of wall-clock time, polling QMP, host RSS and QEMU's health."""
         self._check_open()
-        if not isinstance(ms, int | float) or isinstance(ms, bool) or ms < 0:
-            raise ValueError(f"advance() takes milliseconds >= 0, got {ms!r}")
+        ms = check_ms(ms, "advance()", self.now_ms)
         end = time.monotonic() + ms / 1000.0
         self._poll()
         while (left := end - time.monotonic()) > 0:
@@ -286,6 +291,7 @@ class QemuBackend(LiveInspection):
         Returns False at once when the balloon has reached its target (nothing to do), else whether
         ``actual`` moved."""
         self._check_open()
+        max_ms = check_ms(max_ms, "step() max_ms", self.now_ms)
         if self.balloon_options is None:
             return False
         before = self.qmp("query-balloon")["actual"]

@@ -30,9 +30,12 @@ labkit.backends.qemu.record.ReplayMismatch: call 3 is meminfo() but the recordin
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
+import os
 import platform
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -148,7 +151,19 @@ class Recorder:
         """Write the recording as JSON (pretty enough to diff); returns the path."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_json(), indent=None, separators=(",", ":")) + "\n")
+        text = json.dumps(self.to_json(), indent=None, separators=(",", ":")) + "\n"
+        # a new file next to it (O_EXCL, 0600, a random name), then renamed over the path: a reader
+        # never sees half a recording, and a symlink at the path is replaced, not followed
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(text)
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
         return path
 
 
@@ -204,6 +219,9 @@ class ReplayBackend:
         return self._answer("sample", {})
 
     def advance(self, ms: float) -> None:
+        from labkit.backends.base import check_ms
+
+        check_ms(ms)  # refused as on the backends, before it can mismatch the recording
         return self._answer("advance", {"ms": ms})
 
     def step(self, *args: Any, **kwargs: Any) -> bool:
