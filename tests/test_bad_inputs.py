@@ -17,8 +17,8 @@ For every row the test asserts
   digest of every page's state and flags, the clock, the events, the handles, what query-* say)
   before and after; for ``labkit.open``, a shared Host with nothing new attached.
 
-Rows marked ``xfail(strict=True, reason=DEFECTS)`` need the fixes of the issue12-defects branch
-(sizes beyond 2^64, numpy integers as sizes); they flip to passing when it merges.
+Sizes beyond 2^64 are refused by :func:`labkit.units.parse_size` with "sizes are below 2^64 bytes"
+(issue 12's exact size parsing); numpy integers are sizes like Python's.
 """
 
 from __future__ import annotations
@@ -47,8 +47,6 @@ from labkit.errors import QMPError
 from labkit.model.host import Host
 from labkit.units import GiB, MiB
 
-DEFECTS = "lands with issue12-defects"
-XFAIL = (pytest.mark.xfail(strict=True, reason=DEFECTS),)
 NAN, INF = float("nan"), float("inf")
 HUGE = "1" + "0" * 400 + "T"
 
@@ -221,7 +219,7 @@ rows("open", [
     ({"memory": NAN}, TypeError, r"^memory must be an int \(bytes\) or a size string like '512M', got nan$"),
     ({"memory": None}, TypeError, r"got None$"),
     ({"memory": True}, TypeError, r"got True$"),
-    ({"memory": HUGE}, ValueError, r"memory '1000.*too large: sizes are below 2\^64 bytes", {"marks": XFAIL}),
+    ({"memory": HUGE}, ValueError, r"memory '1000.*too large: sizes are below 2\^64 bytes"),
     ({"seed": -1}, ValueError, r"^seed must be an int >= 0, got -1$"),
     ({"seed": 1.5}, TypeError, r"^seed must be an int >= 0 \(numpy's integers too\), got 1\.5$"),
     ({"seed": "0"}, TypeError, r"got '0'$"),
@@ -334,7 +332,7 @@ rows("open", [
     ({"host": {"swap": "-1G"}}, ValueError, r"^host swap '-1G' " + NOT_A_SIZE),
     ({"host": {"ram": 1.5}}, TypeError, r"^host ram must be an int \(bytes\) or a size string like '512M', "
                                         r"got 1\.5$"),
-    ({"host": {"ram": HUGE}}, ValueError, r"host ram '1000.*too large", {"marks": XFAIL}),
+    ({"host": {"ram": HUGE}}, ValueError, r"host ram '1000.*too large"),
     ({"host": {"discard": "false "}}, ValueError, r"^host discard='false ': Parameter 'discard' " + BOOL),
     # D8: every knob a finite number in its range, its unit named
     ({"host": {"swapin_us": -5}}, ValueError,
@@ -977,8 +975,7 @@ rows("guest", [
     (("alloc", {"size": 2**70}), ValueError, r"^guest op 'alloc': size .*got 1180591620717411303424 "
                                              r"\(int\)$"),
     (("alloc", {"size": 10**400}), ValueError, r"^guest op 'alloc': size .*\(401 digits\) \(int\)$"),
-    (("alloc", {"size": HUGE}), ValueError, r"size '1000.*too large: sizes are below 2\^64",
-     {"marks": XFAIL}),
+    (("alloc", {"size": HUGE}), ValueError, r"size '1000.*too large: sizes are below 2\^64"),
     (("alloc", {"size": "3X"}), ValueError, r"^size '3X' " + NOT_A_SIZE),
     (("alloc", {"size": 1000}), ValueError, r"^size must be a positive multiple of 4 KiB up to the guest's "
                                             r"2 GiB, "
@@ -1057,8 +1054,7 @@ rows("guest", [
                                                                    r"'64M', "
                                                                    r"or None for the rest, got nan "
                                                                    r"\(float\)$"),
-    (("pmem_write", {"device": "vpmem0", "offset": HUGE}), ValueError, r"offset '1000.*too large",
-     {"marks": XFAIL}),
+    (("pmem_write", {"device": "vpmem0", "offset": HUGE}), ValueError, r"offset '1000.*too large"),
     (("pmem_flush", {"device": "vpmem0", "requests": 0}), ValueError,
      r"^guest op 'pmem_flush': requests must be an int from 1 to 100000: fsyncs at once, got 0 \(int\)$"),
     (("pmem_flush", {"device": "vpmem0", "requests": 10**6}), ValueError, r"requests must be an int from 1 "
@@ -1109,7 +1105,7 @@ rows("cli", [
     ("balloon --target", 2, r"argument --target: expected one argument$"),
     ("balloon --target 3X", 2, r"argument --target: value '3X' " + NOT_A_SIZE),
     ("balloon --target 512M --memory 3X", 2, r"argument --memory: value '3X' " + NOT_A_SIZE),
-    (f"balloon --target {HUGE}", 2, r"too large: sizes are below 2\^64", {"marks": XFAIL}),
+    (f"balloon --target {HUGE}", 2, r"too large: sizes are below 2\^64"),
     ("balloon --target 512M --memory 0", 1, MEMORY_RANGE + r": at least 64 MiB, got '0'$"),
     ("balloon --target 0 --memory 256M", 1, r"^labkit balloon: error: Parameter 'target' expects a size$"),
     ("balloon --target 512M --memory 256M --ms 0", 2, r"argument --ms: '0' is not a time in milliseconds > "
@@ -1200,7 +1196,7 @@ rows("exercise", [
                                                                              r"got nan$"),
     (("balloon_requests", {"requests": INF, "actual_after": 1}), ValueError, r"finite number, got inf$"),
     (("balloon_requests", {"requests": 10**400, "actual_after": 1}), ValueError,
-     r"^requests must be a finite number, got .*\d+ digits", {"marks": XFAIL}),
+     r"^requests must be a finite number, got .*\d+ digits"),
     (("balloon_requests", {"request": 12, "actual_after": 1}), ValueError,
      r"^balloon_requests: unknown answer key\(s\) \['request'\]; the parts are \['requests', "
      r"'actual_after'\]$"),
@@ -1468,7 +1464,6 @@ def test_numpy_numbers_are_taken_wherever_python_numbers_are(image):
         assert all(h["handle"] != handle for h in vm.guest("handles"))
 
 
-@pytest.mark.xfail(strict=True, reason=DEFECTS)
 def test_numpy_integer_sizes_in_options():
     """Sizes as numpy integers go through labkit.units.parse_size (issue12-defects teaches it numpy)."""
     with labkit.open(memory=np.int64(256 * MiB), host={"ram": np.int64(GiB)}) as vm:

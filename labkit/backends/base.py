@@ -132,9 +132,7 @@ def check_ms(value: Any, what: str = "advance()", now: float = 0.0) -> float:
 
 
 # --- QMP argument checking, with QEMU's error texts (qapi/qobject-input-visitor.c) -------------
-# the QAPI type names QEMU's visitor puts in "expected: ..." (a struct is an "object")
-_TYPE_NAMES = {int: "integer", str: "string", bool: "boolean", float: "number", dict: "object",
-               list: "array"}
+# the QAPI kinds labkit.backends.qapi visits, by the Python type a command's table names
 _KINDS = {int: "int", str: "str", bool: "bool", float: "number", dict: "object", list: "array", object: "any"}
 
 
