@@ -24,11 +24,14 @@ from labkit.devices.virtio_mem import PROPERTY_DEFAULTS as VIRTIO_MEM_PROPERTIES
 from labkit.devices.virtio_mem import check_block_size
 from labkit.devices.virtio_pmem import validate_specs as validate_virtio_pmem
 from labkit.errors import QMPError
+from labkit.model.bootparams import parse_bootparams
 from labkit.model.buddy import buddyinfo
 from labkit.model.host import Host
 from labkit.model.hotplug import ONLINE_TYPES, MemoryHotplug, plan_layout
 from labkit.model.kernel import Kernel
-from labkit.model.pages import PAGES_PER_MEMORY_BLOCK, GuestMemory, PageState, Zone
+from labkit.model.layout import phys_pfn, probe_memory_block_size, q35_layout, zones_for
+from labkit.model.pages import GuestMemory, PageState
+from labkit.model.reservations import plan_reservations
 from labkit.model.workloads import BootProfile, GuestOps, boot
 from labkit.units import GiB, MiB, PAGE_SIZE, TiB, format_size, parse_size
 
@@ -40,22 +43,8 @@ MODEL_DEFAULTS = {
 HOST_DEFAULTS = {"ram": None, "swap": 0, "discard": True, "swapin_us": 100.0}
 BYTES_PER_PAGE_NEEDED = 8  # state + flags, plus transient masks while deriving free lists
 GUEST_OPS = ("alloc", "touch", "read", "free", "drop_caches", "sync", "handles")
-# guest kernel command-line parameters the model honours (Documentation/admin-guide/kernel-parameters)
+# guest kernel command-line parameters and sysctls: labkit.model.bootparams (CMDLINE_DEFAULTS)
 VIRTIO_MEM_DEFAULTS = {k: v for k, v in VIRTIO_MEM_PROPERTIES.items()}
-CMDLINE_DEFAULTS = {
-    "memory_hotplug.online_policy": "contig-zones",  # or "auto-movable" (mm/memory_hotplug.c)
-    "page_poison": 0,  # CONFIG_PAGE_POISONING's page_poison=1: poison pages on free
-    "init_on_free": 0,  # zero pages on free
-    "page_reporting.page_reporting_order": -1,  # -1: pageblock_order (mm/page_reporting.c)
-}
-CMDLINE_CHECKS = {
-    "memory_hotplug.online_policy": (lambda v: v in ("contig-zones", "auto-movable"),
-                                     "accepted: 'contig-zones' or 'auto-movable'"),
-    "page_poison": (lambda v: v in (0, 1), "accepted: 0 or 1"),
-    "init_on_free": (lambda v: v in (0, 1), "accepted: 0 or 1"),
-    "page_reporting.page_reporting_order": (
-        lambda v: isinstance(v, int) and -1 <= v <= 10, "accepted: -1 (default) or 0..10"),
-}
 # Mechanisms that attach themselves to a VM when its options ask for them: each module has
 # attach(backend) -> object | None, called once the kernel and the balloon exist.
 ATTACHMENTS = (
@@ -96,9 +85,6 @@ def _virtio_mem_specs(specs: list[dict] | None, numa_nodes: int) -> list[dict]:
         if opts["requested_size"] % opts["block_size"]:
             raise ValueError(f"'requested-size' property has to be multiples of 'block-size' "
                              f"(0x{opts['block_size']:x})")
-        if opts["requested_size"] > opts["size"]:
-            raise ValueError(f"'requested-size' cannot exceed the memory backend size"
-                             f"(0x{opts['size']:x})")
         if opts["size"] % (128 * MiB):
             raise ValueError(f"virtio_mem[{i}] size must be a multiple of 128 MiB (a Linux memory "
                              f"block) in this model, got {spec.get('size')!r}")
@@ -145,10 +131,8 @@ class ModelBackend:
         if not isinstance(seed, int) or isinstance(seed, bool):
             raise TypeError(f"seed must be an int, got {seed!r}")
         knobs = _merge("model", model, MODEL_DEFAULTS)
-        self.cmdline = _merge("cmdline", cmdline, CMDLINE_DEFAULTS)
-        for key, check in CMDLINE_CHECKS.items():
-            if not check[0](self.cmdline[key]):
-                raise ValueError(f"cmdline {key}={self.cmdline[key]!r}: {check[1]}")
+        self.params = parse_bootparams(cmdline)  # the guest kernel's command line and sysctls
+        self.cmdline = self.params.cmdline_keys()
         if knobs["boot"] not in ("default", "minimal"):
             raise ValueError(f"model boot {knobs['boot']!r} is not one of ['default', 'minimal']")
         if balloon is True or balloon is None:
@@ -163,9 +147,15 @@ class ModelBackend:
             raise ValueError(f"memhp_default_state {memhp_default_state!r} is not one of "
                              f"{list(ONLINE_TYPES)}")
         boot_pages = size // PAGE_SIZE
-        boot_zones = self._zones(boot_pages, numa_nodes)
+        self.layout = q35_layout(size)
+        block = probe_memory_block_size(self.layout)
+        for spec in self.virtio_mem_specs:
+            if spec["size"] % block:
+                raise ValueError(f"virtio_mem {spec['id']!r} size must be a multiple of the guest's "
+                                 f"memory block size {format_size(block)}, got {format_size(spec['size'])}")
+        boot_zones = zones_for(self.layout, numa_nodes, block // PAGE_SIZE)
         n_pages, hotplug_zones, self.regions = plan_layout(boot_pages, boot_zones,
-                                                           self.virtio_mem_specs)
+                                                           self.virtio_mem_specs, block // PAGE_SIZE)
         _check_fits(n_pages * PAGE_SIZE)
         if isinstance(host, Host):
             self.host = host
@@ -183,13 +173,20 @@ class ModelBackend:
         self.knobs = knobs
         self.env = simpy.Environment()
         self._events = EventQueue(self.env, self.wallclock)
-        self.mem = GuestMemory(n_pages, boot_zones, hotplug_zones=hotplug_zones)
-        self.kernel = Kernel(self.mem, self.host, vm_name, clock=lambda: self.env.now)
+        self.mem = GuestMemory(n_pages, boot_zones, hotplug_zones=hotplug_zones,
+                               block_pages=block // PAGE_SIZE)
+        self.kernel = Kernel(self.mem, self.host, vm_name, clock=lambda: self.env.now,
+                             params=self.params, phys_pfn=self._phys_pfn)
         if self.regions:
-            self.kernel.hotplug = MemoryHotplug(
-                self.kernel, memhp_default_state, self.cmdline["memory_hotplug.online_policy"])
+            self.kernel.hotplug = MemoryHotplug(self.kernel, memhp_default_state, regions=self.regions)
         profile = BootProfile() if knobs["boot"] == "default" else BootProfile.minimal()
-        boot(self.kernel, np.random.default_rng(seed), profile)
+        # x86 pci_swiotlb_detect: a bounce buffer once RAM may lie above 4 GiB (RAM there, or a
+        # hot-pluggable range in the SRAT, which QEMU builds whenever maxmem is given)
+        above_4g = self.layout.above_4g > 0 or bool(self.virtio_mem_specs or self.virtio_pmem_specs)
+        self.reservations = plan_reservations(self.layout, numa_nodes, self.params.nr_cpus,
+                                              self.params.swiotlb_slabs(above_4g),
+                                              initrd_bytes=profile.initrd, block_pages=block // PAGE_SIZE)
+        boot(self.kernel, np.random.default_rng(seed), profile, self.reservations)
         self.ops = GuestOps(self.kernel)
         self.qom = QomTree()
         self._qmp_handlers = {name: getattr(self, fn) for name, fn in self._QMP.items()}
@@ -215,15 +212,14 @@ class ModelBackend:
         }
         self.closed = False
 
-    @staticmethod
-    def _zones(n_pages: int, numa_nodes: int) -> list[Zone]:
-        per_node = n_pages // numa_nodes // PAGES_PER_MEMORY_BLOCK * PAGES_PER_MEMORY_BLOCK
-        zones, start = [], 0
-        for node in range(numa_nodes):
-            end = n_pages if node == numa_nodes - 1 else start + per_node
-            zones.append(Zone("Normal", node, start, end))
-            start = end
-        return zones
+    def _phys_pfn(self, pfn: int) -> int:
+        """The physical frame of page index ``pfn`` (q35's PCI hole; device regions' memaddr)."""
+        if pfn < self.mem.boot_pages:
+            return phys_pfn(self.layout, pfn)
+        for r in self.regions:
+            if r.start <= pfn < r.end:
+                return r.memaddr // PAGE_SIZE + pfn - r.start
+        return pfn
 
     # --- time ---------------------------------------------------------------------------------
     def wallclock(self) -> float:
@@ -377,6 +373,12 @@ class ModelBackend:
 
     def buddyinfo(self) -> str:
         return buddyinfo(self.mem)
+
+    def zoneinfo(self) -> list[dict]:
+        """/proc/zoneinfo per node and populated zone: free, min, low, high, spanned, present,
+        managed, protection, start_pfn, and per CPU the pcp count, high and batch."""
+        self._check_open()
+        return self.kernel.zoneinfo()
 
     def dmesg(self) -> list[str]:
         return [f"[{t / 1000:12.6f}] {msg}" for t, msg in self.kernel.dmesg]

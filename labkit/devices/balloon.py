@@ -114,6 +114,7 @@ class BalloonDevice:
         self.inflate_requests = 0
         self.deflate_requests = 0
         self.discarded_pages = 0
+        self.zeroed_pages = 0
 
     @property
     def features(self) -> set[int]:
@@ -161,7 +162,10 @@ class BalloonDevice:
         """balloon_inflate_page for each PFN: discard the 4 KiB backing page."""
         self.inflate_requests += 1
         if not self.inhibited():
+            zeroed = self.host_vm.discarded_zeroed
             self.discarded_pages += self.host.discard(self.host_vm, pfns)
+            # pages backed only because init_on_alloc zeroed them: discarding them returns nothing
+            self.zeroed_pages += self.host_vm.discarded_zeroed - zeroed
 
     def handle_deflate(self, pfns: np.ndarray) -> None:
         """balloon_deflate_page: only MADV_WILLNEED; nothing is repopulated."""

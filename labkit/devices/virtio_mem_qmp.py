@@ -18,7 +18,6 @@ from labkit.backends.qom import QomObject
 from labkit.devices.virtio_mem import VirtioMemDevice, info_memory_devices
 from labkit.devices.virtio_mem_driver import SbmState, VirtioMemDriver
 from labkit.errors import QMPError
-from labkit.model.pages import PAGES_PER_MEMORY_BLOCK
 from labkit.units import PAGE_SIZE
 
 
@@ -128,5 +127,3 @@ def attach(backend):
         return None
     return VirtioMem(backend)
 
-
-assert PAGES_PER_MEMORY_BLOCK

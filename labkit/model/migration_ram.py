@@ -29,6 +29,7 @@ NORMAL_PAGE_BYTES = PAGE_HEADER_BYTES + TARGET_PAGE_SIZE  # save_normal_page (UN
 
 DIRTY_LOG = np.uint8(PageFlag.DIRTY_LOG)
 CONTENT = np.uint8(PageFlag.BACKED | PageFlag.SWAPPED)
+ZEROED = np.uint8(PageFlag.ZEROED)
 
 
 class RamSaving:
@@ -183,11 +184,14 @@ class RamSaving:
         return zero, finish, cum_bytes
 
     def _is_zero(self, pfns: np.ndarray) -> np.ndarray:
-        """buffer_is_zero on the source: never touched or discarded, or zeroed on free."""
+        """buffer_is_zero on the source: never touched or discarded, only zeroed since
+        (init_on_alloc), or zeroed on free (init_on_free; per-CPU list pages are free too)."""
         at = _as_slice(pfns)
-        zero = (self.mem.flags[at] & CONTENT) == 0
+        flags = self.mem.flags[at]
+        zero = ((flags & CONTENT) == 0) | ((flags & ZEROED) != 0)
         if self.backend.cmdline.get("init_on_free"):
-            zero |= self.mem.state[at] == int(PageState.FREE)
+            state = self.mem.state[at]
+            zero |= (state == int(PageState.FREE)) | (state == int(PageState.PCP))
         return zero
 
     def _send(self, pfns: np.ndarray, zero: np.ndarray, nbytes: int, *, downtime: bool) -> None:

@@ -51,8 +51,10 @@ class Counters:
         for vm, h in zip(self.vms, self.host_vms, strict=True):
             device = getattr(vm, "balloon_device", None)
             reporting = getattr(vm, "reporting", None)
-            rows.append([h.swap_outs, h.swap_ins, h.zero_fill_faults, h.discarded_pages,
-                         int(device.discarded_pages) if device is not None else 0,
+            # host memory given back: discards of pages the guest had written (a page backed only
+            # because init_on_alloc zeroed it just before, as every balloon page is, returns nothing)
+            rows.append([h.swap_outs, h.swap_ins, h.zero_fill_faults, h.discarded_pages - h.discarded_zeroed,
+                         int(device.discarded_pages - device.zeroed_pages) if device is not None else 0,
                          reporting.reports if reporting is not None else 0,
                          reporting.refaulted_pages if reporting is not None else 0])
         return np.array(rows, dtype=np.int64)

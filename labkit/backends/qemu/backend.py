@@ -121,6 +121,12 @@ class QemuBackend:
         if balloon_opts and balloon_opts["free_page_hint"] and not balloon_opts["iothread"]:
             raise ValueError("'free-page-hint' requires 'iothread' to be set")
         knobs = merge_options("qemu", qemu, QEMU_DEFAULTS)
+        cpus = (cmdline or {}).get("nr_cpus")
+        if cpus is not None:  # the model's nr_cpus is the machine's CPUs: QEMU's -smp
+            if "smp" in (qemu or {}) and knobs["smp"] != cpus:
+                raise ValueError(f"cmdline nr_cpus={cpus!r} and qemu smp={knobs['smp']!r} disagree; "
+                                 "give one of them")
+            knobs["smp"] = cpus
         if knobs["accel"] not in ("auto", "kvm", "tcg"):
             raise ValueError(f"qemu accel {knobs['accel']!r} is not one of ['auto', 'kvm', 'tcg']")
         if isinstance(host, dict) and merge_options("host", host, HOST_DEFAULTS) != HOST_DEFAULTS:
@@ -167,13 +173,11 @@ class QemuBackend:
 
     @staticmethod
     def _kernel_params(cmdline: dict | None) -> str:
-        from labkit.backends.model import CMDLINE_CHECKS, CMDLINE_DEFAULTS
+        """The guest kernel's extra arguments (checked as the model checks them; sysctls as
+        ``sysctl.vm.*=``; ``nr_cpus`` becomes QEMU's ``-smp``)."""
+        from labkit.model.bootparams import kernel_arguments
 
-        given = merge_options("cmdline", cmdline, CMDLINE_DEFAULTS)
-        for key, (check, accepted) in CMDLINE_CHECKS.items():
-            if not check(given[key]):
-                raise ValueError(f"cmdline {key}={given[key]!r}: {accepted}")
-        return " ".join(f"{k}={v}" for k, v in (cmdline or {}).items())
+        return " ".join(kernel_arguments(cmdline))
 
     # --- boot ---------------------------------------------------------------------------------
     def _config(self, accel: str) -> QemuConfig:
