@@ -8,6 +8,8 @@
 #   make test PYTEST_ARGS="-k balloon -x"   pass options to pytest
 #   make test-fast                 everything but the live QEMU and real-browser tests
 #   make test-live                 only the live QEMU tests (a real Linux guest under QEMU)
+#   make regress [GRID="memory=2G seed=0,1"]   regression notebooks over a grid: out/regress/report.html
+#   make binder-check              build binder/ as repo2docker would (no docker), run every notebook
 #   make clean                     remove .venv and the caches
 #
 # The install step is skipped while pyproject.toml and binder/requirements.txt are unchanged (their
@@ -23,10 +25,10 @@ PYTEST_ARGS ?=
 HEADLESS ?=
 PORT ?=
 
-.PHONY: help install lab lab-headless test test-fast test-live clean
+.PHONY: help install lab lab-headless test test-fast test-live regress binder-check clean
 
 help:
-	@sed -n '3,10s/^# \{0,1\}//p' Makefile
+	@sed -n '3,12s/^# \{0,1\}//p' Makefile
 
 install:
 	@set -e; \
@@ -68,6 +70,17 @@ test-fast:
 test-live: install
 	LABKIT_LIVE=1 BOKEH_RESOURCES=inline PATH="$(abspath $(BIN)):$$PATH" \
 	  $(BIN)/python -m pytest -m live tests/live $(PYTEST_ARGS)
+
+# the fact checks of data/baselines/facts over a parameter grid, on a dask LocalCluster (one worker per
+# core); runs are kept in out/regress/runs/ and the report compares with the previous one
+GRID ?= memory=1G,4G seed=0,1,2
+regress: install
+	BOKEH_RESOURCES=inline PATH="$(abspath $(BIN)):$$PATH" $(BIN)/labkit regress --grid $(GRID)
+
+# repo2docker's steps for binder/ on this machine, as a non-root user, in a fresh Python 3.11
+# environment, then every notebook in it (07 on a live guest); prints the time of each step
+binder-check:
+	$(PYTHON) binder/check.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis labkit.egg-info

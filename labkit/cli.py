@@ -62,7 +62,9 @@ class Command:
 
 
 COMMANDS: dict[str, Command] = {}
-COMMAND_MODULES: tuple[str, ...] = ("labkit.backends.qemu.commands",)  # more commands, on import
+COMMAND_MODULES: tuple[str, ...] = (  # more commands, registered on import
+    "labkit.backends.qemu.commands", "labkit.scenarios.matrix_cli", "labkit.grading.cli",
+    "labkit.regress.cli")
 
 
 def command(name: str, *, help: str,

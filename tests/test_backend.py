@@ -63,7 +63,7 @@ def test_qmp_errors_carry_qemus_class_and_text_and_change_nothing(vm, command, a
 
 
 def test_no_balloon_device_is_device_not_active():
-    # mechanisms.md §1.7: DeviceNotActive if there is no balloon
+    # docs/mechanisms.md §1.7: DeviceNotActive if there is no balloon
     with labkit.open(memory="256M", balloon=False) as vm:
         with pytest.raises(labkit.QMPError) as err:
             vm.qmp("balloon", value=128 * MiB)

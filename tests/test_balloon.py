@@ -1,4 +1,4 @@
-"""virtio-balloon on the model, each behaviour checked against shared/reference/mechanisms.md §1."""
+"""virtio-balloon on the model, each behaviour checked against docs/mechanisms.md §1."""
 
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 the exercise notebooks run with the solution filled in.
 
 The expected answers come from the model; the tests hold them against the facts of
-shared/reference/mechanisms.md each exercise is built on (the § is named in each test).
+docs/mechanisms.md each exercise is built on (the § is named in each test).
 """
 
 from __future__ import annotations
@@ -38,11 +38,12 @@ def first(name: str, predicate) -> exercises.Exercise:
 
 
 def hint_for(ex: exercises.Exercise, **wrong) -> str:
-    """Check the right answer with some parts replaced; return the AssertionError's text."""
+    """Check the right answer with some parts replaced (strictly, as an nbgrader test cell does);
+    return the AssertionError's text."""
     answer = ex.solve()
     answer = {**answer, **wrong} if isinstance(answer, dict) else next(iter(wrong.values()))
     with pytest.raises(AssertionError) as err:
-        ex.check(answer)
+        ex.check(answer, strict=True)
     return str(err.value)
 
 
@@ -184,14 +185,64 @@ def test_a_bool_part_takes_only_a_bool():
 def test_missing_answers_fail_unless_missing_ok(capsys):
     ex = exercises.make("balloon_requests", "alice")
     with pytest.raises(AssertionError, match=r"no answer yet for \['requests', 'actual_after'\]"):
-        ex.check(ex.blank())
+        ex.check(ex.blank(), strict=True)
+    capsys.readouterr()
+    shown = ex.check(ex.blank())  # in a notebook: a cross, no exception
+    assert not shown.passed and shown.missing == ("requests", "actual_after")
+    assert capsys.readouterr().out.startswith("✗ balloon_requests (alice, seed 0): no answer yet for")
     result = ex.check(ex.blank(), missing_ok=True)
     assert not result.passed and result.missing == ("requests", "actual_after")
     assert "not answered yet" in capsys.readouterr().out
     partial = ex.check({"requests": ex.solve()["requests"], "actual_after": None}, missing_ok=True)
     assert partial.parts == {"requests": True, "actual_after": None}
     with pytest.raises(AssertionError):  # a wrong part still raises when others are missing
-        ex.check({"requests": 0, "actual_after": None}, missing_ok=True)
+        ex.check({"requests": 0, "actual_after": None}, missing_ok=True, strict=True)
+
+
+def test_a_wrong_answer_prints_a_cross_and_the_hint_and_strict_raises_the_same_text(capsys):
+    """What a student sees in a notebook (a printed cross and hint, Run All goes on) and what an
+    nbgrader test cell sees (AssertionError) carry the same text."""
+    ex = exercises.make("balloon_requests", "alice")
+    wrong = {**ex.solve(), "requests": ex.solve()["requests"] + 3}
+    capsys.readouterr()
+    result = ex.check(wrong)
+    printed = capsys.readouterr().out
+    assert not result.passed and result.parts == {"requests": False, "actual_after": True}
+    assert printed.startswith("✗ balloon_requests (alice, seed 0): 1 of 2 parts is wrong.")
+    assert "Hint: " in printed
+    with pytest.raises(AssertionError) as err:
+        ex.check(wrong, strict=True)
+    assert printed == f"✗ {err.value}\n"
+    with pytest.raises(AssertionError) as graded:  # the module-level call graders use
+        exercises.check("balloon_requests", "alice", wrong, strict=True)
+    assert str(graded.value) == str(err.value)
+    assert not exercises.check("balloon_requests", "alice", wrong).passed
+    with pytest.raises(TypeError, match="requests must be"):  # malformed answers raise either way
+        ex.check({**wrong, "requests": "many"})
+
+
+def test_exercise_notebook_runs_on_after_a_wrong_answer(tmp_path):
+    """ex01 with a wrong answer typed into exercise 1: its check cell prints the cross and the hint,
+    and Run All reaches exercise 2 and the last cell (nbclient, the notebook's own kernel)."""
+    import nbformat
+    from nbclient import NotebookClient
+
+    path = Path(__file__).resolve().parent.parent / "notebooks" / "exercises" / "ex01_balloon.ipynb"
+    nb = nbformat.read(path, as_version=4)
+    answer = next(c for c in nb.cells if c.source.startswith("answer1 = "))
+    answer.source = 'answer1 = {"requests": 1, "actual_after": 1}'
+    NotebookClient(nb, timeout=300, kernel_name="python3",
+                   resources={"metadata": {"path": str(tmp_path)}}).execute()
+    outputs = {i: "".join(o.get("text", "") for o in c.outputs) for i, c in enumerate(nb.cells)
+               if c.cell_type == "code"}
+    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
+    assert not errors
+    check1 = next(i for i, c in enumerate(nb.cells) if "ex1.check(answer1" in c.source)
+    assert outputs[check1].startswith("✗ balloon_requests (alice, seed 0): 2 of 2 parts are wrong.")
+    assert outputs[check1].count("Hint: ") == 2
+    check2 = next(i for i, c in enumerate(nb.cells) if "ex2.check(answer2" in c.source)
+    assert "not answered yet" in outputs[check2]  # the next exercise's check ran too
+    assert nb.cells[-1].execution_count is not None
 
 
 # --- the expected answers agree with the mechanisms -------------------------------------------------

@@ -1,6 +1,6 @@
 """Free page hinting: command IDs, the rounds the precopy notifier drives, order-10 blocks under
 the min watermark, the ring's reserved slot, the shrinker, DONE, postcopy, and what QEMU does with
-a hint (mechanisms.md section 2)."""
+a hint (docs/mechanisms.md §2)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Free page reporting (mm/page_reporting.c + virtio-balloon's reporting vq + QEMU), against the facts
-of shared/reference/mechanisms.md section 3 (cited as "3.x") and 8 items 4-5, and anchors.md."""
+of docs/mechanisms.md §3 (cited as "3.x"; "3.3.N" is item N of §3.3), §8.4-§8.5 and docs/results.md."""
 
 from __future__ import annotations
 
@@ -435,7 +435,7 @@ def test_host_rss_staircase_after_freeing_a_big_allocation():
 
 
 def test_anchor_memhog_drop_caches_returns_memory_only_with_reporting():
-    """anchors.md (Duyck v17): after memhog + drop_caches, ~all freed memory returns to the host
+    """docs/results.md#duyck-reporting: after memhog + drop_caches, ~all freed memory returns to the host
     with reporting and none without, settling in about 30 s (32 GB guest)."""
     result = {}
     for reporting in (True, False):

@@ -1,6 +1,6 @@
 """Pre-copy live migration on the model: QEMU's QMP shapes and texts, the iteration rules of
-mechanisms.md section 6, auto-converge, the guest stopped for the switchover, and the published
-shapes the scenarios reproduce (anchors.md)."""
+docs/mechanisms.md §6, auto-converge, the guest stopped for the switchover, and the published
+shapes the scenarios reproduce (docs/results.md)."""
 
 from __future__ import annotations
 
@@ -397,7 +397,7 @@ def test_writer_input_is_checked(vm):
 
 # --- the published shapes -----------------------------------------------------------------------
 def test_idle_guest_migrates_in_well_under_half_the_time_with_hinting():
-    """anchors.md: 8 GB idle, unlimited bandwidth, 2 s downtime limit: 284 ms vs 1757 ms."""
+    """docs/results.md#wang-hinting: 8 GB idle, unlimited bandwidth, 2 s downtime limit: 284 ms vs 1757 ms."""
     rows = migration_table(migration_compare(hinting_anchor("idle", prepare_ms=0,
                                                             policies=("plain", "hinting"))))
     (plain, hint), (zero_plain, zero_hint) = rows["total_time_ms"], rows["zero_pages"]
@@ -422,7 +422,7 @@ def test_only_hinting_spares_the_reading_of_free_memory():
 
 
 def test_a_busy_guest_gains_less_from_hinting():
-    """anchors.md: during a kernel build 1402 vs 2528 ms: hinting still wins, by less."""
+    """docs/results.md#wang-hinting: during a kernel build 1402 vs 2528 ms: hinting still wins, by less."""
     idle = migration_table(migration_compare(hinting_anchor(
         "idle", memory="4G", prepare_ms=0, policies=("plain", "hinting"))))
     busy = migration_table(migration_compare(hinting_anchor(

@@ -88,17 +88,51 @@ def test_committed_without_outputs_and_with_parameters_first(path: Path):
     assert nb.metadata.get("kernelspec", {}).get("name") == KERNEL
 
 
+# Numbers the notebooks' text quotes ("what you just saw"), held against the notebook's own metrics
+# (written to out_json): (phrase in a markdown cell, whitespace-normalised; metric; value; abs tol)
+QUOTED = {
+    "02_free_page_hinting.ipynb": [
+        ("its downtime is longer (143 ms vs 1 ms)", "idle_hinting_downtime_ms", 143, 0.5),
+        ("its downtime is longer (143 ms vs 1 ms)", "idle_plain_downtime_ms", 1, 0.5),
+        ("hinting is 6x faster in total", "idle_plain_total_time_ms", None, None),
+    ],
+    "07_live_qemu.ipynb": [
+        ("asked for 280 MiB of anonymous memory", "oom_alloc_anon_mib", 280, 0.5),
+        ("the real guest gave back 39 MiB of balloon", "oom_deflate_mib", 39, 0.5),
+        ("real guest keeps 2 MiB plugged", "virtio_mem_kernel_left_plugged_mib", 2, 0.5),
+    ],
+}
+
+
+def check_quoted(path: Path, nb, metrics: dict) -> None:
+    text = " ".join(" ".join(c.source.split()) for c in nb.cells if c.cell_type == "markdown")
+    for phrase, metric, value, tol in QUOTED.get(path.name, []):
+        assert phrase in text, f"{path.name}: the text no longer says {phrase!r}"
+        if metric == "idle_plain_total_time_ms":  # "6x faster": plain / hinting total time
+            ratio = metrics["idle_plain_total_time_ms"] / metrics["idle_hinting_total_time_ms"]
+            assert 5.5 <= ratio < 7.5, f"{path.name}: the text says 6x, the metrics say {ratio:.1f}x"
+            continue
+        assert metrics[metric] == pytest.approx(value, abs=tol), (
+            f"{path.name}: the text says {phrase!r}, the notebook measured {metric} = {metrics[metric]}")
+
+
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=_name)
-def test_notebook_executes(path: Path, tmp_path: Path, notebook_times: dict):
+def test_notebook_executes(path: Path, tmp_path: Path, notebook_times: dict, tmp_path_factory):
     # the live notebook replays recorded real runs unless live tests were asked for (LABKIT_LIVE=1)
     live = path.name == "07_live_qemu.ipynb" and os.environ.get("LABKIT_LIVE") == "1"
-    params = {"MODE": "replay"} if path.name == "07_live_qemu.ipynb" and not live else None
-    nb, seconds = execute(path, tmp_path, params)
+    params = {"MODE": "replay"} if path.name == "07_live_qemu.ipynb" and not live else {}
+    quoted = path.name in QUOTED and not live  # a live run's numbers are its own
+    if quoted:
+        out_json = tmp_path_factory.mktemp("metrics") / "metrics.json"
+        params["out_json"] = str(out_json)
+    nb, seconds = execute(path, tmp_path, params or None)
     notebook_times[_name(path)] = seconds
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs
               if o.output_type == "error"]
     assert not errors
     assert list(tmp_path.iterdir()) == [tmp_path / path.name], "notebooks must not leave files behind"
+    if quoted:
+        check_quoted(path, nb, json.loads(out_json.read_text()))
 
 
 def test_explorer_slider_drives_the_vm_and_the_plots(tmp_path: Path, notebook_times: dict):

@@ -60,7 +60,7 @@ def test_invariants_hold_through_random_timelines(steps, deflate_on_oom, seed):
             elif step[0] == "step" and vm.step():
                 after = vm.balloon_device.config.actual
                 # a request moves actual by at most 256 pages, toward the num_pages its run read
-                # (mechanisms.md §1.2): a target changed while the request was in flight does not
+                # (docs/mechanisms.md §1.2): a target changed while the request was in flight does not
                 # stop it, so actual may end up past the new target, by at most that request
                 assert abs(after - before_actual) <= VIRTIO_BALLOON_ARRAY_PFNS_MAX
                 chased = vm.balloon.last_request_target  # None: an OOM deflate, which chases nothing

@@ -1,5 +1,5 @@
 """The resize comparison (labkit.scenarios.resize): virtio-mem against the balloon, each shape held
-against the fact it comes from in shared/reference/mechanisms.md (§) or anchors.md."""
+against the fact it comes from in docs/mechanisms.md (§) or docs/results.md."""
 
 from __future__ import annotations
 
@@ -116,7 +116,7 @@ def test_speed_follows_each_mechanisms_granularity(rows):
 
 
 def test_hot_plugged_memmap_costs_64_bytes_per_4k_page(rows):
-    # anchors.md (Firecracker): 64 B of struct page per 4 KiB page, ~1.6 %; taken from ZONE_NORMAL
+    # docs/results.md#firecracker: 64 B of struct page per 4 KiB page, ~1.6 %; taken from ZONE_NORMAL
     # at add_memory, so it is inside MemTotal, where the balloon VM's boot memmap is reserved
     for v in ("virtio_mem_movable", "virtio_mem_kernel"):
         assert col(rows, v, "memmap_bytes") == PARAMS.device_size * STRUCT_PAGE_SIZE // PAGE

@@ -1,4 +1,4 @@
-"""The "inflate by how much?" scenario, checked against the balloon facts of mechanisms.md §1."""
+"""The "inflate by how much?" scenario, checked against the balloon facts of docs/mechanisms.md §1."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from labkit.scenarios.balloon_sizing import (
 )
 from labkit.units import GiB, MiB, PAGE_SIZE
 
-OOM_NR_PAGES = 256  # VIRTIO_BALLOON_OOM_NR_PAGES, mechanisms.md §1.4
+OOM_NR_PAGES = 256  # VIRTIO_BALLOON_OOM_NR_PAGES, docs/mechanisms.md §1.4
 PARAMS = SizingParams(memory=2 * GiB, seed=3, targets=(1.0, 0.85, 0.7, 0.55, 0.4, 0.3))
 
 
@@ -66,7 +66,7 @@ def test_actual_moves_at_most_256_pages_per_request_and_reaches_a_reachable_targ
 
 
 def test_balloon_change_events_are_delivered_at_most_once_a_second():
-    # QEMU's monitor throttles BALLOON_CHANGE to 1/s (mechanisms.md §1.7): the first change goes out
+    # QEMU's monitor throttles BALLOON_CHANGE to 1/s (docs/mechanisms.md §1.7): the first change goes out
     # at once, later ones are held and only the newest is sent when the second is over. A held event
     # keeps the timestamp it was created with, so delivery times, not timestamps, are 1 s apart.
     with labkit.open(memory="1G", seed=0, model={"balloon_request_ms": 5.0}) as vm:

@@ -1,4 +1,4 @@
-"""virtio-mem on the model, each behaviour checked against shared/reference/mechanisms.md §5."""
+"""virtio-mem on the model, each behaviour checked against docs/mechanisms.md §5."""
 
 from __future__ import annotations
 

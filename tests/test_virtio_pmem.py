@@ -1,4 +1,4 @@
-"""virtio-pmem on the model, each behaviour checked against shared/reference/mechanisms.md §4 (and
+"""virtio-pmem on the model, each behaviour checked against docs/mechanisms.md §4 (and
 §8.10), plus the scenarios of labkit.scenarios.pmem."""
 
 from __future__ import annotations

@@ -56,7 +56,10 @@ HOST_CASES = [  # (state, flags, expected host category name)
     (S.KERNEL, BACKED, "backed, in use by the guest"),
     (S.FILE_DIRTY, BACKED | REPORTED, "backed, in use by the guest"),
     (S.FREE, BACKED, "backed, guest-free (idle waste)"),
-    (S.BALLOON, BACKED, "backed, guest-free (idle waste)"),  # discard disabled (VFIO)
+    # discard disabled (VFIO): QEMU acks the inflate but keeps the RAM (virtio-balloon.c,
+    # balloon_inflate_page() returns early when ram_block_discard_is_disabled()); its own colour,
+    # so the legend never calls these pages discarded
+    (S.BALLOON, BACKED, "balloon, still backed (discard off)"),
     (S.HINTED, BACKED, "backed, guest-free (idle waste)"),
     (S.PCP, BACKED, "backed, guest-free (idle waste)"),
     (S.FREE, 0, "not backed (reads as zero)"),
@@ -77,6 +80,21 @@ def test_classify_every_category_on_hand_built_pages(view, cases):
     assert got.dtype == np.uint8 and got.shape == state.shape
     assert [palette.names(view)[i] for i in got] == [name for _, _, name in cases]
     assert set(got.tolist()) == set(range(len(palette.categories(view)))), "a category untested"
+
+
+def test_every_category_has_its_own_colour_and_colour_name():
+    """One palette: no two categories of a view share a colour, the balloon is the same colour in
+    both views, and every colour has one name for the notebooks' text (no two "oranges")."""
+    for view in palette.VIEWS:
+        colours = palette.colors(view)
+        assert len(set(colours)) == len(colours), f"{view}: two categories share a colour"
+        assert all(c in palette.COLOR_NAMES for c in colours), f"{view}: a colour has no name"
+    names = list(palette.COLOR_NAMES.values())
+    assert len(set(names)) == len(names)
+    assert palette.GUEST_CATEGORIES[palette.G_BALLOON].color == palette.HOST_CATEGORIES[
+        palette.H_BALLOON].color
+    idle = palette.HOST_CATEGORIES[palette.H_IDLE].color
+    assert palette.COLOR_NAMES[idle] == "red" and palette.CHANGED_COLOR not in palette.COLOR_NAMES
 
 
 def test_classify_keeps_shape_and_rejects_bad_input():

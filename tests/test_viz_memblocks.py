@@ -1,5 +1,5 @@
 """labkit.viz.memblocks and memblocks_explorer: the memory-block grid, the retry backoff timeline and
-the virtio-mem explorer, each held against the model state it draws (mechanisms.md §5)."""
+the virtio-mem explorer, each held against the model state it draws (§5)."""
 
 from __future__ import annotations
 

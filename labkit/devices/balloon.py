@@ -1,6 +1,6 @@
 """virtio-balloon: the Linux driver (guest) and the QEMU device (host), talking through requests.
 
-Faithful to shared/reference/mechanisms.md section 1 (drivers/virtio/virtio_balloon.c, Linux 6.x;
+Faithful to docs/mechanisms.md §1 (virtio-balloon; drivers/virtio/virtio_balloon.c, Linux 6.x;
 hw/virtio/virtio-balloon.c and system/balloon.c, QEMU 7.x-9.x):
 
 * QEMU turns the QMP ``balloon`` value (the target *logical* VM size) into ``num_pages`` and raises a

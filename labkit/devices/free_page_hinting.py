@@ -1,6 +1,6 @@
 """Free page hinting (VIRTIO_BALLOON_F_FREE_PAGE_HINT): the guest driver and the QEMU device.
 
-Faithful to shared/reference/mechanisms.md section 2 (drivers/virtio/virtio_balloon.c, Linux 6.x;
+Faithful to docs/mechanisms.md §2 (free page hinting; drivers/virtio/virtio_balloon.c, Linux 6.x;
 hw/virtio/virtio-balloon.c, QEMU 7.x-9.x):
 
 * **Command IDs.** QEMU's device starts at ``VIRTIO_BALLOON_FREE_PAGE_HINT_CMD_ID_MIN`` (0x80000000,
@@ -30,7 +30,7 @@ hw/virtio/virtio-balloon.c, QEMU 7.x-9.x):
 * **Ring.** One slot is always kept for the command ID: a block is added only while the ring has
   more than one free entry; otherwise it is freed at once, unhinted, and the loop tries again
   (``get_free_page_and_send``). QEMU gives the free page vq ``VIRTQUEUE_MAX_SIZE`` entries (1024,
-  **UNCONFIRMED** in mechanisms.md; modelled as 1024).
+  confirmed in docs/mechanisms.md §1.1; modelled as 1024).
 * **Host.** Each hinted block is ``qemu_guest_free_page_hint``: its bits leave the migration dirty
   bitmap and the dirty count (:meth:`labkit.model.migration.MigrationState.free_page_hint`); nothing
   happens when no migration is in setup or active. QEMU does not discard hinted pages: host RSS does

@@ -68,7 +68,7 @@ if TYPE_CHECKING:
     from labkit.model.kernel import Kernel
 
 REPORTING_VQ_SIZE = 32  # hw/virtio/virtio-balloon.c: virtio_add_queue(vdev, 32, ..._handle_report)
-PAGE_POISON = 0xAA  # include/linux/poison.h (mechanisms.md 3.4: value UNCONFIRMED there)
+PAGE_POISON = 0xAA  # include/linux/poison.h (docs/mechanisms.md §3.4)
 # Assumed, not measured: one report request's round trip (virtqueue kick, QEMU's 32 madvise calls
 # of up to 4 MiB each, the interrupt back). A few hundred microseconds on KVM; set
 # ``vm.reporting.device.request_ms`` to change it for one VM.

@@ -1,6 +1,6 @@
 """virtio-mem, QEMU side: the device's config, its plugged-block bitmap and request handling.
 
-Faithful to hw/virtio/virtio-mem.c (QEMU 8.2-9.x) as read for mechanisms.md §5.1-§5.2:
+Faithful to hw/virtio/virtio-mem.c (QEMU 8.2-9.x) as read for docs/mechanisms.md §5.1-§5.2:
 
 * ``block_size`` defaults to the host THP size, 2 MiB on x86-64; at least ``VIRTIO_MEM_MIN_BLOCK_SIZE``
   (1 MiB) and a power of two; ``requested-size``, ``memaddr`` and the memdev size are multiples of it.

@@ -1,4 +1,4 @@
-"""virtio-mem, guest side: Linux's drivers/virtio/virtio_mem.c (6.x), as mechanisms.md §5.3-§5.7 reads it.
+"""virtio-mem, guest side: Linux's drivers/virtio/virtio_mem.c (6.x), per docs/mechanisms.md §5.3-§5.7.
 
 * Sub Block Mode when the subblock (max(pageblock 2 MiB, device block size)) is smaller than a memory
   block (128 MiB): 64 subblocks of 2 MiB per block with QEMU's defaults. Big Block Mode otherwise.

@@ -2,7 +2,7 @@
 
 ``labkit.open(virtio_pmem=[{"id": "vpmem0", "path": "disk.img", "size": "4G"}])`` is QEMU's
 ``-object memory-backend-file,id=mem-vpmem0,share=on,mem-path=disk.img,size=4G
--device virtio-pmem-pci,memdev=mem-vpmem0,id=vpmem0`` (mechanisms.md §4). The pieces:
+-device virtio-pmem-pci,memdev=mem-vpmem0,id=vpmem0`` (docs/mechanisms.md §4). The pieces:
 
 * **QEMU device** (:class:`VirtioPmemDevice`, hw/virtio/virtio-pmem.c): config ``start`` and ``size``
   (u64 LE, include/uapi/linux/virtio_pmem.h), no feature bits offered (``VIRTIO_PMEM_F_SHMEM_REGION``
@@ -12,7 +12,7 @@
   0, or 1 if fsync failed. QEMU 6.x and later store ``ret`` with ``virtio_stl_p`` (32 bits); older
   QEMU used ``virtio_stw_p``, a 16-bit store into the 32-bit field, leaving the upper half as the
   guest left it (fixed by Wang Liang's 2021 patch, seen as patch text, merged through the virtio
-  tree; mechanisms.md §8.10 describes the older file). The model answers with the 32-bit value.
+  tree; docs/mechanisms.md §8.10 and §9.10). The model answers with the 32-bit value.
 * **Linux driver** (:class:`VirtioPmemDriver`, drivers/nvdimm/virtio_pmem.c, nd_virtio.c): reads
   ``start``/``size``, registers an nvdimm region with ``ND_REGION_PAGEMAP`` and ``ND_REGION_ASYNC``;
   ``async_pmem_flush`` -> ``virtio_pmem_flush`` queues one FLUSH and sleeps until the host acks; a

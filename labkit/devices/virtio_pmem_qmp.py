@@ -321,7 +321,7 @@ class VirtioPmem:
             ids = ", ".join(repr(d.id) for d in self.devices)
             raise QMPError("GenericError", f"virtio-pmem device {ids} cannot be migrated: QEMU "
                                            f"registers no vmstate for virtio-pmem (labkit blocks "
-                                           f"migrate; mechanisms.md §4.3)")
+                                           f"migrate; docs/mechanisms.md §4.3)")
         return previous(**args)
 
     # --- observation -------------------------------------------------------------------------------

@@ -1,13 +1,13 @@
 """Balloon exercises: counting inflate requests, and reading ``virsh dommemstat`` right.
 
-* ``balloon_requests`` (mechanisms.md §1.2, §1.7): QMP ``balloon`` takes a *logical* size and QEMU
+* ``balloon_requests`` (§1.2, §1.7): QMP ``balloon`` takes a *logical* size and QEMU
   turns it into ``num_pages = (vm_ram_size - value) >> 12``; the driver moves at most
   ``VIRTIO_BALLOON_ARRAY_PFNS_MAX`` = 256 PFNs per run of its work item and writes ``actual`` after
   each, re-queueing itself while the target is unmet; ``query-balloon`` reports ``actual`` as a logical
   size too.
 * ``dommemstat`` (§1.3, §1.5, §1.7): libvirt's ``actual`` is query-balloon's logical size,
   ``available`` is ``stat-total-memory`` (MemTotal, which shrinks with the balloon unless
-  deflate-on-oom), ``unused`` is MemFree and ``usable`` is MemAvailable. The anchors.md complaint:
+  deflate-on-oom), ``unused`` is MemFree and ``usable`` is MemAvailable. The usual complaint:
   exporters and dashboards mix them up.
 
 >>> from labkit.exercises import make

@@ -3,8 +3,9 @@
 An exercise is a :class:`Spec`: how to draw one student's numbers from a seeded generator
 (``derive``), how to run the model on them (``run``, which returns the facts the prompt shows and
 the expected answers), the prompt, and a ``hint`` for a wrong part. :meth:`Spec.make` turns a
-student id and a seed into an :class:`Exercise`; its :meth:`Exercise.check` prints a tick or raises
-``AssertionError`` with a hint, so the same call serves a notebook cell and an nbgrader test cell.
+student id and a seed into an :class:`Exercise`; its :meth:`Exercise.check` prints a tick, or a
+cross with a hint (so Run All goes on); with ``strict=True`` (an nbgrader test cell) a wrong answer
+raises ``AssertionError`` with the same text.
 
 Expected answers are never written down: they come from running the model on the student's
 variant, once, the first time they are needed (:meth:`Exercise.solve`).
@@ -19,7 +20,11 @@ variant, once, the first time they are needed (:meth:`Exercise.solve`).
 True
 >>> _ = ex.check(2 * ex.params["n"])
 ✓ double (alice, seed 0): right.
->>> ex.check(2 * ex.params["n"] + 1)
+>>> ex.check(2 * ex.params["n"] + 1).passed
+✗ double (alice, seed 0): 1 of 1 part is wrong.
+  twice: ... is too high. Hint: ...
+False
+>>> ex.check(2 * ex.params["n"] + 1, strict=True)
 Traceback (most recent call last):
 ...
 AssertionError: double (alice, seed 0): 1 of 1 part is wrong.
@@ -129,7 +134,7 @@ class Spec:
     (facts, expected)`` runs the model; ``prompt`` is a format string over params and facts (or a
     callable of both); ``hint(part, given, expected, params, facts)`` returns a hint for a wrong
     part or None (then ``hints[part]`` is used); ``explain(params, facts, expected)`` writes the
-    worked solution. ``sections`` cite shared/reference/mechanisms.md."""
+    worked solution. ``sections`` cite the sections of the mechanism reference (e.g. §1.2)."""
 
     name: str
     title: str
@@ -257,20 +262,24 @@ class Exercise:
         raise TypeError(f"{self.name} has {len(names)} parts: answer with a dict "
                         f"{{{', '.join(repr(n) for n in names)}}}, got {answer!r}")
 
-    def check(self, answer: Any, *, missing_ok: bool = False) -> Result:
-        """Print a tick and return a :class:`Result` if ``answer`` is right; raise
-        ``AssertionError`` with a hint for each wrong part otherwise.
+    def check(self, answer: Any, *, missing_ok: bool = False, strict: bool = False) -> Result:
+        """Check ``answer``: print "✓ ..." and return a :class:`Result` if it is right; otherwise
+        print "✗ ..." with a hint for each wrong part and return the (failed) Result, so that a
+        notebook's Run All goes on to the next exercise.
 
-        An unanswered part (None) is an error too, unless ``missing_ok`` (for notebooks that must
-        run before the student answers): then a note is printed and the right parts are reported.
-        A malformed answer (unknown key, a string for a number...) raises ``TypeError`` or
-        ``ValueError`` naming it, before anything runs."""
+        ``strict=True`` (what an nbgrader-style autograded test cell calls) raises
+        ``AssertionError`` with the same text instead of printing it. An unanswered part (None)
+        counts as not right, unless ``missing_ok`` (for notebooks that must run before the
+        student answers): then a note is printed and the right parts are reported. A malformed
+        answer (unknown key, a string for a number...) raises ``TypeError`` or ``ValueError``
+        naming it, before anything runs, whatever ``strict``."""
         given = {p.name: p.coerce(v) for p, v in zip(self.parts, self._answers(answer).values(),
                                                        strict=True)}
         who = f"{self.name} ({self.student}, seed {self.seed})"
         missing = [n for n, v in given.items() if v is None]
         if missing and not missing_ok:
-            raise AssertionError(f"{who}: no answer yet for {missing}")
+            return self._fail(f"{who}: no answer yet for {missing}", strict,
+                              Result(self.name, self.student, self.seed, dict.fromkeys(given)))
         facts, expected = self._run()
         verdict: dict[str, bool | None] = {}
         wrong = []
@@ -284,9 +293,18 @@ class Exercise:
         result = Result(self.name, self.student, self.seed, verdict)
         if wrong:
             n = len(self.parts)
-            raise AssertionError(f"{who}: {len(wrong)} of {n} part{'s' if n > 1 else ''} "
-                                 f"{'is' if len(wrong) == 1 else 'are'} wrong.\n" + "\n".join(wrong))
+            return self._fail(f"{who}: {len(wrong)} of {n} part{'s' if n > 1 else ''} "
+                              f"{'is' if len(wrong) == 1 else 'are'} wrong.\n" + "\n".join(wrong),
+                              strict, result)
         print(str(result) if not missing else f"{result}\n{MISSING_NOTE}")
+        return result
+
+    @staticmethod
+    def _fail(message: str, strict: bool, result: Result) -> Result:
+        """Raise ``AssertionError(message)`` (strict) or print it after a cross."""
+        if strict:
+            raise AssertionError(message)
+        print(f"✗ {message}")
         return result
 
     def _wrong_line(self, part: Part, given: Any, expected: dict, facts: dict) -> str:

@@ -1,6 +1,6 @@
 """Live migration exercise: will pre-copy converge without auto-converge?
 
-``migration_converges`` (mechanisms.md §6.1, §6.2, §6.3, §7): after each 100 ms window QEMU sets
+``migration_converges`` (§6.1, §6.2, §6.3, §7): after each 100 ms window QEMU sets
 ``threshold_size = bandwidth x downtime-limit``; it syncs the dirty bitmap, and may stop the VM,
 only when the pending backlog is at most that threshold. A guest that dirties its writable working
 set faster than ``max-bandwidth`` keeps the backlog above the threshold forever, unless the whole

@@ -1,6 +1,6 @@
 """Free page reporting exercise: how much host RSS comes back, and when.
 
-``reporting_rss`` (mechanisms.md §3.2, §3.3, §7): a free that merges into a block of order >= 9
+``reporting_rss`` (§3.2, §3.3, §7): a free that merges into a block of order >= 9
 moves reporting from IDLE to REQUESTED and schedules a pass ``PAGE_REPORTING_DELAY`` = 2 s later.
 A pass walks each free list of order 9 and 10 and makes ``budget + 1`` report calls of
 ``PAGE_REPORTING_CAPACITY`` = 32 blocks, with ``budget = DIV_ROUND_UP(nr_free, 32 * 16)``: about

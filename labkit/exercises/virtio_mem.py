@@ -1,6 +1,6 @@
 """virtio-mem exercise: plug and unplug requests, and what hot-plugged memory costs in memmap.
 
-``virtio_mem_requests`` (mechanisms.md §5.3, §5.4, §5.5, and §0 for the 128 MiB memory block): in
+``virtio_mem_requests`` (§5.3, §5.4, §5.5, and §0 for the 128 MiB memory block): in
 Sub Block Mode each 128 MiB Linux memory block has 64 subblocks of 2 MiB. Plugging prepares new
 blocks one at a time, each plugged from subblock 0 with ``min(remaining, 64)`` subblocks in **one
 PLUG request** before ``add_memory``. Adding a block allocates its memmap, 64 B of ``struct page``
@@ -27,7 +27,7 @@ from labkit.exercises.core import Part, Spec, near
 from labkit.model.hotplug import MEMMAP_PAGES_PER_BLOCK
 from labkit.units import GiB, MiB, PAGE_SIZE
 
-BLOCK_MIB = 128  # Linux memory block (guest < 64 GiB), mechanisms.md §0
+BLOCK_MIB = 128  # Linux memory block (guest < 64 GiB), §0
 SUBBLOCK_MIB = 2  # pageblock size on x86-64, Linux >= 5.19 (§5.3)
 MEMMAP_MIB_PER_BLOCK = MEMMAP_PAGES_PER_BLOCK * PAGE_SIZE // MiB
 

@@ -1,6 +1,6 @@
 """QEMU pre-copy live migration on the page model (migration/ram.c, migration.c, options.c).
 
-Faithful to shared/reference/mechanisms.md section 6 (QEMU 7.x-9.x), as a simpy process on the VM's
+Faithful to docs/mechanisms.md §6 (pre-copy migration; QEMU 7.x-9.x), as a simpy process on the VM's
 clock that reads and writes the page arrays with numpy only:
 
 * **Setup.** The migration bitmap is all ones (``ram_init_bitmaps``), dirty logging starts (the
@@ -25,8 +25,8 @@ clock that reads and writes the page arrays with numpy only:
 * **Pages on the wire.** A page that is neither ``BACKED`` nor ``SWAPPED`` reads as zero (never
   touched, or discarded by the balloon or reporting), as does a free page under ``init_on_free=1``:
   it is a zero page (``save_zero_page``: a header and a fill byte, ``ZERO_PAGE_BYTES``); any other
-  page costs ``NORMAL_PAGE_BYTES`` (header + 4096). The byte counts are **UNCONFIRMED** (mechanisms.md
-  §6.4). Hinted pages are simply not in the bitmap any more: they cost nothing.
+  page costs ``NORMAL_PAGE_BYTES`` (header + 4096). The byte counts are confirmed (docs/mechanisms.md
+  §6.4, §9.9). Hinted pages are simply not in the bitmap any more: they cost nothing.
 * **Syncs and rates.** Each sync counts ``dirty-sync-count``, fires PRECOPY_NOTIFY_BEFORE/AFTER_
   BITMAP_SYNC and, once a period of more than 1 s has passed, computes ``dirty-pages-rate`` and runs
   the auto-converge check (``migration_trigger_throttle``): if the bytes dirtied in the period exceed
@@ -44,7 +44,7 @@ The destination and the link are simulated (:class:`LinkModel`, model assumption
 a link of ``link_bandwidth`` bytes/s, and CPU time per page in the migration thread
 (``zero_page_us`` to read 4 KiB and find it zero, ``normal_page_us`` to copy one); a batch takes
 ``max(cpu, bytes / link)``. The defaults (10 Gbit/s, 0.7 us, 0.3 us) are calibrated to the shape of
-the published hinting result (anchors.md), not measured. After completion the model goes on as the
+the published hinting result (docs/results.md), not measured. After completion the model goes on as the
 guest on the destination (its workloads resume; QMP still answers as the source: ``postmigrate``).
 Not modelled: postcopy (``postcopy-ram`` only disables hinting), XBZRLE and multifd (accepted as
 capabilities where QEMU does, pages are sent whole), compression, TLS.

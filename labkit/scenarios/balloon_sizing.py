@@ -4,7 +4,7 @@ The guest runs an application (anonymous memory), has read files (page cache) an
 that exited (memory the guest freed but the host still backs). Each target gets a fresh, identical
 VM (same seed); the balloon is asked for the target, the driver chases it for ``settle_ms``, then the
 application grows by ``growth`` of the guest and time runs on for ``after_ms``. What each row shows,
-with the facts of shared/reference/mechanisms.md §1 behind it:
+with the facts of docs/mechanisms.md §1 (virtio-balloon) behind it:
 
 * **host memory returned**: the drop of host RSS. QEMU discards each inflated page (§1.6), so RSS
   falls only by the balloon pages that were *backed*; a never-touched page costs the host nothing

@@ -6,7 +6,7 @@ differ), the workload starts, time runs for ``prepare_ms`` (the policy acts mean
 takes all of MemAvailable but ``balloon_headroom``; reporting discards free memory on its 2 s
 cadence), then ``migrate`` runs with the given ``max-bandwidth``, ``downtime-limit`` and
 auto-converge, sampled every ``sample_ms`` until it completes or ``timeout_ms`` passes. What each
-policy changes, with mechanisms.md behind it:
+policy changes, with docs/mechanisms.md behind it:
 
 * **plain**: every page is sent once in the first pass; never-touched pages are zero pages (a header
   on the wire, but the migration thread still reads each one: §6.4).
@@ -14,7 +14,7 @@ policy changes, with mechanisms.md behind it:
 * **hinting**: the guest hands its free 4 MiB blocks to QEMU after every bitmap sync; their bits
   leave the bitmap and they cost nothing at all (§2.3). This is where the published result comes
   from: an idle 8 GB guest, unlimited bandwidth, 2 s downtime limit: 284 ms with hinting, 1757 ms
-  without; a kernel build: 1402 vs 2528 ms (anchors.md).
+  without; a kernel build: 1402 vs 2528 ms (docs/results.md#wang-hinting).
 * **reporting**: reported blocks are discarded and read as zero, like ballooned ones; reporting is
   made for overcommit, not migration (§3).
 
@@ -110,7 +110,7 @@ class MigrationParams:
 
 
 def hinting_anchor(workload: str = "idle", **overrides: Any) -> MigrationParams:
-    """The published hinting setup (anchors.md): 8 GB, bandwidth unlimited, 2 s downtime limit."""
+    """Wang's hinting setup (docs/results.md#wang-hinting): 8 GB, bandwidth unlimited, 2 s downtime limit."""
     base = dict(memory=8 * GiB, workload=workload, bandwidth=0, downtime_limit_ms=2000)
     return MigrationParams(**{**base, **overrides})
 

@@ -15,7 +15,7 @@ with stated per-page costs:
 the extra zero-fill faults and report requests a run with reporting paid over a run without, as a
 share of the workload's own time to fault in and write the pages it allocated, at
 ``GUEST_FAULT_US`` (1 us a page: will-it-scale ``page_fault1`` does about a million 4 KiB faults a
-second per task; anchors.md quotes 1,012,402).
+second per task; docs/results.md#duyck-reporting quotes 1,012,402).
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ Each variant gets a fresh VM of the same full size: the balloon variants boot wi
 workload leaves an application (anonymous memory) and, after a big allocation that filled the
 guest was freed, slab (unmovable kernel memory) where the freed pages were: in hot-plugged memory
 when it is ZONE_NORMAL. Then, in order, the scenario measures (facts from
-shared/reference/mechanisms.md):
+docs/mechanisms.md):
 
 * **shrink**: remove ``shrink`` bytes (QMP ``balloon`` to the smaller logical size, or ``qom-set
   requested-size``) and time it in simulated ms until reached. The balloon moves 256 pages a
@@ -21,13 +21,13 @@ shared/reference/mechanisms.md):
   puff"; virtio-mem: requested-size 0). The balloon can take almost all free memory, boot memory
   included; virtio-mem only its own device memory, and only where it is movable.
 * **memmap**: hot-plugged memory pays 64 B of ``struct page`` per 4 KiB page from ZONE_NORMAL,
-  2 MiB per 128 MiB block, ~1.6 % (Firecracker's figure, anchors.md; labkit.model.hotplug); the
+  2 MiB per 128 MiB block, ~1.6 % (docs/results.md#firecracker; labkit.model.hotplug); the
   balloon VM's memmap is a boot-time reservation, outside MemTotal.
 * **reboot**, from the shrunk size: QEMU unplugs all virtio-mem memory at system reset
   (``virtio_mem_system_reset``, §5.2), so the host gets it back at once, the guest boots with boot
   memory only and its driver plugs ``requested-size`` again. The balloon's target is QEMU state that
-  survives the reset (``virtio_balloon_device_reset`` leaves ``num_pages`` alone: **UNCONFIRMED**
-  in mechanisms.md), so the guest boots with all its RAM and the new driver inflates again.
+  survives the reset (``virtio_balloon_device_reset`` leaves ``num_pages`` alone: docs/mechanisms.md
+  §9.9), so the guest boots with all its RAM and the new driver inflates again.
 
 Simplification: the model has no guest reboot (no QMP ``system_reset``). The scenario calls the
 QEMU device's ``system_reset()`` to read what the reset leaves (size, usable region, host RSS), then

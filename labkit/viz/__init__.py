@@ -24,6 +24,7 @@ from labkit.viz.migration_explorer import MigrationExplorer, PolicySwitch
 from labkit.viz.overcommit import OvercommitView, ReportingExplorer, policy_bars, staircase
 from labkit.viz.pagemap import PageMap, page_map
 from labkit.viz.palette import GUEST_CATEGORIES, HOST_CATEGORIES, classify
+from labkit.viz.tables import Table, metric_table, summary_table, table
 from labkit.viz.timeseries import TimeSeries
 
 
@@ -43,4 +44,5 @@ def setup_notebook() -> None:
 __all__ = ["GUEST_CATEGORIES", "HOST_CATEGORIES", "Explorer", "MigrationExplorer", "MigrationRecorder",
            "MigrationView", "OvercommitView", "PageMap", "PolicySwitch", "ReportingExplorer", "TimeSeries",
            "classify", "comparison", "explore", "page_map", "policy_bars", "setup_notebook", "staircase"]
-__all__ += ["MemoryBlockGrid", "ResizeTimeline", "VirtioMemExplorer", "explore_virtio_mem"]
+__all__ += ["MemoryBlockGrid", "ResizeTimeline", "VirtioMemExplorer", "explore_virtio_mem", "Table", "table",
+            "metric_table", "summary_table"]

@@ -31,6 +31,7 @@ from typing import Any
 import ipywidgets as widgets
 
 from labkit.units import MiB, format_size
+from labkit.viz.changes import signed_size, step_readout
 from labkit.viz.controls import SteppingControls
 from labkit.viz.pagemap import PageMap
 from labkit.viz.timeseries import TimeSeries
@@ -111,23 +112,35 @@ class Explorer(SteppingControls, widgets.VBox):
                                                        "what QEMU's RSS is made of"],
                                              style={"button_width": "60px"})
         status_html = widgets.HTML()
+        change_html = widgets.HTML("<i>Step, or Play: what each step changes is said here and "
+                                   "outlined in magenta on the page map.</i>")
+        zoom_button = widgets.Button(description="Zoom to change", icon="search-plus",
+                                     tooltip="zoom the page map to the pages the last step changed",
+                                     layout=widgets.Layout(width="150px"))
         has_pages = callable(getattr(vm, "snapshot", None))  # a live guest may have no page map
-        page_map = PageMap(vm.snapshot(), view=view) if has_pages else None
-        timeseries = TimeSeries([first])
+        page_map = PageMap(vm.snapshot(), view=view, width=400, height=320,
+                           legend="below") if has_pages else None
+        timeseries = TimeSeries([first], width=440, height=230)
+        # side by side: 470 + 440 px fit a 900 px output area (the map's legend sits below it)
         plots = widgets.HBox(([page_map.widget()] if has_pages else []) + [timeseries.widget()],
                              layout=widgets.Layout(flex_flow="row wrap"))
         super().__init__(children=[
-            widgets.HBox([slider, self.step_button, self.play, self.speed, self.reset_button]),
-            widgets.HBox([view_buttons] * has_pages + [status_html]), plots])
+            widgets.HBox([slider, self.step_button, self.visible_button, self.reset_button]),
+            widgets.HBox([self.play, self.speed] + [view_buttons, zoom_button] * has_pages),
+            status_html, change_html, plots])
         self.vm = vm
         self.factory = factory
         self.owns_vm = owns
         self.slider, self.view_buttons, self.status_html = slider, view_buttons, status_html
+        self.change_html, self.zoom_button = change_html, zoom_button
         self.page_map, self.timeseries, self.plots = page_map, timeseries, plots
         self.last_step: bool | None = None
+        self.requests = 0  # balloon requests completed through this explorer's Step
+        self._last_row = first
         self._syncing = False
         slider.observe(self._guarded(self._on_target), names="value")
         view_buttons.observe(self._guarded(self._on_view), names="value")
+        zoom_button.on_click(self._guarded(lambda _button: self.zoom_to_change()))
         self._wire_controls()
         self._show_status(first)
 
@@ -135,7 +148,7 @@ class Explorer(SteppingControls, widgets.VBox):
     def set_target(self, mib: int) -> None:
         """Ask for a logical VM size of ``mib`` MiB (QMP ``balloon``), then redraw."""
         self.vm.qmp("balloon", value=int(mib) * MiB)
-        self.refresh()
+        self.refresh(f"balloon target {int(mib)} MiB")
 
     def step(self) -> bool:
         """One balloon request (``vm.step()``; ``advance(tick_ms)`` on a backend without it).
@@ -152,11 +165,24 @@ class Explorer(SteppingControls, widgets.VBox):
             self.vm.advance(self.tick_ms)
             self.last_step = self.vm.sample()["balloon_actual"] != row["balloon_actual"]
         now = self.vm.sample()
+        if self.last_step:
+            self.requests += 1
         if now["t_ms"] != row["t_ms"]:
-            self.refresh()
+            self.refresh(f"request {self.requests}" if self.last_step else "step")
         else:
             self._show_status(now)
+            self.change_html.value = ("step: nothing to do, the balloon is at its target "
+                                      f"({format_size(int(now['balloon_target']))}); move the slider")
         return self.last_step
+
+    def tick(self) -> None:
+        """One Play tick: advance ``tick_ms`` simulated milliseconds, then redraw."""
+        self.vm.advance(self.tick_ms)
+        self.refresh(f"{self.tick_ms:g} ms")
+
+    def zoom_to_change(self) -> bool:
+        """Zoom the page map to the pages the last step changed (False: nothing changed)."""
+        return self.page_map is not None and self.page_map.zoom_to_change()
 
     def reset(self) -> None:
         """Re-open the VM with the same arguments (``factory()``); the plots start over."""
@@ -177,16 +203,28 @@ class Explorer(SteppingControls, widgets.VBox):
         finally:
             self._syncing = False
         self.last_step = None
+        self.requests = 0
+        self._last_row = first
         self.timeseries.reset([first])
         self._update_page_map()
         self._show_status(first)
+        self.change_html.value = "reset: a fresh VM"
 
-    def refresh(self) -> dict:
-        """Sample the VM and push the new row and snapshot to the plots; returns the row."""
+    def refresh(self, what: str = "now") -> dict:
+        """Sample the VM and push the new row and snapshot to the plots; say what changed
+        (``what``: "request 17", "100 ms"...) in the readout; returns the row."""
         row = self.vm.sample()
         self.timeseries.append(row)
         self._update_page_map()
         self._show_status(row)
+        rss = row["host_rss"] - self._last_row["host_rss"]
+        if self.page_map is not None:
+            text = step_readout(what, self.page_map.last_moves, rss)
+        else:
+            text = (f"{what}: actual {signed_size(row['balloon_actual'] - self._last_row['balloon_actual'])}"
+                    f", host RSS {signed_size(rss)}")
+        self.change_html.value = f"<b>{text}</b> (at {row['t_ms']:.1f} ms)"
+        self._last_row = row
         return row
 
     # --- callbacks ----------------------------------------------------------------------------

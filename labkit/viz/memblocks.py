@@ -1,7 +1,7 @@
 """virtio-mem, drawn: memory blocks and subblocks as a grid, and requested vs plugged size over time.
 
 **The grid** (:class:`MemoryBlockGrid`): one row per 128 MiB Linux memory block of each device's
-region, one cell per 2 MiB subblock (64 a row, Sub Block Mode; mechanisms.md §5.3), or one cell
+region, one cell per 2 MiB subblock (64 a row, Sub Block Mode; §5.3), or one cell
 spanning the row per big block (Big Block Mode). A cell's colour says what the driver and the guest
 kernel hold there: unplugged (inside or outside the usable region, §5.2); plugged but the block not
 added yet; plugged in an added but offline block; online in ZONE_MOVABLE or ZONE_NORMAL; and
@@ -48,7 +48,7 @@ from labkit.model.pages import PAGES_PER_MEMORY_BLOCK
 from labkit.units import GiB, MiB, PAGE_SIZE, format_size
 from labkit.viz.palette import Category
 from labkit.viz.shown import Shown
-from labkit.viz.timeseries import _rows_of
+from labkit.viz.timeseries import _rows_of, time_axis
 
 UNPLUGGED, NOT_USABLE, NOT_ADDED, OFFLINE, MOVABLE, NORMAL, BUSY = range(7)
 BLOCK_CATEGORIES: tuple[Category, ...] = (  # Okabe-Ito colours; greys for "no memory here"
@@ -159,7 +159,9 @@ class MemoryBlockGrid(Shown):
     """
 
     def __init__(self, vm: Any, max_blocks: int = DEFAULT_MAX_BLOCKS, cell_px: int = 8,
-                 title: str | None = None):
+                 title: str | None = None, legend: str = "right"):
+        if legend not in ("right", "below"):
+            raise ValueError(f"legend must be 'right' or 'below', got {legend!r}")
         self.max_blocks = max_blocks
         self._title = title
         self.grid = block_grid(vm, max_blocks)
@@ -177,7 +179,7 @@ class MemoryBlockGrid(Shown):
                      y_range=Range1d(n_rows, 0, bounds=(0, n_rows)),
                      tools="pan,wheel_zoom,box_zoom,reset,save", toolbar_location="above",
                      x_axis_label="subblock (2 MiB each)" if cols > 1 else "big block",
-                     y_axis_label="memory block (128 MiB), from the region's start")
+                     y_axis_label="memory block (128 MiB)")
         fig.grid.visible = False
         image = fig.image(image="image", x="x", y="y", dw="dw", dh="dh", source=self.source,
                           color_mapper=mapper)
@@ -186,7 +188,9 @@ class MemoryBlockGrid(Shown):
                     source=self.legend_source)
         fig.legend[0].label_text_font_size = "9pt"
         fig.legend[0].spacing = 0
-        fig.add_layout(fig.legend[0], "right")
+        if legend == "below":  # one column, no wider than the grid: two grids fit side by side
+            fig.legend[0].label_text_font_size = "8pt"
+        fig.add_layout(fig.legend[0], legend)
         row_js = ("const r = Math.min(Math.max(Math.floor(special_vars.y), 0), "
                   "rows.data.label.length - 1); const d = rows.data;")
         where = CustomJSHover(args={"rows": self.rows_source}, code=row_js + (
@@ -299,7 +303,7 @@ class ResizeTimeline(Shown):
     ['EBUSY, retry in 50 s', 'EBUSY, retry in 100 s']
     """
 
-    def __init__(self, data: Any, unit: str | None = None, width: int = 520, height: int = 260):
+    def __init__(self, data: Any, unit: str | None = None, width: int = 720, height: int = 280):
         rows = _rows_of(data)
         if unit is None:
             biggest = max((float(r.get(k, 0) or 0) for r in rows for k, *_ in TIMELINE_LINES), default=0)
@@ -308,9 +312,9 @@ class ResizeTimeline(Shown):
             raise ValueError(f"unit {unit!r} is not one of ['GiB', 'MiB']")
         self.unit, self._scale = unit, GiB if unit == "GiB" else MiB
         self.source = ColumnDataSource(self._columns(rows))
-        self.failures = ColumnDataSource({"t": [], "y": [], "label": []})
+        self.failures = ColumnDataSource({"t": [], "y": [], "label": [], "short": [], "dy": []})
         self.retries = ColumnDataSource({"t": [], "y": [], "label": []})
-        fig = figure(width=width, height=height, x_axis_label="time (s)", y_axis_label=unit,
+        fig = figure(width=width, height=height, x_axis_label="time", y_axis_label=unit,
                      title="virtio-mem: requested vs plugged", toolbar_location="above",
                      tools="pan,wheel_zoom,box_zoom,reset,save")
         for key, label, color, dash in TIMELINE_LINES:
@@ -318,14 +322,16 @@ class ResizeTimeline(Shown):
                      legend_label=label)
         fig.scatter("t", "y", source=self.failures, marker="x", size=12, line_width=3,
                     color="#D55E00", legend_label="work run failed (rc != 0)")
-        fig.text("t", "y", text="label", source=self.failures, text_font_size="8pt", angle=0.5,
-                 x_offset=4, y_offset=-4, text_color="#D55E00")
+        # the delay armed, short, at two heights above the crosses: neighbours do not overlap
+        fig.text("t", "y", text="short", source=self.failures, text_font_size="8pt",
+                 text_align="center", y_offset="dy", text_color="#D55E00")
         fig.scatter("t", "y", source=self.retries, marker="inverted_triangle", size=10,
                     fill_alpha=0, line_width=2, color="#D55E00", legend_label="retry timer fires")
         fig.y_range.start = 0
-        fig.legend.location = "top_left"
+        time_axis(fig.xaxis[0])
         fig.legend.label_text_font_size = "8pt"
-        fig.legend.background_fill_alpha = 0.6
+        fig.legend.spacing = 0
+        fig.add_layout(fig.legend[0], "right")  # outside the plotted area: it covers no data
         fig.add_tools(HoverTool(tooltips=[("t", "@t{0.000} s"), ("", "@label")],
                                 renderers=fig.renderers[3:4]))
         self.figure = fig
@@ -373,7 +379,9 @@ class ResizeTimeline(Shown):
         labels = [f"{f['error']}" + (f", retry in {f['retry_ms'] / 1000:.0f} s" if f["retry_ms"]
                                      else "") for f in fails]
         times = [f["t_ms"] for f in fails]
-        new = {"t": [x / 1000.0 for x in times], "y": level(times), "label": labels}
+        short = [f"{f['retry_ms'] / 1000:.0f} s" if f["retry_ms"] else f["error"] for f in fails]
+        new = {"t": [x / 1000.0 for x in times], "y": level(times), "label": labels, "short": short,
+               "dy": [-10.0 if i % 2 == 0 else -24.0 for i in range(len(fails))]}
         if new != dict(self.failures.data):
             self.failures.data = new
         armed = [f for f in fails if f["retry_at_ms"] is not None]

@@ -7,7 +7,7 @@ requested-size``, ``advance``), then the views are redrawn by ``ColumnDataSource
 streams. **Step** runs the VM until the next virtio-mem driver event (a PLUG/UNPLUG request
 answered, a block added, onlined or removed, a work run finished, a retry timer fired), so one click
 shows one request: a run of subblocks plugged, or a single 2 MiB subblock unplugged from an online
-block (mechanisms.md §5.5). It jumps over the quiet time before a 50 s retry. **Play** advances
+block (§5.5). It jumps over the quiet time before a 50 s retry. **Play** advances
 ``tick_ms`` per tick.
 
 >>> import labkit

@@ -1,6 +1,6 @@
 """The migration view: what QEMU's pre-copy sends, round by round, and when it switches over.
 
-QEMU (mechanisms.md section 6) sends the dirty bitmap's pages in address order; it re-reads the
+QEMU (§6) sends the dirty bitmap's pages in address order; it re-reads the
 guest's dirty log (a *bitmap sync*) only when the backlog (``ram.remaining``) falls to the
 threshold, ``bandwidth x downtime-limit``; if the backlog is then still under it, the VM stops and
 the rest goes during the downtime. Free page hinting runs between syncs (section 2.3). The view:
@@ -124,7 +124,9 @@ class MigrationView(Shown):
         fig.y_range.start = 0
         fig.legend.label_text_font_size = "8pt"
         fig.legend.click_policy = "hide"
-        fig.legend.background_fill_alpha = 0.6
+        fig.legend.spacing = 0
+        fig.legend.ncols = 2
+        fig.add_layout(fig.legend[0], "below")  # outside the plotted area: it covers no data
         return fig
 
     def _rounds_figure(self, width: int, height: int):
@@ -146,7 +148,8 @@ class MigrationView(Shown):
         fig.y_range.start = 0
         fig.xaxis.major_label_orientation = 0.8 if len(labels) > 8 else 0
         fig.legend.label_text_font_size = "8pt"
-        fig.legend.location = "top_right"
+        fig.legend.orientation = "horizontal"
+        fig.add_layout(fig.legend[0], "below")  # outside the plotted area: it covers no bar
         return fig
 
     def update(self, source: Any) -> None:

@@ -27,6 +27,8 @@ from typing import Any
 
 import ipywidgets as widgets
 
+from labkit.units import format_size
+from labkit.viz.changes import step_readout
 from labkit.viz.migration import MigrationView, comparison
 from labkit.viz.migration_data import MigrationRecorder, hinting_status
 from labkit.viz.pagemap import PageMap
@@ -52,22 +54,29 @@ class MigrationExplorer(widgets.VBox):
     """Step a migrating VM: ``step_button`` / ``play`` advance ``tick_ms`` simulated ms per tick.
 
     ``vm`` may be migrating already or start later (``vm.qmp("migrate", ...)`` between ticks).
-    Attributes: ``recorder`` (a :class:`MigrationRecorder`), ``view``, ``page_map`` (or None without
-    snapshots), ``status`` (the latest status dict), ``status_html``.
+    With ``factory`` (a function returning a new VM) the explorer opens and owns its VM, and
+    **Reset** re-opens it; with ``migrate`` (a URI) it starts the migration itself, right after its
+    recorder is attached, so pass 1 is recorded from its first page. Attributes: ``recorder`` (a
+    :class:`MigrationRecorder`), ``view``, ``page_map`` (or None without snapshots), ``status``
+    (the latest status dict), ``status_html``, ``change_html`` (what the last step changed).
     """
 
-    def __init__(self, vm: Any, tick_ms: float = 1.0, sample_ms: float | None = None,
-                 page_map: bool = True):
+    def __init__(self, vm: Any = None, tick_ms: float = 1.0, sample_ms: float | None = None,
+                 page_map: bool = True, *, factory: Any = None, migrate: str | None = None):
         if not isinstance(tick_ms, int | float) or isinstance(tick_ms, bool) or tick_ms <= 0:
             raise ValueError(f"tick_ms must be a number of milliseconds > 0, got {tick_ms!r}")
-        self.vm = vm
+        if (vm is None) == (factory is None):
+            raise TypeError("MigrationExplorer needs a VM or a factory= (a function that opens one), "
+                            "not both")
+        self.factory, self.migrate_uri = factory, migrate
+        self.owns_vm = vm is None
+        self.vm = vm if vm is not None else factory()
         self.tick_ms = float(tick_ms)
         self.sample_ms = sample_ms
-        self.recorder = MigrationRecorder(vm)
-        self.recorder.poll()
+        self.recorder = self._attach()
         self.view = MigrationView(self.recorder, width=520, height=240)
-        self.page_map = PageMap(vm.snapshot(), width=400, height=400) if page_map and callable(
-            getattr(vm, "snapshot", None)) else None
+        self.page_map = PageMap(self.vm.snapshot(), width=360, height=300, legend="below") if (
+            page_map and callable(getattr(self.vm, "snapshot", None))) else None
         choices = dict((v, k) for k, v in TICKS)
         choices.setdefault(self.tick_ms, f"{tick_ms:g} ms")
         self.speed = widgets.Dropdown(options=[(label, v) for v, label in sorted(choices.items())],
@@ -76,13 +85,20 @@ class MigrationExplorer(widgets.VBox):
         self.step_button = widgets.Button(description="Step", icon="step-forward",
                                           layout=widgets.Layout(width="90px"))
         self.play = widgets.Play(value=0, min=0, max=100_000, interval=300, show_repeat=False)
+        self.reset_button = widgets.Button(description="Reset", icon="undo", layout=widgets.Layout(
+            width="90px", display="" if factory is not None else "none"),
+            tooltip="re-open the VM and migrate again")
         self.status_html = widgets.HTML()
+        self.change_html = widgets.HTML("<i>Step or Play: what each tick changed is said here and "
+                                        "outlined in magenta on the page map.</i>")
         self.error: BaseException | None = None
         plots = [self.view.widget()] + ([self.page_map.widget()] if self.page_map else [])
         super().__init__(children=[
-            widgets.HBox([self.step_button, self.play, self.speed]),
+            widgets.HBox([self.step_button, self.play, self.speed, self.reset_button]),
+            self.change_html,
             widgets.HBox([self.status_html] + plots, layout=widgets.Layout(flex_flow="row wrap"))])
         self.step_button.on_click(self._guarded(lambda _b: self.tick()))
+        self.reset_button.on_click(self._guarded(lambda _b: self.reset()))
         self.play.observe(self._guarded(lambda c: self.tick() if c["new"] != c["old"] else None),
                           names="value")
         self.speed.observe(self._guarded(lambda c: setattr(self, "tick_ms", float(c["new"]))),
@@ -100,10 +116,38 @@ class MigrationExplorer(widgets.VBox):
                                           f"{html.escape(str(e))}</span>")
         return run
 
+    def _attach(self) -> MigrationRecorder:
+        recorder = MigrationRecorder(self.vm)
+        recorder.poll()
+        if self.migrate_uri:
+            self.vm.qmp("migrate", uri=self.migrate_uri)
+            # one tick in: the setup sync has run and pass 1 has started, so every plot opens on data
+            recorder.advance(self.tick_ms, self.sample_ms or self.tick_ms)
+        return recorder
+
     def tick(self) -> None:
         """Advance ``tick_ms`` (sampling every ``sample_ms``, default the tick) and redraw."""
+        before = self.vm.qmp("query-migrate").get("ram", {})
         self.recorder.advance(self.tick_ms, self.sample_ms or self.tick_ms)
         self.refresh()
+        ram = self.vm.qmp("query-migrate").get("ram", {})
+        sent = ram.get("transferred", 0) - before.get("transferred", 0)
+        moves = self.page_map.last_moves if self.page_map is not None else []
+        what = f"{self.tick_ms:g} ms"
+        self.change_html.value = (f"<b>{step_readout(what, moves)}; sent {format_size(int(sent))}, "
+                                  f"backlog {format_size(int(ram.get('remaining', 0)))}</b>")
+
+    def reset(self) -> None:
+        """Re-open the VM with ``factory`` (and migrate again); the plots start over."""
+        if self.factory is None:
+            raise RuntimeError("this explorer was given a VM: it cannot re-open it (pass factory=)")
+        self.play.playing = False
+        if self.owns_vm:
+            self.vm.close()
+        self.vm, self.owns_vm = self.factory(), True
+        self.recorder = self._attach()
+        self.refresh()
+        self.change_html.value = "reset: a fresh VM" + (", migrating" if self.migrate_uri else "")
 
     def refresh(self) -> None:
         self.view.update(self.recorder)

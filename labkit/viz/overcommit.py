@@ -11,7 +11,7 @@ free page reporting's host RSS staircase.
   in words, the decision in force at the slider's time (:meth:`Decision.reason
   <labkit.scenarios.mom.Decision.reason>`). Switching changes ``ColumnDataSource`` data only.
 * :func:`staircase`: host RSS, MemFree and free memory reported to the host over time, with
-  the reporting passes as ticks: the staircase of mechanisms.md section 3.3 (about 1/16 of each free
+  the reporting passes as ticks: the staircase of §3.3 (about 1/16 of each free
   list per pass, one pass every 2 s).
 * :class:`ReportingExplorer`: run a job that exits in a guest with free page reporting, then step
   2 s at a time: the page map (reported blocks light blue) and the staircase follow.
@@ -38,7 +38,9 @@ from bokeh.models import ColumnDataSource, FactorRange, HoverTool, Span
 from bokeh.plotting import figure
 
 from labkit.units import MiB, format_size
+from labkit.viz.changes import step_readout
 from labkit.viz.shown import Shown
+from labkit.viz.timeseries import time_axis
 
 BAR_METRICS = (  # (summary key, title, scale, colour)
     ("swap_out_bytes", "host swap-out (MiB)", MiB, "#CC79A7"),
@@ -52,7 +54,7 @@ REASON_COLORS = {
     "change-too-small": "#999999", "not-ballooned": "#56B4E9", "no-stats": "#000000",
 }
 VM_LINES = (("rss", "host RSS", "#0072B2", "solid"), ("swap", "in host swap", "#CC79A7", "solid"),
-            ("balloon_actual", "balloon actual", "#D55E00", "dashed"),
+            ("balloon_actual", "balloon actual", "#E69F00", "dashed"),
             ("working_set", "working set", "#009E73", "dotted"))
 
 
@@ -77,7 +79,8 @@ class PolicyBars(Shown):
             fig.xaxis.major_label_orientation = 0.7
             fig.title.text_font_size = "9pt"
             self.figures.append(fig)
-        self.layout = row(*self.figures)
+        # at most 4 bars a row: five 190 px figures would not fit a 900 px output area
+        self.layout = column(*[row(*self.figures[i:i + 4]) for i in range(0, len(self.figures), 4)])
 
     def __repr__(self) -> str:
         return f"<PolicyBars of {list(self.source.data['policy'])}>"
@@ -187,10 +190,10 @@ class OvercommitView(widgets.VBox):
         figs = [host, free, guest, decisions]
         for fig in (host, guest):
             fig.y_range.start = 0
-            fig.legend.location = "top_left"
             fig.legend.label_text_font_size = "8pt"
-            fig.legend.background_fill_alpha = 0.6
+            fig.legend.spacing = 0
             fig.legend.click_policy = "hide"
+            fig.add_layout(fig.legend[0], "right")  # outside the plotted area: it covers no data
         for fig, cursor in zip((host, guest, decisions), self.cursors, strict=True):
             fig.add_layout(cursor)
         return figs
@@ -260,9 +263,12 @@ class Staircase(Shown):
         fig.add_tools(HoverTool(renderers=lines[:1], mode="vline", tooltips=[
             ("t", "@t{0.0} s"), ("host RSS", "@host_rss{0} MiB"), ("reported", "@reported{0} MiB")]))
         fig.y_range.start = 0
-        fig.legend.location = "top_right"
+        time_axis(fig.xaxis[0])
+        fig.xaxis.axis_label = "time"
         fig.legend.label_text_font_size = "8pt"
-        fig.legend.background_fill_alpha = 0.6
+        fig.legend.spacing = 0
+        fig.legend.ncols = 2
+        fig.add_layout(fig.legend[0], "below")  # outside the plotted area: it covers no data
         self.figure = self.layout = fig
 
     def _columns(self, rows: Sequence[Mapping[str, float]]) -> dict[str, list]:
@@ -272,7 +278,9 @@ class Staircase(Shown):
                 "reported": [float(r.get("reported_bytes", np.nan)) / MiB for r in rows]}
 
     def _passes(self, passes_ms: Sequence[float]) -> dict[str, list]:
-        return {"x": [(float(p) - self.t0) / 1000 for p in passes_ms]}
+        # passes before the first row are not drawn: the axis spans the data, it never opens on
+        # an empty stretch of earlier ticks
+        return {"x": [(float(p) - self.t0) / 1000 for p in passes_ms if float(p) >= self.t0]}
 
     def append(self, rows: Sequence[Mapping[str, float]], passes_ms: Sequence[float] = ()) -> None:
         """Stream more ``vm.sample()`` rows (and set the pass times seen so far, if given)."""
@@ -322,19 +330,51 @@ class ReportingExplorer(widgets.VBox):
         self.play = widgets.Play(value=0, min=0, max=100_000, interval=500, show_repeat=False)
         self.view_buttons = widgets.ToggleButtons(options=["guest", "host"], value="guest",
                                                   style={"button_width": "60px"})
+        self.visible_button = widgets.Button(description="Step to change", icon="fast-forward",
+                                             layout=widgets.Layout(width="150px"),
+                                             tooltip="step until the page map changes (at most 60 steps)")
         self.status_html = widgets.HTML()
-        self.page_map = PageMap(vm.snapshot(), width=400, height=400)
-        self.staircase = staircase([vm.sample()], self._passes(), width=520, height=300)
+        self.change_html = widgets.HTML("<i>Run a job, then Step: what each step changed is said "
+                                        "here and outlined in magenta on the page map.</i>")
+        self.error: BaseException | None = None
+        self.page_map = PageMap(vm.snapshot(), width=360, height=300, legend="below")
+        self.staircase = staircase([vm.sample()], self._passes(), width=440, height=300)
         super().__init__(children=[
-            widgets.HBox([self.job_slider, self.job_button, self.step_button, self.play]),
-            widgets.HBox([self.view_buttons, self.status_html]),
+            widgets.HBox([self.job_slider, self.job_button]),
+            widgets.HBox([self.step_button, self.visible_button, self.play, self.view_buttons]),
+            self.status_html, self.change_html,
             widgets.HBox([self.page_map.widget(), self.staircase.widget()],
                          layout=widgets.Layout(flex_flow="row wrap"))])
-        self.job_button.on_click(lambda _b: self.run_job(self.job_slider.value))
-        self.step_button.on_click(lambda _b: self.tick())
-        self.play.observe(lambda c: self.tick() if c["new"] != c["old"] else None, names="value")
-        self.view_buttons.observe(lambda c: self.page_map.set_view(c["new"]), names="value")
+        self.job_button.on_click(self._guarded(lambda _b: self.run_job(self.job_slider.value)))
+        self.step_button.on_click(self._guarded(lambda _b: self.tick()))
+        self.visible_button.on_click(self._guarded(lambda _b: self.step_to_change()))
+        self.play.observe(self._guarded(lambda c: self.tick() if c["new"] != c["old"] else None),
+                          names="value")
+        self.view_buttons.observe(self._guarded(lambda c: self.page_map.set_view(c["new"])),
+                                  names="value")
         self._show()
+
+    def _guarded(self, callback: Any) -> Any:
+        """Show a callback's error in the status line (inside the widget) and stop Play."""
+
+        def run(argument: Any) -> None:
+            try:
+                callback(argument)
+            except Exception as e:  # shown in the widget and kept
+                self.error = e
+                self.play.playing = False
+                self.status_html.value = (f'<span style="color:#CC3311"><b>{type(e).__name__}</b>: '
+                                          f"{html.escape(str(e))}</span>")
+        return run
+
+    def step_to_change(self, max_steps: int = 60) -> int:
+        """Step until the page map's picture changes (or ``max_steps``); returns the steps taken."""
+        before = self.page_map.image.copy()
+        for n in range(1, max_steps + 1):
+            self.tick()
+            if (self.page_map.image != before).any():
+                return n
+        return max_steps
 
     def _passes(self) -> list[float]:
         core = self.vm.reporting.core
@@ -342,15 +382,20 @@ class ReportingExplorer(widgets.VBox):
 
     def run_job(self, mib: int) -> None:
         """A job allocates (and writes) ``mib`` MiB and exits."""
+        rss = self.vm.sample()["host_rss"]
         handle = self.vm.guest("alloc", size=int(mib) * MiB, kind="anon")
         self.vm.guest("free", handle=handle)
         self.staircase.append([self.vm.sample()])
         self.page_map.update(self.vm.snapshot())
         self._show()
+        self.change_html.value = "<b>" + step_readout(
+            f"a {int(mib)} MiB job ran and exited", self.page_map.last_moves,
+            self.vm.sample()["host_rss"] - rss) + "</b>"
 
     def tick(self) -> None:
         """Advance ``tick_ms``, one sample every ``sample_ms``; redraw."""
         rows, done = [], 0.0
+        rss, reports = self.vm.sample()["host_rss"], self.vm.reporting.reports
         while done < self.tick_ms:
             step = min(self.sample_ms, self.tick_ms - done)
             self.vm.advance(step)
@@ -359,6 +404,10 @@ class ReportingExplorer(widgets.VBox):
         self.staircase.append(rows, self._passes())
         self.page_map.update(self.vm.snapshot())
         self._show()
+        what = f"{self.tick_ms / 1000:g} s, {self.vm.reporting.reports - reports} reports"
+        changed = "; the reported pages are outlined" if self.page_map.changed_pages else ""
+        self.change_html.value = "<b>" + step_readout(
+            what, self.page_map.last_moves, rows[-1]["host_rss"] - rss) + f"</b>{changed}"
 
     def _show(self) -> None:
         r, s = self.vm.reporting, self.vm.sample()

@@ -34,7 +34,7 @@ PARTS = (("host_copy", "image in the host page cache", "#0072B2"),
          ("other", "rest of guest RAM (host-backed)", "#BBBBBB"))
 # file map categories: FilePage values, then "lost" (the disk is stale after a crash)
 FILE_NAMES = ("not cached", "clean (cached)", "dirty (not on disk)", "writeback error", "lost in crash")
-FILE_COLORS = ("#E6E6E6", "#44AA99", "#D55E00", "#882255", "#000000")
+FILE_COLORS = ("#E6E6E6", "#44AA99", "#CC3311", "#882255", "#000000")
 FILE_RANK = np.array([0, 1, 3, 4, 2])  # which state wins a cell: error > dirty > lost > clean > none
 LOST = 4
 
@@ -48,7 +48,7 @@ def _split(table: dict, unit: int) -> dict[str, list]:
     return data
 
 
-def copies_figure(table: dict, unit: str = "MiB", width: int = 560, height: int = 260):
+def copies_figure(table: dict, unit: str = "MiB", width: int = 560, height: int = 300):
     """Stacked bars of host memory per transport (``shared_image_table`` rows)."""
     scale = {"MiB": MiB, "GiB": GiB}[unit]
     source = ColumnDataSource(_split(table, scale))
@@ -60,8 +60,10 @@ def copies_figure(table: dict, unit: str = "MiB", width: int = 560, height: int 
                    legend_label=[label for _, label, _ in PARTS])
     fig.add_tools(HoverTool(tooltips=[("transport", "@transport")] + [
         (label, f"@{key}{{0}} {unit}") for key, label, _ in PARTS]))
-    fig.legend.location = "bottom_right"
     fig.legend.label_text_font_size = "8pt"
+    fig.legend.ncols = 2
+    fig.legend.spacing = 0
+    fig.add_layout(fig.legend[0], "below")  # outside the plotted area: it covers no bar
     fig.x_range.start = 0
     return fig
 
@@ -103,6 +105,21 @@ def source_of(fig) -> ColumnDataSource:
     return fig.renderers[0].data_source
 
 
+def guarded(owner: Any, callback: Any) -> Any:
+    """A widget callback that shows its error in ``owner.status_html`` (inside the widget, not
+    only in JupyterLab's Log Console) and keeps it in ``owner.error``."""
+    import html
+
+    def run(argument: Any) -> None:
+        try:
+            callback(argument)
+        except Exception as e:  # shown to the user in the widget and kept
+            owner.error = e
+            owner.status_html.value = (f'<span style="color:#CC3311"><b>{type(e).__name__}</b>: '
+                                       f"{html.escape(str(e))}</span>")
+    return run
+
+
 class CopiesExplorer:
     """A slider for the number of VMs over :func:`copies_figure`: ``compare(n)`` must return a
     ``shared_image_table`` for ``n`` VMs; moving ``slider`` recomputes it and replaces the bars'
@@ -115,19 +132,28 @@ class CopiesExplorer:
         self._widget = None
         import ipywidgets as widgets
 
-        self.slider = widgets.IntSlider(value=n, min=1, max=max_n, description="VMs")
-        self.slider.observe(self._on_n, names="value")
+        self.slider = widgets.IntSlider(value=n, min=1, max=max_n, description="VMs",
+                                        continuous_update=False)
+        self.status_html = widgets.HTML(self._status())
+        self.error: BaseException | None = None
+        self.slider.observe(guarded(self, self._on_n), names="value")
+
+    def _status(self) -> str:
+        return f"{self.slider.value if hasattr(self, 'slider') else '?'} VMs booting from one image"
 
     def _on_n(self, change: dict) -> None:
         self.table = self.compare(change["new"])
         source_of(self.figure).data = _split(self.table, {"MiB": MiB, "GiB": GiB}[self.unit])
+        self.figure.title.text = f"host memory of {change['new']} VMs: who holds a copy of the image"
+        self.status_html.value = self._status()
 
     def widget(self):
         if self._widget is None:
             import ipywidgets as widgets
             from jupyter_bokeh.widgets import BokehModel
 
-            self._widget = widgets.VBox([self.slider, BokehModel(self.figure)])
+            self._widget = widgets.VBox([widgets.HBox([self.slider, self.status_html]),
+                                         BokehModel(self.figure)])
         return self._widget
 
     def _repr_mimebundle_(self, **kwargs: Any):
@@ -143,10 +169,11 @@ class WritebackStepper:
         self.vm, self.file, self.pages, self.step_ms = vm, f, pages, step_ms
         self.history: list[dict] = []
         self.crashed = False
+        self.error: BaseException | None = None
         self.bars = ColumnDataSource(self._bar_data())
         fig = figure(x_range=["guest page cache", "host page cache"], width=300, height=220,
                      title="dirty data at risk (MiB)", toolbar_location=None)
-        fig.vbar(x="where", top="mib", width=0.6, source=self.bars, color="#D55E00")
+        fig.vbar(x="where", top="mib", width=0.6, source=self.bars, color="#CC3311")
         fig.y_range.start = 0
         self.bar_figure = fig
         self.map_figure = file_map(f, pages=pages, width=560)
@@ -196,10 +223,11 @@ class WritebackStepper:
 
             step = widgets.Button(description=f"advance {self.step_ms / 1000:g} s")
             crash = widgets.Button(description="crash the host", button_style="danger")
-            step.on_click(lambda _: self.step())
-            crash.on_click(lambda _: self.crash())
-            self.step_button, self.crash_button = step, crash
             self._status = widgets.HTML(self.status())
+            self.status_html = self._status
+            step.on_click(guarded(self, lambda _: self.step()))
+            crash.on_click(guarded(self, lambda _: self.crash()))
+            self.step_button, self.crash_button = step, crash
             self._widget = widgets.VBox([widgets.HBox([step, crash, self._status]),
                                          BokehModel(column(self.bar_figure, self.map_figure))])
         return self._widget

@@ -68,16 +68,27 @@ GUEST_CATEGORIES: tuple[Category, ...] = (
 )
 
 # --- host view: what QEMU's resident set is made of -------------------------------------------
-H_IN_USE, H_IDLE, H_NOT_BACKED, H_SWAPPED, H_BALLOON, H_ABSENT = range(6)
+H_IN_USE, H_IDLE, H_NOT_BACKED, H_SWAPPED, H_BALLOON, H_ABSENT, H_BALLOON_BACKED = range(7)
 
 HOST_CATEGORIES: tuple[Category, ...] = (
     Category("backed, in use by the guest", "#009E73", 1),
-    Category("backed, guest-free (idle waste)", "#D55E00", 4),
+    Category("backed, guest-free (idle waste)", "#CC3311", 4),
     Category("not backed (reads as zero)", "#E6E6E6", 1),
-    Category("swapped to host swap", "#CC79A7", 256),
+    Category("swapped to host swap", "#EE3377", 256),
     Category("balloon (discarded)", "#E69F00", 1024),
     Category("absent / offline", "#1A1A1A", 0.5),
+    Category("balloon, still backed (discard off)", "#7A5195", 1024),
 )
+
+# The colour names the notebooks' text uses, one per colour (no two "oranges").
+COLOR_NAMES = {
+    "#E6E6E6": "light grey", "#88CCEE": "light blue", "#332288": "indigo", "#882255": "wine",
+    "#CC6677": "rose", "#AA4499": "purple", "#44AA99": "teal", "#117733": "dark green",
+    "#E69F00": "orange", "#F0E442": "yellow", "#8C8C8C": "grey", "#1A1A1A": "black",
+    "#009E73": "green", "#CC3311": "red", "#EE3377": "magenta", "#7A5195": "violet",
+}
+# the outline drawn around cells that changed since the previous frame (not a state's colour)
+CHANGED_COLOR = "#FF00FF"
 
 CATEGORIES = {"guest": GUEST_CATEGORIES, "host": HOST_CATEGORIES}
 
@@ -101,7 +112,8 @@ for _state in PageState:
     _unbacked = {PageState.BALLOON: H_BALLOON, PageState.OFFLINE: H_ABSENT,
                  PageState.ABSENT: H_ABSENT}.get(_state, H_NOT_BACKED)
     _HOST_LUT[int(_state)] = _unbacked
-    _HOST_LUT[int(_state) | 64] = H_IDLE if _state in _GUEST_FREE else H_IN_USE
+    _HOST_LUT[int(_state) | 64] = H_BALLOON_BACKED if _state == PageState.BALLOON else (
+        H_IDLE if _state in _GUEST_FREE else H_IN_USE)
     _HOST_LUT[int(_state) | 128] = _HOST_LUT[int(_state) | 192] = H_SWAPPED
 del _state, _unbacked
 
@@ -134,9 +146,10 @@ def classify(state: np.ndarray, flags: np.ndarray, view: str = "guest") -> np.nd
 
     Guest view: the page state, with free pages that carry ``PageFlag.REPORTED`` shown apart.
     Host view, in order of precedence: swapped to host swap; backed and in use (reserved, kernel,
-    anon, shmem, file); backed but guest-free (free, balloon or hinted pages the host still holds,
-    as with discard disabled under VFIO, and offline/absent ranges that are still backed); not
-    backed: balloon, offline/absent, or anything else (never touched or discarded, reads as zero).
+    anon, shmem, file); a balloon page the host still backs (discard disabled, as under VFIO: its
+    own colour, so the legend does not call it discarded); backed but guest-free (free or hinted
+    pages the host still holds, and offline/absent ranges that are still backed); not backed:
+    balloon, offline/absent, or anything else (never touched or discarded, reads as zero).
 
     >>> import numpy as np
     >>> classify(np.array([3, 0], dtype=np.uint8), np.array([2, 2], dtype=np.uint8), "host")

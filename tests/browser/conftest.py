@@ -2,7 +2,7 @@
 
 Skipped, with the reason, where Chromium or the Python playwright package is missing (never run
 ``playwright install``: it downloads a browser of its own; these tests use ``/usr/bin/chromium``,
-or ``$LABKIT_CHROMIUM``). See /work/shared/reference/jupyter.md, "Real-browser tests".
+or ``$LABKIT_CHROMIUM``).
 
 The JupyterLab server (one per session) serves a temporary copy of ``notebooks/`` with temporary
 Jupyter config, data and runtime directories, so nothing in the repository or the user's home is
@@ -33,13 +33,15 @@ from labkit.cli import any_free_port, lab_ready
 ROOT = Path(__file__).resolve().parents[2]
 NOTEBOOK_DIR = ROOT / "notebooks"
 SERVER_START_TIMEOUT_S = 120
-# the flags of jupyter.md, "Real-browser tests"; the user-data-dir is a fresh temporary one
+# headless, no GPU, nothing fetched from the network; the user-data-dir is a fresh temporary one
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run",
                  "--disable-dev-shm-usage"]
-# JupyterLab's news/update toast covers the notebook (binder/overrides.json holds the same setting)
+# JupyterLab's news/update toast covers the notebook (binder/overrides.json holds the same setting);
+# every cell is rendered (no windowing), so off-screen outputs have a layout to measure and shoot
 NO_NEWS = {"@jupyterlab/apputils-extension:notification": {"fetchNews": "false",
-                                                            "checkForUpdates": False}}
+                                                            "checkForUpdates": False},
+           "@jupyterlab/notebook-extension:tracker": {"windowingMode": "none"}}
 FIGURES = pytest.StashKey[dict]()
 
 

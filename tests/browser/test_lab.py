@@ -80,7 +80,9 @@ class Notebook:
                                   [self.name, arg])
 
     def open(self) -> None:
-        self.page.goto(self.lab.url(f"lab/tree/{self.name}"), timeout=LOAD_TIMEOUT_MS)
+        # "reset": a fresh workspace, so notebooks of earlier tests are not reopened (nor their
+        # kernels started again) in this page
+        self.page.goto(self.lab.url(f"lab/tree/{self.name}") + "&reset", timeout=LOAD_TIMEOUT_MS)
         self.page.wait_for_function(f"(path) => window.jupyterapp && !!({_FIND})(path)",
                                     arg=self.name, timeout=LOAD_TIMEOUT_MS, polling=250)
         self.wait_idle(KERNEL_TIMEOUT_MS)
@@ -142,8 +144,11 @@ class Notebook:
         """Shut the notebook's kernel down (the server's teardown would too) and close the tab."""
         from playwright.sync_api import Error as PlaywrightError
 
-        try:
-            self.js("return w && w.sessionContext.shutdown();")
+        try:  # stop the kernel, then close the tab unsaved, so that JupyterLab's workspace does
+            # not reopen this notebook (and start its kernel again) in the next test's page
+            self.js("if (!w) return; return w.sessionContext.shutdown().then(() => {"
+                    " w.context.model.dirty = false; w.dispose(); });")
+            time.sleep(0.5)  # the workspace saves the new layout
         except PlaywrightError:
             pass  # a broken page: the server's shutdown stops the kernel
         self.page.close()

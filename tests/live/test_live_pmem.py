@@ -1,4 +1,4 @@
-"""virtio-pmem on a real guest, and the model beside it ("twin tests"; mechanisms.md §4).
+"""virtio-pmem on a real guest, and the model beside it ("twin tests"; docs/mechanisms.md §4).
 
 One live VM (512 MiB, a 256 MiB virtio-pmem region on a sparse file) and one model VM with the
 same options go through the same steps: write 16 MiB, flush, flush again, read, write and sync.
