@@ -479,7 +479,10 @@ def test_reused_reported_pages_refault_zero_filled():
         expected = int((was_backed[pages] & reported_before[pages]).sum())
         assert expected > 200_000  # most of 1 GiB came back from discarded, reported blocks
         assert vm.reporting.refaulted_pages - refaulted == expected
-        assert vm.reporting.reused_pages - reused == int(reported_before[pages].sum())
+        # reused: reported pages that left the free lists; the per-CPU list's last refill takes a
+        # batch (63 pages) and may keep a few of them on the list, unused yet (rmqueue_bulk)
+        extra = vm.reporting.reused_pages - reused - int(reported_before[pages].sum())
+        assert 0 <= extra < 2 * 63
         assert vm.kernel.host_vm.zero_fill_faults - faults == int((~backed_before[pages]).sum())
         assert vm.sample()["host_rss"] - rss == int((~backed_before[pages]).sum()) * PAGE
         total = vm.reporting.refaulted_pages

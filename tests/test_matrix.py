@@ -54,7 +54,12 @@ def test_hinting_skips_free_pages_in_migration(result):
     assert hinting.details["hinted_max"] > 0
     assert hinting.value < plain.value
     assert reporting.value == pytest.approx(plain.value, rel=0.05)
-    assert claim(result, "hinting-migration").verdict == "supported"
+    # the verdict follows the saving: at the default 128 MiB/s a 1 GiB Debian guest's used memory
+    # (~300 MiB of normal pages) takes most of the time, and hinting saves only the zero pages'
+    # reading (and its guest zeroes each hinted block: init_on_alloc, §10.4): under 10 % here
+    save = 100 * (1 - hinting.value / plain.value)
+    assert claim(result, "hinting-migration").verdict == ("supported" if save >= 10 else "qualified")
+    assert hinting.details["zero_pages"] < 0.1 * plain.details["zero_pages"]
     assert claim(result, "reporting-migration").verdict == "supported"
 
 

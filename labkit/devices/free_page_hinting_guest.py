@@ -144,7 +144,7 @@ class FreePageHintDriver:
         if self._read_cmd_id and self._received() != self.cmd_id_active:
             self._end_round()  # STOP, DONE or a newer round: stop sending
             return
-        budget = max(1, int(step_ms * 1000 / self.timing.guest_block_us))
+        budget = max(1, int(step_ms * 1000 / self.timing.guest_us(bool(self.kernel.params.init_on_alloc))))
         room = max(0, self.device.ring_size - len(self.device.ring) - 1)  # one slot for the ID
         starts = self._alloc_blocks(min(budget, room))
         for start in starts.tolist():

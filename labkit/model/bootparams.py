@@ -5,7 +5,7 @@ The model boots the kernel the live backend boots: Debian 12's 6.1 cloud kernel
 decide, and what moves the numbers a learner reads, is a named knob here, spelled as on a kernel
 command line (``transparent_hugepage=``, ``init_on_alloc=``, ``swiotlb=``, ``nr_cpus=``,
 ``memory_hotplug.online_policy=``...) or as a sysctl (``vm.min_free_kbytes``...). Each defaults to the
-distro's value, measured on that guest (``docs/mechanisms.md#9-corrections-and-additions``):
+distro's value, measured on that guest (docs/mechanisms.md §10):
 
 =====================================  ==================  ==================================================
 knob                                   Debian 6.1 default  what it changes

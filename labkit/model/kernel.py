@@ -15,7 +15,7 @@ path may go down to the min watermark; then direct reclaim (:mod:`labkit.model.r
 that made progress but did not help, ``drain_all_pages`` and one more try; then, unless
 ``__GFP_NORETRY`` (balloon pages), the OOM path: the OOM notifier chain (virtio-balloon's
 deflate-on-oom), and if it freed nothing, the OOM killer. With ``init_on_alloc=1`` every allocated
-page is zeroed: written, so the host backs it (``docs/mechanisms.md#9-corrections-and-additions``).
+page is zeroed: written, so the host backs it (docs/mechanisms.md §10.4).
 
 Simplifications (stated here, not hidden): reclaim is instantaneous (see its module); the OOM killer
 picks the largest killable anonymous "process"; no migratetypes, compaction or watermark boosting;
@@ -132,6 +132,7 @@ class Kernel(ZoneSetup, KernelMemory):
         self.slab_reclaimable = 0  # pages of KERNEL that count as SReclaimable
         self.page_table_pages = 0
         self._dcache: Handle | None = None
+        self.slab_per_op_pages = 0  # what each workload step leaves in the dcache (boot sets it)
         self._zonelists: dict = {}
         self._zonelists_of: list | None = None
         self._zonelists_len = 0
@@ -242,6 +243,11 @@ class Kernel(ZoneSetup, KernelMemory):
         else:
             refills, usable = max_refills, (max_refills - 1) * batch + 1
         pages = self.allocators[zi].take(refills * batch, unmovable)
+        # rmqueue_bulk: the whole batch leaves the free lists (del_page_from_free_list clears
+        # PageReported), the pages the allocation does not use now included
+        for hook in self.alloc_hooks:  # free page reporting: a split reported block loses the flag
+            hook(pages)
+        mem.clear_flag(pages, PageFlag.REPORTED)
         use = min(usable, len(pages))
         mem.move_known(pages[:use], PageState.FREE, state, zi)  # the buddy hands out FREE pages
         leftover = pages[use:]
@@ -282,10 +288,6 @@ class Kernel(ZoneSetup, KernelMemory):
             need -= self._take(zones, need, "min", state, parts, cz)
         pfns = (parts[0] if len(parts) == 1 else np.concatenate(parts) if parts
                 else np.zeros(0, dtype=np.int64))
-        for hook in self.alloc_hooks:  # free page reporting: a split reported block loses the flag
-            hook(pfns)
-        # PageReported is cleared when a page leaves the free list (del_page_from_free_list)
-        self.mem.clear_flag(pfns, PageFlag.REPORTED)
         if self.params.init_on_alloc:  # post_alloc_hook -> kernel_init_pages: zeroed
             self.touch(pfns, zeroed=True)
         return pfns

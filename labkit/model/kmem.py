@@ -33,7 +33,6 @@ XA_CHUNK_PAGES = 64  # include/linux/xarray.h XA_CHUNK_SIZE: page cache entries 
 XA_NODE_BYTES = 576  # sizeof(struct xa_node) on x86-64 (slab radix_tree_node)
 BUFFER_HEAD_BYTES = 104  # sizeof(struct buffer_head) on x86-64
 DENTRIES_PER_PAGE = 21  # 192-byte dentries in a 4 KiB slab page
-PROCESS_SLAB_PAGES = 11  # measured: Slab +44 kB per alloc/free of an anonymous holder process
 
 
 class KernelMemory:
@@ -93,8 +92,11 @@ class KernelMemory:
 
     def process_slab(self) -> None:
         """A process started and went (the live backend runs one per workload step): the dentry,
-        inode and /proc caches keep ``PROCESS_SLAB_PAGES`` more (measured), unmovable but
-        reclaimable (the "dcache" shrinker gives them back under pressure)."""
+        inode and /proc caches keep ``slab_per_op_pages`` more (the busybox guest: 11 pages,
+        measured), unmovable but reclaimable (the "dcache" shrinker gives them back under
+        pressure). A guest whose workload steps are no processes keeps none."""
+        if not self.slab_per_op_pages:
+            return
         if self._dcache is None:
             from labkit.model.workloads import new_handle
 
@@ -102,7 +104,7 @@ class KernelMemory:
                                       killable=False)
             self.shrinkers.append(Shrinker(lambda: len(self._dcache.pages) * DENTRIES_PER_PAGE,
                                            self._shrink_dcache, name="dcache"))
-        pfns = self.alloc_pages(PROCESS_SLAB_PAGES, PageState.KERNEL, movable=False, noretry=True)
+        pfns = self.alloc_pages(self.slab_per_op_pages, PageState.KERNEL, movable=False, noretry=True)
         self.touch(pfns)
         self._dcache.pages = np.concatenate([self._dcache.pages, pfns])
         self.slab_reclaimable += len(pfns)

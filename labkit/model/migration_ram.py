@@ -42,10 +42,12 @@ class RamSaving:
         if not self.is_setup_or_active() or len(starts) == 0:
             return
         cleared = 0
+        clear_log = self.link.dirty_log != "tcg"  # TCG: the hint leaves QEMU's dirty bitmap alone
         for a, b in zip(*block_runs(starts, npages), strict=True):
             cleared += int(np.count_nonzero(self.bitmap[a:b]))
             self.bitmap[a:b] = False
-            self.mem.flags[a:b] &= ~DIRTY_LOG
+            if clear_log:
+                self.mem.flags[a:b] &= ~DIRTY_LOG
         self.dirty_pages -= cleared
         self.hinted_pages += cleared
 
@@ -60,6 +62,8 @@ class RamSaving:
         logged = (self.mem.flags & DIRTY_LOG) != 0
         new = int(np.count_nonzero(logged & ~self.bitmap))
         self.bitmap |= logged
+        if self.link.dirty_log == "tcg":  # cpu_physical_memory_sync_dirty_bitmap: fetch and clear
+            self.mem.flags &= ~DIRTY_LOG
         self.dirty_pages += new
         self.num_dirty_pages_period += new
         self.dirty_bytes_last_sync = self.dirty_pages * TARGET_PAGE_SIZE
@@ -202,7 +206,8 @@ class RamSaving:
         self.normal_pages += len(pfns) - n_zero
         at = _as_slice(pfns)
         self.bitmap[at] = False
-        self.mem.flags[at] &= ~DIRTY_LOG
+        if self.link.dirty_log != "tcg":  # KVM: clear_bmap clears the log just before the send
+            self.mem.flags[at] &= ~DIRTY_LOG
         self.dirty_pages -= len(pfns)
         self.transferred += int(nbytes)
         if downtime:

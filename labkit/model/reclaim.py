@@ -6,7 +6,7 @@ pages of the file LRU (oldest first: clean pages are freed, dirty ones are writt
 too) and calls ``shrink_slab``: every shrinker is asked to scan ``(freeable >> priority) * 4 /
 seeks`` objects in batches of ``SHRINK_BATCH`` (``do_shrink_slab``), on *every* pass, so a shrinker
 gives back in proportion to what it holds while the page cache is still being reclaimed (the free
-page hint shrinker is one: ``docs/mechanisms.md#9-corrections-and-additions``). The loop stops once
+page hint shrinker is one: docs/mechanisms.md §10.6). The loop stops once
 the target is reclaimed. While it runs, the zones count as ``ZONE_RECLAIM_ACTIVE``: the per-CPU
 lists hold at most ``4 * batch`` pages, so what reclaim frees reaches the buddy allocator.
 

@@ -53,6 +53,7 @@ class KernelImage:
     """The kernel's own reservations, in pages (measured: Debian 6.1.0-5x cloud-amd64)."""
 
     resident: int = 8095  # text + rodata + data + bss kept for good
+    bss: int = 1359  # of which bss (5436K): zeroed at boot, reads as zero
     init: int = 2145  # __init, the section gaps and unused decrypted memory: freed at the end of boot
     node_data: int = 43  # NODE_DATA(nid): struct pglist_data
     percpu_per_cpu: int = 61  # "percpu: Embedded 61 pages/cpu"
@@ -76,8 +77,8 @@ def hash_pages(nr_kernel_pages: int, scale: int) -> int:
 @dataclass
 class ReservationPlan:
     """Page ranges [start, end) of the index space, each with what it is and its ``kind``:
-    ``"absent"`` (no RAM there), ``"reserved"`` (for good) or ``"late"`` (freed at the end of
-    boot)."""
+    ``"absent"`` (no RAM there), ``"reserved"`` (for good), ``"zeroed"`` (for good, and all zeros:
+    the kernel's bss, the swiotlb buffer) or ``"late"`` (freed at the end of boot)."""
 
     ranges: list[tuple[int, int, str, str]] = field(default_factory=list)
 
@@ -89,7 +90,7 @@ class ReservationPlan:
         return sum(b - a for a, b, _, k in self.ranges if k == kind)
 
     def permanent_pages(self) -> int:
-        return self.pages("reserved")
+        return self.pages("reserved") + self.pages("zeroed")
 
     def late_pages(self) -> int:
         return self.pages("late")
@@ -105,7 +106,8 @@ def plan_reservations(layout: Q35Layout, numa_nodes: int, nr_cpus: int, swiotlb_
     plan.add(1, LEGACY_HOLE[0], "low 1 MiB (reserved)")
     plan.add(LEGACY_HOLE[0], LEGACY_HOLE[1], "legacy BIOS hole (no RAM)", "absent")
     k = KERNEL_IMAGE_ADDR // PAGE_SIZE
-    plan.add(k, k + image.resident, "kernel image")
+    plan.add(k, k + image.resident - image.bss, "kernel image")
+    plan.add(k + image.resident - image.bss, k + image.resident, "kernel bss", "zeroed")
     plan.add(k + image.resident, k + image.resident + image.init, "kernel __init", "late")
     k += image.resident + image.init
     plan.add(k, k + image.early_low, "early allocations")
@@ -115,7 +117,7 @@ def plan_reservations(layout: Q35Layout, numa_nodes: int, nr_cpus: int, swiotlb_
     plan.add(top - initrd, top, "initramfs", "late")
     top -= initrd
     swiotlb = swiotlb_slabs * 2048 // PAGE_SIZE
-    plan.add(top - swiotlb, top, "swiotlb")
+    plan.add(top - swiotlb, top, "swiotlb", "zeroed")
     low_top = top - swiotlb
     # node tops: memmap of each node; hashes and the rest at the top of the last node
     nodes = node_ranges(layout.pages, numa_nodes, block_pages)

@@ -1,6 +1,6 @@
 """Zone watermarks, lowmem_reserve and per-CPU list sizes, as Linux 6.1 computes them.
 
-All from mm/page_alloc.c unless said otherwise (``docs/mechanisms.md#9-corrections-and-additions``):
+All from mm/page_alloc.c unless said otherwise (docs/mechanisms.md §10.2, §10.3):
 
 * ``calculate_min_free_kbytes``: ``min_free_kbytes = int_sqrt(lowmem_kbytes * 16)`` clamped to
   [128, 262144], where ``lowmem_kbytes`` is ``nr_free_buffer_pages()``: the pages of every zone up

@@ -38,6 +38,8 @@ class BootProfile:
 
     ``slab_fixed`` + ``slab_per_gib`` x GiB is the unmovable kernel memory after boot (slab, kernel
     stacks, page tables, vmalloc'd module memory), ``slab_reclaimable`` of it counts as SReclaimable;
+    ``slab_per_op``: what each workload step leaves in the dentry and inode caches (on the live
+    backend every step is a process the shell starts: measured 44 kB);
     ``shmem`` is what the initramfs unpacked into its tmpfs root; ``page_cache`` what booting read
     from disk; ``anon`` init and daemons; ``initrd`` the initramfs QEMU loaded (freed once unpacked).
     Defaults: a small Debian cloud guest (systemd, booted from disk); :meth:`minimal` is the live
@@ -52,6 +54,7 @@ class BootProfile:
     anon: int = 64 * MiB
     initrd: int = 28 * MiB
     churn: float = 0.3  # share of boot-time allocations that were transient and freed again
+    slab_per_op: int = 0
 
     @staticmethod
     def minimal() -> BootProfile:
@@ -60,7 +63,7 @@ class BootProfile:
         3.6 MiB of shmem, 0.2 MiB of anon, its 3708 kB initramfs."""
         return BootProfile(slab_fixed=24_937 << 10, slab_per_gib=1_335 << 10, slab_reclaimable=9_028 << 10,
                            shmem=3_716 << 10, page_cache=0, anon=176 << 10, initrd=LIVE_INITRD_BYTES,
-                           churn=0.1)
+                           churn=0.1, slab_per_op=44 << 10)
 
 
 def reserve_boot_memory(mem: GuestMemory, plan: ReservationPlan) -> list[tuple[int, int]]:
@@ -90,13 +93,17 @@ def boot(kernel: Kernel, rng: np.random.Generator, profile: BootProfile,
                                  kernel.params.nr_cpus, 0, initrd_bytes=profile.initrd)
     late = reserve_boot_memory(mem, plan)
     reserved = mem.pages_in(PageState.RESERVED, 0, mem.boot_pages)
-    kernel.touch(reserved)  # loaded (image, initramfs) or zeroed by memblock_alloc (memmap, hashes)
+    kernel.touch(reserved)  # loaded (image, initramfs) or written at boot (memmap)
+    for a, b, _, kind in plan.ranges:  # bss, swiotlb: written, but with zeros
+        if kind == "zeroed":
+            kernel.touch(np.arange(a, b, dtype=np.int64), run_start=a, zeroed=True)
     kernel.boot_watermarks()
     gib = mem.boot_pages * PAGE_SIZE / (1 << 30)  # hot-pluggable regions are not there yet
     slab = int((profile.slab_fixed + profile.slab_per_gib * gib) // PAGE_SIZE)
     free_now = kernel.mem.count(PageState.FREE)
     scale = min(1.0, 0.5 * free_now / max(1, slab + (profile.page_cache + profile.anon
                                                       + profile.shmem) // PAGE_SIZE))
+    kernel.slab_per_op_pages = -(-profile.slab_per_op // PAGE_SIZE)
     kernel_pages = kernel.alloc_pages(int(slab * scale), PageState.KERNEL, movable=False)
     kernel.touch(kernel_pages)
     kernel.slab_reclaimable = min(len(kernel_pages), int(profile.slab_reclaimable * scale) // PAGE_SIZE)

@@ -86,6 +86,7 @@ COLOR_NAMES = {
     "#CC6677": "rose", "#AA4499": "purple", "#44AA99": "teal", "#117733": "dark green",
     "#E69F00": "orange", "#F0E442": "yellow", "#8C8C8C": "grey", "#1A1A1A": "black",
     "#009E73": "green", "#CC3311": "red", "#EE3377": "magenta", "#7A5195": "violet",
+    "#BBBBBB": "silver",
 }
 # the outline drawn around cells that changed since the previous frame (not a state's colour)
 CHANGED_COLOR = "#FF00FF"

@@ -36,7 +36,8 @@ from pathlib import Path
 from typing import Any
 
 RECORD_FORMAT = 1
-RECORDED_CALLS = ("qmp", "guest", "meminfo", "sample", "advance", "step", "events")
+RECORDED_CALLS = ("qmp", "guest", "meminfo", "zoneinfo", "sample", "advance", "step", "events",
+                  "start_incoming")
 
 
 class ReplayMismatch(RuntimeError):
@@ -95,6 +96,9 @@ class Recorder:
 
     def meminfo(self) -> dict[str, int]:
         return self._log("meminfo", {}, self.vm.meminfo())
+
+    def zoneinfo(self) -> list[dict]:
+        return self._log("zoneinfo", {}, self.vm.zoneinfo())
 
     def sample(self) -> dict[str, float]:
         return self._log("sample", {}, self.vm.sample())
@@ -186,6 +190,9 @@ class ReplayBackend:
 
     def meminfo(self) -> dict[str, int]:
         return self._answer("meminfo", {})
+
+    def zoneinfo(self) -> list[dict]:
+        return self._answer("zoneinfo", {})
 
     def sample(self) -> dict[str, float]:
         return self._answer("sample", {})
