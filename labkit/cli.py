@@ -64,7 +64,7 @@ class Command:
 COMMANDS: dict[str, Command] = {}
 COMMAND_MODULES: tuple[str, ...] = (  # more commands, registered on import
     "labkit.backends.qemu.commands", "labkit.scenarios.matrix_cli", "labkit.grading.cli",
-    "labkit.regress.cli")
+    "labkit.regress.cli", "labkit.twin")
 
 
 def command(name: str, *, help: str,

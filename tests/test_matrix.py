@@ -90,10 +90,15 @@ def test_reporting_overhead_model_and_published(result):
     pf, mh = result.costs["page_fault1"], result.costs["memhog"]
     assert pf["refaulted_pages"] == 0 < mh["refaulted_pages"]
     assert 0 < pf["overhead"] < pub["page_fault1, 16 tasks"]["overhead"]
-    assert 0.005 < mh["overhead"] <= 0.02
+    # the order of the published 1-2 %: each memhog exit empties the per-CPU list (the pgd's
+    # order-1 free is a free_high free, mm/page_alloc.c free_unref_page_commit), so its memory
+    # reaches the buddy lists whole and is reported and refaulted: 3.6 % in this 10 s run (1.9 %
+    # while the model kept ~50 MiB on the list)
+    assert 0.005 < mh["overhead"] <= 0.05
     expected = (mh["refaulted_pages"] * costs.REFAULT_US / 1e6 + mh["reports"] * 0.5e-3) / mh["own_s"]
     assert mh["overhead"] == pytest.approx(expected)
-    assert claim(result, "reporting-overhead").verdict == "supported"
+    assert claim(result, "reporting-overhead").verdict == (
+        "supported" if mh["overhead"] <= 0.02 else "qualified")
 
 
 def test_virtio_mem_cannot_unplug_as_much(result):

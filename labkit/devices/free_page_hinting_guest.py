@@ -44,6 +44,7 @@ class FreePageHintDriver:
         self._free_page_list = np.zeros(0, dtype=np.int64)  # block starts, last pushed at the end
         self._reporting = False  # inside virtio_balloon_report_free_page
         self._candidates: list[np.ndarray] = []  # per zone: free order-10 blocks still to try
+        self._credit = 0.0  # blocks the guest's time so far paid for but not yet allocated
         self.ring_full_retries = 0  # blocks allocated and freed again because the ring was full
         self.shrunk_blocks = 0
         self.returned_blocks = 0
@@ -144,7 +145,12 @@ class FreePageHintDriver:
         if self._read_cmd_id and self._received() != self.cmd_id_active:
             self._end_round()  # STOP, DONE or a newer round: stop sending
             return
-        budget = max(1, int(step_ms * 1000 / self.timing.guest_us(bool(self.kernel.params.init_on_alloc))))
+        # a slow guest (zeroing under TCG) takes several steps per block: carry the fraction
+        self._credit += step_ms * 1000 / self.timing.guest_us(bool(self.kernel.params.init_on_alloc))
+        budget = int(self._credit)
+        self._credit -= budget
+        if budget == 0:
+            return
         room = max(0, self.device.ring_size - len(self.device.ring) - 1)  # one slot for the ID
         starts = self._alloc_blocks(min(budget, room))
         for start in starts.tolist():

@@ -406,6 +406,7 @@ class Kernel(ZoneSetup, KernelMemory):
         victim.alive = False
         self.free_pages(pages)
         self.release_overhead(victim)
+        self.exit_mm()
 
 
     # --- /proc ----------------------------------------------------------------------------------

@@ -33,6 +33,7 @@ XA_CHUNK_PAGES = 64  # include/linux/xarray.h XA_CHUNK_SIZE: page cache entries 
 XA_NODE_BYTES = 576  # sizeof(struct xa_node) on x86-64 (slab radix_tree_node)
 BUFFER_HEAD_BYTES = 104  # sizeof(struct buffer_head) on x86-64
 DENTRIES_PER_PAGE = 21  # 192-byte dentries in a 4 KiB slab page
+PGD_ALLOCATION_ORDER = 1  # arch/x86/include/asm/pgalloc.h with CONFIG_PAGE_TABLE_ISOLATION (Debian)
 
 
 class KernelMemory:
@@ -89,6 +90,27 @@ class KernelMemory:
         else:
             self.slab_reclaimable -= len(pfns)
         self.free_pages(pfns, was=PageState.KERNEL)
+
+    def exit_mm(self) -> int:
+        """A process exited (or the one that freed a file): the last page its mm frees is the pgd,
+        of order ``PGD_ALLOCATION_ORDER`` (``__mmdrop`` -> ``pgd_free``). In 6.1 an order 1-3 free
+        while ``free_factor`` > 0 is a "free_high" free (mm/page_alloc.c ``free_unref_page_commit``:
+        ``nr_pcp_high`` is 0 and ``nr_pcp_free`` returns ``pcp->count``): when the exit freed enough
+        to make bulk frees, the freeing CPU's list of the pgd's zone goes back to the buddy allocator
+        whole. Measured on the live guest: pcp count 167 after a 256 MiB holder exits, ~13300 (near
+        ``high``) after a 256 MiB balloon deflate, which frees order-0 pages only. Returns the pages."""
+        zone = next((z for z in self.zonelist(False, None) if self.pcp[z][0].high), None)
+        if zone is None:
+            return 0
+        pcp = self.pcp[zone][0]
+        pcp.touch_clock(self.clock())
+        if not pcp.free_factor:
+            return 0
+        pages = pcp.drain()
+        if len(pages):
+            self.mem.move_known(pages, PageState.PCP, PageState.FREE, zone)
+            self._to_buddy(zone, pages)
+        return len(pages)
 
     def process_slab(self) -> None:
         """A process started and went (the live backend runs one per workload step): the dentry,

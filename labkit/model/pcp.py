@@ -16,7 +16,9 @@ buddy allocator only sees them in batches. Pages on a list are free but not in `
   once a refill took the zone to its watermark the rest of that batch stays on the list.
 * **drain** (``drain_all_pages``): everything back to the buddy allocator: when direct reclaim did
   not help an allocation, before ``alloc_contig_range`` (virtio-mem unplug), when memory goes
-  offline. Nothing else drains an idle list (``vmstat`` drains only other nodes' lists).
+  offline; and a "free_high" free: an order 1-3 page freed while ``free_factor`` > 0 empties the
+  list (a process's order-1 pgd at exit, :meth:`labkit.model.kmem.KernelMemory.exit_mm`). Nothing
+  else drains an idle list (``vmstat`` drains only other nodes' lists).
 
 The list is an array ordered tail (oldest) to head (newest). Model choices: one array per zone and
 CPU for the lists of both migratetypes (Linux keeps one list per migratetype and order, all counted in
@@ -59,10 +61,14 @@ class PerCpuPages:
         return len(self.pages)
 
     def _decay(self, now_ms: float) -> None:
-        ticks = int((now_ms - self._last_ms) // TICK_MS)
+        ticks = int(now_ms // TICK_MS) - int(self._last_ms // TICK_MS)  # jiffies that went by
         if ticks > 0:
             self.free_factor >>= min(ticks, 16)
         self._last_ms = max(self._last_ms, now_ms)
+
+    def touch_clock(self, now_ms: float) -> None:
+        """Bring ``free_factor`` up to ``now_ms`` (its per-tick decay) without a list operation."""
+        self._decay(now_ms)
 
     def nr_pcp_free(self, high: int) -> int:
         """``nr_pcp_free`` (order 0): how many pages the next bulk free takes; moves free_factor."""

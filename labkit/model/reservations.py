@@ -122,8 +122,8 @@ def plan_reservations(layout: Q35Layout, numa_nodes: int, nr_cpus: int, swiotlb_
     # node tops: memmap of each node; hashes and the rest at the top of the last node
     nodes = node_ranges(layout.pages, numa_nodes, block_pages)
     nr_kernel_pages = sum(_freesize(layout, a, b) for a, b in nodes)
-    extras = (hash_pages(nr_kernel_pages, DENTRY_HASH_SCALE) + hash_pages(nr_kernel_pages, INODE_HASH_SCALE)
-              + -(-swiotlb_slabs * IO_TLB_SLOT_BYTES // PAGE_SIZE)
+    hashes = hash_pages(nr_kernel_pages, DENTRY_HASH_SCALE) + hash_pages(nr_kernel_pages, INODE_HASH_SCALE)
+    extras = (hashes + -(-swiotlb_slabs * IO_TLB_SLOT_BYTES // PAGE_SIZE)
               + image.percpu_per_cpu * nr_cpus + image.early_top + (1 if layout.above_4g else 0))
     for node, (a, b) in enumerate(nodes):
         sections = -(-(b - a) // PAGES_PER_SECTION)
@@ -131,8 +131,12 @@ def plan_reservations(layout: Q35Layout, numa_nodes: int, nr_cpus: int, swiotlb_
         if node == len(nodes) - 1:
             size += extras
         end = b if b > layout.below_4g_pages or b < low_top else low_top
-        plan.add(end - size, end, f"node {node}: memmap, NODE_DATA" + (", hashes, percpu" if
-                                                                       node == len(nodes) - 1 else ""))
+        if node < len(nodes) - 1:
+            plan.add(end - size, end, f"node {node}: memmap, NODE_DATA")
+            continue
+        # the hash tables are allocated HASH_ZERO (dcache_init_early, inode_init_early): zeros
+        plan.add(end - size, end - hashes, f"node {node}: memmap, NODE_DATA, percpu")
+        plan.add(end - hashes, end, "dentry and inode hash tables", "zeroed")
     return plan
 
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from labkit.model.kernel import Handle, Kernel
-from labkit.model.pages import GuestMemory, PageState
+from labkit.model.pages import GuestMemory, PageFlag, PageState
 from labkit.model.reservations import LIVE_INITRD_BYTES, ReservationPlan
 from labkit.units import MiB, PAGE_SIZE, format_size
 
@@ -92,11 +92,12 @@ def boot(kernel: Kernel, rng: np.random.Generator, profile: BootProfile,
         plan = plan_reservations(q35_layout(mem.boot_pages * PAGE_SIZE), len(mem.nodes),
                                  kernel.params.nr_cpus, 0, initrd_bytes=profile.initrd)
     late = reserve_boot_memory(mem, plan)
-    reserved = mem.pages_in(PageState.RESERVED, 0, mem.boot_pages)
-    kernel.touch(reserved)  # loaded (image, initramfs) or written at boot (memmap)
     for a, b, _, kind in plan.ranges:  # bss, swiotlb: written, but with zeros
         if kind == "zeroed":
             kernel.touch(np.arange(a, b, dtype=np.int64), run_start=a, zeroed=True)
+    reserved = mem.pages_in(PageState.RESERVED, 0, mem.boot_pages)
+    written = reserved[(mem.flags[reserved] & PageFlag.ZEROED) == 0]
+    kernel.touch(written)  # loaded (image, initramfs) or written at boot (memmap)
     kernel.boot_watermarks()
     gib = mem.boot_pages * PAGE_SIZE / (1 << 30)  # hot-pluggable regions are not there yet
     slab = int((profile.slab_fixed + profile.slab_per_gib * gib) // PAGE_SIZE)
@@ -235,6 +236,7 @@ class GuestOps:
         pages, h.pages, h.alive = h.pages, np.zeros(0, np.int64), False
         self.kernel.free_pages(pages)
         self.kernel.release_overhead(h)
+        self.kernel.exit_mm()  # the process that held (or removed) it exits
         self.kernel.process_slab()
         del self.kernel.handles[h.id]
 

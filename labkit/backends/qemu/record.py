@@ -1,9 +1,10 @@
 """Record a live run, and replay it without QEMU (Binder, CI without QEMU, a laptop).
 
 :class:`Recorder` wraps a backend and logs every call notebooks make (``qmp``, ``guest``,
-``meminfo``, ``sample``, ``advance``, ``step``, ``events``) with its arguments and answer, plus the
-VM's facts (memory, balloon options, kernel, QEMU version, accelerator, boot time) and, for a live VM,
-its fine-grained trace (balloon ``actual`` and host RSS every ~50 ms while ``advance`` waited).
+``meminfo``, ``zoneinfo``, ``sample``, ``advance``, ``step``, ``events``, ``start_incoming``) with
+its arguments and answer, plus the VM's facts (memory, balloon options, kernel, QEMU version,
+accelerator, boot time) and, for a live VM, its fine-grained trace (balloon ``actual`` and host
+RSS every ~50 ms while ``advance`` waited).
 :meth:`Recorder.save` writes JSON (under ``data/recorded/`` for the runs the project ships).
 
 :class:`ReplayBackend` reads that file and answers the same calls, in the same order, with the
@@ -103,6 +104,10 @@ class Recorder:
     def sample(self) -> dict[str, float]:
         return self._log("sample", {}, self.vm.sample())
 
+    def start_incoming(self) -> str:
+        """The live backend's migration target (AttributeError on a backend without one)."""
+        return self._log("start_incoming", {}, self.vm.start_incoming())
+
     def advance(self, ms: float) -> None:
         return self._log("advance", {"ms": ms}, self.vm.advance(ms))
 
@@ -196,6 +201,9 @@ class ReplayBackend:
 
     def sample(self) -> dict[str, float]:
         return self._answer("sample", {})
+
+    def start_incoming(self) -> str:
+        return self._answer("start_incoming", {})
 
     def advance(self, ms: float) -> None:
         return self._answer("advance", {"ms": ms})
