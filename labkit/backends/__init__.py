@@ -17,7 +17,8 @@ def open(backend: str = "model", **options: Any) -> Backend:  # noqa: A001 - lab
     virtio-balloon properties with underscores: ``deflate_on_oom``, ``free_page_reporting``,
     ``free_page_hint``, ``page_poison``, ``iothread``; ``False`` for no balloon), ``host``
     (``ram``, ``swap``, ``discard``, ``swapin_us``, or a shared :class:`labkit.model.host.Host`),
-    ``numa_nodes``, and ``model`` (model-only knobs: ``balloon_request_ms``, ``boot``, ``epoch``).
+    ``numa_nodes``, and ``model`` (model-only knobs: ``balloon_request_ms``, ``boot``,
+    ``initrd_bytes``, ``epoch``).
     ``backend="qemu"`` boots a real Linux guest under QEMU with the same options, plus ``qemu``
     (``accel``, ``kernel``, ``thp``, ``boot_timeout_s``, ``smp``, ``extra_args``, ...).
 

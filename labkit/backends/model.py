@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from typing import Any
 
@@ -38,6 +39,7 @@ from labkit.units import GiB, MiB, PAGE_SIZE, TiB, format_size, parse_size
 MODEL_DEFAULTS = {
     "balloon_request_ms": 0.5,  # one inflate/deflate round trip of 256 PFNs (assumed; KVM-like)
     "boot": "default",  # BootProfile: "default" (a small cloud guest) or "minimal" (busybox)
+    "initrd_bytes": None,  # the initramfs QEMU loads (None: the boot profile's)
     "epoch": 1_767_225_600,  # wall clock at t=0 (2026-01-01 UTC), for event timestamps
 }
 HOST_DEFAULTS = {"ram": None, "swap": 0, "discard": True, "swapin_us": 100.0}
@@ -180,6 +182,11 @@ class ModelBackend:
         if self.regions:
             self.kernel.hotplug = MemoryHotplug(self.kernel, memhp_default_state, regions=self.regions)
         profile = BootProfile() if knobs["boot"] == "default" else BootProfile.minimal()
+        if knobs["initrd_bytes"] is not None:
+            if not isinstance(knobs["initrd_bytes"], int) or not 0 <= knobs["initrd_bytes"] <= 1 << 30:
+                raise ValueError(f"model initrd_bytes must be an int from 0 to 1 GiB, "
+                                 f"got {knobs['initrd_bytes']!r}")
+            profile = dataclasses.replace(profile, initrd=knobs["initrd_bytes"])
         # x86 pci_swiotlb_detect: a bounce buffer once RAM may lie above 4 GiB (RAM there, or a
         # hot-pluggable range in the SRAT, which QEMU builds whenever maxmem is given)
         above_4g = self.layout.above_4g > 0 or bool(self.virtio_mem_specs or self.virtio_pmem_specs)

@@ -30,7 +30,8 @@ def meminfo(kernel) -> dict[str, int]:
     wmark_low = sum(w.low for w in kernel.watermarks)
     pagecache = file_pages - min(file_pages // 2, wmark_low)
     kernel_pages = int(t[PageState.KERNEL])
-    reclaimable = min(kernel.slab_reclaimable, kernel_pages)
+    slab = kernel_pages - kernel.page_table_pages  # PageTables is its own line, not Slab
+    reclaimable = min(kernel.slab_reclaimable, slab)
     available = free - kernel.totalreserve_pages + pagecache
     available += reclaimable - min(reclaimable // 2, wmark_low)
     cached = file_pages + int(t[PageState.SHMEM])
@@ -49,9 +50,9 @@ def meminfo(kernel) -> dict[str, int]:
         "Writeback": 0,
         "AnonPages": int(t[PageState.ANON]) * KB,
         "Shmem": int(t[PageState.SHMEM]) * KB,
-        "Slab": kernel_pages * KB,
+        "Slab": slab * KB,
         "SReclaimable": reclaimable * KB,
-        "SUnreclaim": (kernel_pages - reclaimable) * KB,
+        "SUnreclaim": (slab - reclaimable) * KB,
         "PageTables": kernel.page_table_pages * KB,
     }
 

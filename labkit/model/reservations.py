@@ -9,7 +9,7 @@ What a guest never sees in MemTotal is what memblock kept before the buddy alloc
 * the kernel image at 16 MiB: text, rodata, data and bss (8095 pages); its ``__init`` sections and
   the alignment gaps between sections (2145 pages) are freed once booted (``free_initmem``,
   ``mark_rodata_ro``: "Freeing unused kernel image ... memory");
-* the initramfs QEMU loaded at the top of memory below 4 GiB (labkit's is 3708 kB), freed once
+* the initramfs QEMU loaded at the top of memory below 4 GiB (labkit's is 3824 kB), freed once
   unpacked ("Freeing initrd memory");
 * the memmap: 64 bytes of ``struct page`` per 4 KiB page (``STRUCT_PAGE_SIZE``) of every present
   128 MiB section, at the top of its node;
@@ -21,7 +21,7 @@ What a guest never sees in MemTotal is what memblock kept before the buddy alloc
   allocations (8 beside the kernel image, 13 at the top of memory; one more when RAM lies above
   4 GiB).
 
-The late part (``__init`` and the initramfs, 3072 pages here) is still reserved when the watermarks
+The late part (``__init`` and the initramfs, 3101 pages here) is still reserved when the watermarks
 are computed (``init_per_zone_wmark_min`` is a postcore initcall; the initramfs is freed by a rootfs
 initcall and ``__init`` after all of them), which is why a real guest's watermarks are a little lower
 than its final managed pages would give.
@@ -29,7 +29,7 @@ than its final managed pages would give.
 >>> from labkit.model.layout import q35_layout
 >>> plan = plan_reservations(q35_layout(1 << 30), numa_nodes=1, nr_cpus=1, swiotlb_slabs=0)
 >>> plan.permanent_pages(), plan.late_pages()
-(12858, 3072)
+(12858, 3101)
 """
 
 from __future__ import annotations
@@ -62,7 +62,9 @@ class KernelImage:
 
 
 DEBIAN_61 = KernelImage()
-LIVE_INITRD_BYTES = 3708 << 10  # labkit's busybox initramfs ("Freeing initrd memory: 3708K")
+# labkit's busybox initramfs with memhold ("Freeing initrd memory: 3824K"; 3708K before memhold's
+# write command): a live recording's facts carry the size it booted with (``initrd_bytes``)
+LIVE_INITRD_BYTES = 3824 << 10
 
 
 def hash_pages(nr_kernel_pages: int, scale: int) -> int:

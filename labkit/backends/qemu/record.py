@@ -56,6 +56,8 @@ def describe(vm: Any) -> dict:
              "recorded_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
     image = getattr(vm, "image", None)
     if image is not None:
+        initramfs = Path(str(getattr(image, "initramfs", "")))
+        facts |= {"initrd_bytes": initramfs.stat().st_size if initramfs.is_file() else None}
         facts |= {"kernel": image.version, "kernel_origin": image.origin, "helper": image.helper,
                   "accel": getattr(vm, "accel", None), "accel_reason": getattr(vm, "accel_reason", None),
                   "boot_s": round(getattr(vm, "boot_s", 0.0), 2), "qemu": _qemu_version(),
