@@ -11,17 +11,20 @@ watermarks and per-CPU list size, real beside model.
 >>> view = twin_view(run_twin("reporting", mode="replay"))
 >>> [type(c).__name__ for c in view.children]
 ['Div', 'Row', 'Div']
+>>> "staircase, sample 0 from the first return" in view.children[2].text
+True
 """
 
 from __future__ import annotations
 
+import html
 from typing import Any
 
 from bokeh.layouts import column, row
 from bokeh.models import ColumnDataSource, Div, FactorRange, HoverTool, Legend
 from bokeh.plotting import figure
 
-from labkit.viz.tables import table
+from labkit.viz.tables import STYLE, TD, TH
 
 MiB = 1 << 20
 REAL_COLOR = "#332288"  # indigo: the real guest
@@ -30,6 +33,7 @@ LABELS = {"balloon_actual": "balloon actual", "memfree": "MemFree", "host_rss": 
           "memtotal": "MemTotal", "anon": "AnonPages", "virtio_mem_plugged": "virtio-mem plugged",
           "transferred": "transferred", "remaining": "remaining"}
 ZONE_FIELDS = ("min", "low", "high", "pcp high")
+WIDTH = 920  # fits the notebook's output area (968 px at 1400 px wide)
 
 
 def series(rows: list[dict], key: str) -> tuple[list[float], list[float]]:
@@ -49,7 +53,7 @@ def series(rows: list[dict], key: str) -> tuple[list[float], list[float]]:
     return t, y
 
 
-def overlay(result: Any, key: str, width: int = 420, height: int = 260):
+def overlay(result: Any, key: str, width: int = 300, height: int = 260):
     """One figure: ``key`` over time, real solid, model dashed, on shared axes."""
     unit = "MiB"
     title = f"{LABELS.get(key, key)} ({unit})"
@@ -70,33 +74,45 @@ def overlay(result: Any, key: str, width: int = 420, height: int = 260):
     return p
 
 
-def zone_bars(result: Any, width: int = 860, height: int = 300):
-    """Each zone's min/low/high watermark and per-CPU list high, real beside model (pages)."""
+def zone_bars(result: Any, width: int = 300, height: int = 260) -> list:
+    """One figure per zone: its min/low/high watermark and per-CPU list high (pages), real
+    beside model (each zone on its own scale: DMA's are a hundredth of DMA32's)."""
     def fields(rows: list[dict]) -> dict[str, list[float]]:
-        out = {}
-        for z in rows[0]["zoneinfo"]:
-            out[z["zone"]] = [z["min"], z["low"], z["high"], z["pcp"][0]["high"] if z["pcp"] else 0]
-        return out
+        return {z["zone"]: [z["min"], z["low"], z["high"], z["pcp"][0]["high"] if z["pcp"] else 0]
+                for z in rows[0]["zoneinfo"]}
 
     real, model = fields(result.real), fields(result.model)
-    zones = [z for z in real if z in model]
-    factors = [(z, f, side) for z in zones for f in ZONE_FIELDS for side in ("real", "model")]
-    values = [(real if side == "real" else model)[z][ZONE_FIELDS.index(f)] for z, f, side in factors]
-    colors = [REAL_COLOR if side == "real" else MODEL_COLOR for *_, side in factors]
-    source = ColumnDataSource({"x": factors, "pages": values, "color": colors})
-    p = figure(x_range=FactorRange(*factors), width=width, height=height, toolbar_location=None,
-               title="/proc/zoneinfo: watermarks and per-CPU list high (pages), real and model",
-               y_axis_label="pages")
-    p.vbar(x="x", top="pages", width=0.8, color="color", source=source)
-    p.xaxis.major_label_orientation = 1.0
-    p.add_tools(HoverTool(tooltips=[("", "@x"), ("pages", "@pages")]))
-    return p
+    plots = []
+    for zone in (z for z in real if z in model):
+        factors = [(f, side) for f in ZONE_FIELDS for side in ("real", "model")]
+        source = ColumnDataSource({
+            "x": factors, "pages": [(real if s == "real" else model)[zone][ZONE_FIELDS.index(f)]
+                                    for f, s in factors],
+            "color": [REAL_COLOR if s == "real" else MODEL_COLOR for _, s in factors]})
+        p = figure(x_range=FactorRange(*factors), width=width, height=height, toolbar_location=None,
+                   title=f"zone {zone} (pages)", y_axis_label="pages")
+        p.vbar(x="x", top="pages", width=0.8, color="color", source=source)
+        p.xaxis.major_label_orientation = 1.0
+        p.y_range.start = 0
+        p.add_tools(HoverTool(tooltips=[("", "@x"), ("pages", "@pages")]))
+        plots.append(p)
+    return plots
 
 
-def differences(result: Any):
-    """The checks as a table: real, model, difference, tolerance, holds, and the cause."""
-    rows = []
+def _fmt(value: float) -> str:
+    return "–" if value != value else f"{value:,.1f}".replace(",", " ")
+
+
+def differences(result: Any) -> str:
+    """The checks as an HTML table (real, model, difference, tolerance, holds, cause number), the
+    numbered causes under it; checks of a zone neither side has are left out."""
+    causes: list[str] = []
+    body = []
     for r in result.results:
+        if r["real"] != r["real"] and r["model"] != r["model"]:
+            continue
+        if r["cause"] not in causes:
+            causes.append(r["cause"])
         if r["mode"] in ("factor", "atleast"):
             floor = ">= " if r["mode"] == "atleast" else ""
             diff, tol = f"x{r['diff']:.2f}", f"{floor}x{r['tolerance']:g}"
@@ -104,9 +120,15 @@ def differences(result: Any):
             diff, tol = "", "both"
         else:
             diff, tol = f"{r['diff']:+.1f}", f"±{r['tolerance']:g} {r['unit']}".rstrip()
-        rows.append({"check": r["check"], "real": round(r["real"], 1), "model": round(r["model"], 1),
-                     "difference": diff, "tolerance": tol, "holds": r["holds"], "cause": r["cause"]})
-    return table(rows, flags=("holds",), title=f"{result.scenario.name}: checks and their causes")
+        mark = "yes" if r["holds"] else "<b style='color:#CC3311'>NO</b>"
+        cells = [html.escape(r["check"]), _fmt(r["real"]), _fmt(r["model"]), diff, tol, mark,
+                 f"[{causes.index(r['cause']) + 1}]"]
+        body.append("<tr>" + "".join(f"<td style='{TD}'>{c}</td>" for c in cells) + "</tr>")
+    head = "".join(f"<th style='{TH}'>{h}</th>" for h in
+                   ("check", "real", "model", "difference", "tolerance", "holds", "cause"))
+    notes = "".join(f"<li>{html.escape(c)}</li>" for c in causes)
+    return (f"<table style='{STYLE}'><tr>{head}</tr>{''.join(body)}</table>"
+            f"<ol style='font-size:12px;margin:4px 0 0 0;padding-left:22px'>{notes}</ol>")
 
 
 def twin_view(result: Any):
@@ -115,9 +137,9 @@ def twin_view(result: Any):
     facts = result.facts
     head = Div(text=f"<b>{result.scenario.title}</b> &mdash; {result.source}, guest kernel "
                     f"{facts.get('kernel', '?')} under QEMU ({facts.get('accel', '?')}): "
-                    f"{held} of {len(result.results)} checks hold", width=860)
+                    f"{held} of {len(result.results)} checks hold", width=WIDTH)
     if any("zoneinfo" in r for r in result.real[:1]):
-        plots = row(zone_bars(result))
+        plots = row(*zone_bars(result))
     else:
         plots = row(*[overlay(result, key) for key in result.scenario.series])
-    return column(head, plots, Div(text=differences(result)._repr_html_(), width=1100))
+    return column(head, plots, Div(text=differences(result), width=WIDTH))
