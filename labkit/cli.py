@@ -19,7 +19,7 @@ with ``labkit <command>: error: <what was wrong>``. Set ``LABKIT_DEBUG=1`` to se
 >>> main(["meminfo", "--memory", "256M"])  # doctest: +ELLIPSIS
 MemTotal:         ... kB
 ...
-Node 0, zone   Normal ...
+Node 0, zone    DMA32 ...
 0
 """
 
@@ -100,14 +100,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _more_commands() -> None:
     """The commands other modules declare in their ``CLI_COMMANDS`` tables (live backend, VMs, grading,
-    regression, the matrix)."""
+    regression, the matrix, the twins)."""
     from labkit.backends.qemu.commands import CLI_COMMANDS as live
     from labkit.backends.vm_commands import CLI_COMMANDS as vms
     from labkit.grading.cli import CLI_COMMANDS as grading
     from labkit.regress.cli import CLI_COMMANDS as regress
     from labkit.scenarios.matrix_cli import CLI_COMMANDS as matrix
+    from labkit.twin import CLI_COMMANDS as twin
 
-    for name, help_text, run, arguments in live + vms + grading + regress + matrix:
+    for name, help_text, run, arguments in live + vms + grading + regress + matrix + twin:
         if name not in COMMANDS:
             COMMANDS[name] = Command(name, help_text, run, arguments)
 

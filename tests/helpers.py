@@ -33,3 +33,14 @@ def check_invariants(mem: GuestMemory) -> None:
     assert not (backed & swapped).any(), "a page is either in host RAM or in host swap"
     reported = (mem.flags & PageFlag.REPORTED) != 0
     assert (mem.state[reported] == PageState.FREE).all(), "a reported page is free"
+
+
+def pcp_kb(vm) -> int:
+    """kB on the guest's per-CPU page lists (/proc/zoneinfo's pcp counts): free pages that are not
+    in MemFree (NR_FREE_PAGES) until the lists give them back (mm/page_alloc.c)."""
+    return 4 * sum(p["count"] for z in vm.zoneinfo() for p in z["pcp"])
+
+
+def free_kb(vm) -> int:
+    """Every free page of the guest in kB: MemFree plus the per-CPU lists."""
+    return vm.meminfo()["MemFree"] + pcp_kb(vm)

@@ -6,7 +6,8 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from labkit.model.buddy import ZoneAllocator, buddyinfo, free_blocks
+from labkit.model.allocator import ZoneAllocator
+from labkit.model.buddy import buddyinfo, free_blocks
 from labkit.model.pages import GuestMemory, PageFlag, PageState, Zone
 from tests.helpers import naive_free_blocks
 

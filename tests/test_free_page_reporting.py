@@ -58,8 +58,15 @@ def check_reported_blocks(vm) -> None:
     assert vm.reporting.reported_now_pages == int(flagged.sum())
 
 
-def lists_now(vm, zone_index=0):
+def main_zone(vm) -> int:
+    """The zone with the most pages (ZONE_DMA32 below 4 GiB; ZONE_NORMAL above): where the
+    workloads' memory and its reporting are."""
+    return int(np.argmax(vm.kernel.zone_managed()))
+
+
+def lists_now(vm, zone_index=None):
     """(unreported blocks, nr_free) per order from buddy.free_blocks, the allocator's own view."""
+    zone_index = main_zone(vm) if zone_index is None else zone_index
     blocks = free_blocks(vm.mem, vm.mem.zones[zone_index])
     return ({k: int((~blocks.reported[k]).sum()) for k in range(11)},
             {k: len(blocks.starts[k]) for k in range(11)})
@@ -106,12 +113,21 @@ def drained_per_order(stats):
 
 def run_next_pass(vm, start_ms):
     """Advance to just before the pass due at ``start_ms``, return the reference's prediction from
-    the lists at that instant, then run the pass; returns (prediction, the pass's stats)."""
+    the lists at that instant (every zone, each with its own gate and scatterlist, as
+    page_reporting_process_zone), then run the pass; returns (prediction, the pass's stats)."""
     vm.advance(start_ms - vm.now_ms)
-    unreported, nr_free = lists_now(vm)
-    marks = vm.kernel.watermarks[0]
-    expected = reference_pass(unreported, nr_free, vm.kernel.zone_free(0), marks.min, marks.low,
+    calls, reported, requested = 0, {}, False
+    for zi in range(len(vm.mem.zones)):
+        unreported, nr_free = lists_now(vm, zi)
+        marks = vm.kernel.watermarks[zi]
+        zone = reference_pass(unreported, nr_free, vm.kernel.zone_free(zi), marks.min, marks.low,
                               vm.reporting.order)
+        if zone is not None:
+            calls += zone[0]
+            requested |= zone[2]
+            for k, n in zone[1].items():
+                reported[k] = reported.get(k, 0) + n
+    expected = (calls, reported, requested)
     passes = vm.reporting.passes
     vm.advance(0)
     while vm.reporting.passes == passes:
@@ -210,13 +226,21 @@ def test_a_free_that_completes_a_2mib_block_notifies():
     """3.2: a single 4 KiB free that merges into a >= 2 MiB block schedules a pass."""
     with open_vm() as vm:
         settle(vm)
-        small = {k: len(s) << k for k, s in enumerate(free_blocks(vm.mem, vm.mem.zones[0]).starts)}
+        zone = vm.mem.zones[main_zone(vm)]
+        vm.kernel.drain_all_pages()
+        small = {k: len(s) << k for k, s in enumerate(free_blocks(vm.mem, zone).starts)}
+        # the smallest blocks go first; the per-CPU list's refill takes a few pages past them,
+        # which a drain gives back (they merge into their block again)
         filler = vm.kernel.alloc_pages(sum(n for k, n in small.items() if k < 9), PageState.ANON)
-        assert sum(len(s) for s in free_blocks(vm.mem, vm.mem.zones[0]).starts[:9]) == 0
+        vm.kernel.drain_all_pages()
+        assert sum(len(s) for s in free_blocks(vm.mem, zone).starts[:9]) == 0
         page = vm.kernel.alloc_pages(1, PageState.ANON)  # splits a reported order >= 9 block
         assert vm.mem.flags[page[0] & ~511] & REPORTED == 0  # the whole block lost the flag
         notifications = vm.reporting.core.notifications
         vm.kernel.free_pages(page)
+        # an order-0 free lands on the per-CPU list (free_unref_page): nothing merges yet
+        assert vm.reporting.core.notifications == notifications
+        vm.kernel.drain_all_pages()  # __free_one_page merges it to >= order 9: notify
         assert vm.reporting.core.notifications == notifications + 1
         assert vm.reporting.state == core.PageReportingState.REQUESTED
         vm.kernel.free_pages(filler)
@@ -229,9 +253,9 @@ def test_budget_reports_a_sixteenth_plus_one_call_per_pass():
     """3.3.3: budget = DIV_ROUND_UP(nr_free, 512), budget + 1 report calls of 32 per list, then
     REQUESTED; a big list is fully reported over several passes. Each pass is checked against a
     block-by-block port of the kernel loop, fed by the allocator's own free lists."""
-    with open_vm(memory="8G") as vm:
+    with open_vm(memory="2G") as vm:  # one zone worth reporting: DMA32 (DMA stays below the gate)
         settle(vm)
-        h = vm.guest("alloc", size="6G")
+        h = vm.guest("alloc", size="1536M")
         vm.guest("free", handle=h)
         start = vm.now_ms + 2000
         per_pass = []
@@ -241,7 +265,7 @@ def test_budget_reports_a_sixteenth_plus_one_call_per_pass():
             assert stats.report_calls == calls
             assert drained_per_order(stats) == {k: n for k, n in reported.items() if n}
             assert stats.requested_at_end == requested
-            key = (0, 10)
+            key = (main_zone(vm), 10)
             budget = -(-stats.nr_free[key] // 512)
             assert stats.budget[key] == budget
             assert stats.list_calls[key] <= budget + 1
@@ -252,7 +276,7 @@ def test_budget_reports_a_sixteenth_plus_one_call_per_pass():
             if not requested:
                 break
             start = stats.end_ms + 2000
-        assert len(per_pass) >= 5
+        assert len(per_pass) >= 4
         for blocks, nr_free in per_pass[:-1]:  # about 1/16 of the list, plus one call
             assert blocks == 32 * (-(-nr_free // 512) + 1)
             assert nr_free / 16 <= blocks <= nr_free / 16 + 64
@@ -265,13 +289,16 @@ def test_zone_gate_low_watermark_plus_64_mib():
     """3.3.1, 8.5: a zone is skipped unless free > low + (32 << 9) pages (low + 64 MiB)."""
     for above, expect_reports in ((0, False), (2048, True)):
         with open_vm(memory="1G") as vm:
-            gate = vm.kernel.watermarks[0].low + (32 << 9)
-            vm.guest("alloc", size=(vm.kernel.zone_free(0) - gate - above) * PAGE)
-            assert vm.kernel.zone_free(0) == gate + above
+            z = main_zone(vm)  # DMA32; ZONE_DMA (3808 free pages) is always below its gate
+            gate = vm.kernel.watermarks[z].low + (32 << 9)
+            vm.kernel.drain_all_pages()
+            vm.kernel.alloc_pages(vm.kernel.zone_free(z) - gate - above, PageState.ANON)
+            vm.kernel.drain_all_pages()  # what the per-CPU list's last refill took comes back
+            assert vm.kernel.zone_free(z) == gate + above
             vm.advance(2100)  # the initial pass ran
             assert vm.reporting.passes == 1
             stats = vm.reporting.core.history[0]
-            assert (stats.zones_skipped == 1) != expect_reports
+            assert (stats.zones_skipped == 2) != expect_reports
             assert (vm.reporting.reports > 0) == expect_reports
             assert (vm.reporting.reported_now_pages > 0) == expect_reports
             assert vm.reporting.state == core.PageReportingState.IDLE
@@ -281,17 +308,20 @@ def test_isolation_stops_at_min_watermark_plus_block():
     """3.3.4: __isolate_free_page fails once zone free (less what is isolated) would fall to the
     min watermark + the block; the list ends, REQUESTED is not set, and nothing retries."""
     with open_vm(memory="1G") as vm:
-        marks = vm.kernel.watermarks[0]
+        z = main_zone(vm)
+        marks = vm.kernel.watermarks[z]
         target = marks.low + (32 << 9) + 5000  # past the gate, < min + 32 order-10 blocks
-        vm.guest("alloc", size=(vm.kernel.zone_free(0) - target) * PAGE)
+        vm.kernel.drain_all_pages()
+        vm.kernel.alloc_pages(vm.kernel.zone_free(z) - target, PageState.ANON)
+        vm.kernel.drain_all_pages()
         expected, stats = run_next_pass(vm, 2000)
         calls, reported, requested = expected
         assert stats.report_calls == calls and not requested
         assert drained_per_order(stats) == {k: n for k, n in reported.items() if n}
-        assert stats.stop[(0, 10)] == "isolation"
+        assert stats.stop[(z, 10)] == "isolation"
         # each isolation needed free > min + block before it: free stayed above min, and the next
         # order-10 block found free <= min + block
-        assert marks.min < stats.lowest_free[0] <= marks.min + 1024
+        assert marks.min < stats.lowest_free[z] <= marks.min + 1024
         unreported, _ = lists_now(vm)
         assert unreported[10] > 0 and vm.reporting.state == core.PageReportingState.IDLE
         vm.advance(20_000)
@@ -312,24 +342,40 @@ def test_page_reported_set_in_drain_cleared_on_allocation_and_on_merge():
         assert (new == drained).all() and drained.any()
         settle(vm)
         check_reported_blocks(vm)
-        # allocation: consume every block below order 10, then half of a reported order-10 block
-        small = {k: len(s) << k for k, s in enumerate(free_blocks(vm.mem, vm.mem.zones[0]).starts)}
-        vm.kernel.alloc_pages(sum(n for k, n in small.items() if k < 10), PageState.ANON)
-        assert sum(len(s) for s in free_blocks(vm.mem, vm.mem.zones[0]).starts[:10]) == 0
+        # allocation: consume every block below order 10, then half of a reported order-10 block.
+        # Order-0 allocations refill the per-CPU list in batches and frees land on it: the drains
+        # below give the batches' extra pages back (they merge again), as drain_all_pages does.
+        # A movable allocation takes blocks of MOVABLE pageblocks first (labkit.model.allocator):
+        # the small blocks left in the kernel's UNMOVABLE pageblocks are not its to take.
+        zone = vm.mem.zones[main_zone(vm)]
+        vm.kernel.drain_all_pages()
+
+        def movable_small() -> dict:
+            blocks = free_blocks(vm.mem, zone).starts
+            return {k: int((~vm.mem.pageblock_unmovable[s >> 9]).sum()) << k
+                    for k, s in enumerate(blocks) if k < 10}
+
+        vm.kernel.alloc_pages(sum(movable_small().values()), PageState.ANON)
+        vm.kernel.drain_all_pages()
+        assert sum(movable_small().values()) == 0
         spare = vm.kernel.alloc_pages(2048, PageState.ANON)  # two whole order-10 blocks
+        vm.kernel.drain_all_pages()
         lower = vm.kernel.alloc_pages(512, PageState.ANON)
+        vm.kernel.drain_all_pages()
         block = int(lower[0])
         assert block % 1024 == 0 and (lower == block + np.arange(512)).all()
         assert not vm.mem.has_flag(np.arange(block, block + 1024), PageFlag.REPORTED).any()
         check_reported_blocks(vm)
         # the upper half is reported again, at order 9, once some other free notifies
         vm.kernel.free_pages(spare)
+        vm.kernel.drain_all_pages()
         settle(vm)
         upper = np.arange(block + 512, block + 1024)
         assert vm.mem.has_flag(upper, PageFlag.REPORTED).all()
         # merge: freeing the lower half absorbs the reported upper half, which loses the flag
         reported = vm.reporting.reported_now_pages
         vm.kernel.free_pages(lower)
+        vm.kernel.drain_all_pages()
         assert not vm.mem.has_flag(upper, PageFlag.REPORTED).any()
         assert vm.reporting.reported_now_pages == reported - 512
         assert vm.reporting.state == core.PageReportingState.REQUESTED  # merged to order 10
@@ -379,9 +425,12 @@ def test_host_rss_staircase_after_freeing_a_big_allocation():
         assert len(steps) >= 8
         assert all(1999 <= b - a <= 2100 for a, b in zip(times, times[1:], strict=False))
         assert 2000 <= times[0] <= 2100
-        budget = -(-(vm.mem.count(PageState.FREE) >> 10) // 512)
-        assert max(drops) <= 32 * (budget + 1) * 4 * MiB
-        assert rows[-1][1] <= rss_idle + 64 * MiB  # + fragments (< 2 MiB blocks) memhog backed
+        # each zone's order-10 list gets budget + 1 calls a pass (page_reporting_process_zone)
+        per_pass = sum(32 * (-(-(vm.kernel.zone_free(z) >> 10) // 512) + 1)
+                       for z in range(len(vm.mem.zones)))
+        assert max(drops) <= per_pass * 4 * MiB
+        # + fragments (< 2 MiB blocks) memhog backed, + the per-CPU lists (never reported)
+        assert rows[-1][1] <= rss_idle + 64 * MiB + vm.kernel.pcp_pages() * PAGE
         assert 10 <= settle_s <= 35
 
 
@@ -412,10 +461,13 @@ def test_anchor_memhog_drop_caches_returns_memory_only_with_reporting():
 def test_reused_reported_pages_refault_zero_filled():
     """3.5: a reused reported block is faulted back in zero-filled when the guest writes it."""
     with open_vm(memory="4G") as vm:
-        churn = (vm.mem.state == PageState.FREE) & ((vm.mem.flags & PageFlag.BACKED) != 0)
+        # boot's freed pages the host backs, on the buddy lists or the per-CPU list (which the
+        # first job's exit empties: free_high)
+        free = (vm.mem.state == PageState.FREE) | (vm.mem.state == PageState.PCP)
+        churn = free & ((vm.mem.flags & PageFlag.BACKED) != 0)
         settle(vm)
         first = vm.guest("alloc", size="2G")
-        hog = vm.kernel.handles[first].pages.copy()
+        hog = np.concatenate([vm.kernel.handles[first].pages, vm.kernel.handles[first].overhead])
         vm.guest("free", handle=first)
         settle(vm)
         reported_before = (vm.mem.flags & REPORTED) != 0
@@ -423,14 +475,19 @@ def test_reused_reported_pages_refault_zero_filled():
         faults, rss = vm.kernel.host_vm.zero_fill_faults, vm.sample()["host_rss"]
         refaulted, reused = vm.reporting.refaulted_pages, vm.reporting.reused_pages
         second = vm.guest("alloc", size="1G")
-        pages = vm.kernel.handles[second].pages
+        h = vm.kernel.handles[second]
+        # its pages and the page tables they need (one PTE page per 2 MiB, written as well)
+        pages = np.concatenate([h.pages, h.overhead])
         # pages a report discarded while the host backed them: memhog's, and boot's freed pages
         was_backed = churn.copy()
         was_backed[hog] = True
         expected = int((was_backed[pages] & reported_before[pages]).sum())
         assert expected > 200_000  # most of 1 GiB came back from discarded, reported blocks
         assert vm.reporting.refaulted_pages - refaulted == expected
-        assert vm.reporting.reused_pages - reused == int(reported_before[pages].sum())
+        # reused: reported pages that left the free lists; the per-CPU list's last refill takes a
+        # batch (63 pages) and may keep a few of them on the list, unused yet (rmqueue_bulk)
+        extra = vm.reporting.reused_pages - reused - int(reported_before[pages].sum())
+        assert 0 <= extra < 2 * 63
         assert vm.kernel.host_vm.zero_fill_faults - faults == int((~backed_before[pages]).sum())
         assert vm.sample()["host_rss"] - rss == int((~backed_before[pages]).sum()) * PAGE
         total = vm.reporting.refaulted_pages

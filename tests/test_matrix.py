@@ -54,7 +54,12 @@ def test_hinting_skips_free_pages_in_migration(result):
     assert hinting.details["hinted_max"] > 0
     assert hinting.value < plain.value
     assert reporting.value == pytest.approx(plain.value, rel=0.05)
-    assert claim(result, "hinting-migration").verdict == "supported"
+    # the verdict follows the saving: at the default 128 MiB/s a 1 GiB Debian guest's used memory
+    # (~300 MiB of normal pages) takes most of the time, and hinting saves only the zero pages'
+    # reading (and its guest zeroes each hinted block: init_on_alloc, §10.4): under 10 % here
+    save = 100 * (1 - hinting.value / plain.value)
+    assert claim(result, "hinting-migration").verdict == ("supported" if save >= 10 else "qualified")
+    assert hinting.details["zero_pages"] < 0.1 * plain.details["zero_pages"]
     assert claim(result, "reporting-migration").verdict == "supported"
 
 
@@ -85,10 +90,15 @@ def test_reporting_overhead_model_and_published(result):
     pf, mh = result.costs["page_fault1"], result.costs["memhog"]
     assert pf["refaulted_pages"] == 0 < mh["refaulted_pages"]
     assert 0 < pf["overhead"] < pub["page_fault1, 16 tasks"]["overhead"]
-    assert 0.005 < mh["overhead"] <= 0.02
+    # the order of the published 1-2 %: each memhog exit empties the per-CPU list (the pgd's
+    # order-1 free is a free_high free, mm/page_alloc.c free_unref_page_commit), so its memory
+    # reaches the buddy lists whole and is reported and refaulted: 3.6 % in this 10 s run (1.9 %
+    # while the model kept ~50 MiB on the list)
+    assert 0.005 < mh["overhead"] <= 0.05
     expected = (mh["refaulted_pages"] * costs.REFAULT_US / 1e6 + mh["reports"] * 0.5e-3) / mh["own_s"]
     assert mh["overhead"] == pytest.approx(expected)
-    assert claim(result, "reporting-overhead").verdict == "supported"
+    assert claim(result, "reporting-overhead").verdict == (
+        "supported" if mh["overhead"] <= 0.02 else "qualified")
 
 
 def test_virtio_mem_cannot_unplug_as_much(result):

@@ -412,8 +412,12 @@ def test_only_hinting_spares_the_reading_of_free_memory():
                                                             downtime_limit_ms=300)))
     print(format_table(rows))
     t = dict(zip(rows["policy"], rows["total_time_ms"], strict=True))
+    zero = dict(zip(rows["policy"], rows["zero_pages"], strict=True))
     assert all(rows["completed"] == 1)
-    assert t["hinting"] < 0.5 * min(t["plain"], t["balloon"], t["reporting"])
+    # every policy still sends the guest's used memory; only hinting skips reading the free rest
+    # (init_on_alloc zeroes the hinted blocks, which then read as zero anyway: they are not sent)
+    assert t["hinting"] < 0.6 * min(t["plain"], t["balloon"], t["reporting"])
+    assert zero["hinting"] < 0.05 * min(zero["plain"], zero["balloon"], zero["reporting"])
     assert rows["balloon_size"][list(rows["policy"]).index("balloon")] > GiB
 
 

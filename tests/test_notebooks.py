@@ -119,8 +119,9 @@ def check_quoted(path: Path, nb, metrics: dict) -> None:
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=_name)
 def test_notebook_executes(path: Path, tmp_path: Path, notebook_times: dict, tmp_path_factory):
     # the live notebook replays recorded real runs unless live tests were asked for (LABKIT_LIVE=1)
-    live = path.name == "07_live_qemu.ipynb" and os.environ.get("LABKIT_LIVE") == "1"
-    params = {"MODE": "replay"} if path.name == "07_live_qemu.ipynb" and not live else {}
+    real_guest = path.name in ("07_live_qemu.ipynb", "10_model_vs_real.ipynb")
+    live = real_guest and os.environ.get("LABKIT_LIVE") == "1"
+    params = {"MODE": "replay"} if real_guest and not live else {}
     quoted = path.name in QUOTED and not live  # a live run's numbers are its own
     if quoted:
         out_json = tmp_path_factory.mktemp("metrics") / "metrics.json"

@@ -76,11 +76,12 @@ def test_invariants_hold_through_random_timelines(steps, deflate_on_oom, seed):
             told[vm.balloon.in_flight] = False
             assert not (mem.flags[told] & PageFlag.BACKED).any()
             assert vm.sample()["host_rss"] == mem.backed_pages * 4096
-        blocks = free_blocks(vm.mem, vm.mem.zones[0])
-        assert blocks.free_pages() == vm.mem.count(PageState.FREE)
-        for k, starts in enumerate(blocks.starts):
-            assert (starts % (1 << k) == 0).all()  # aligned
-            if k < 10 and len(starts):
-                # maximal: a block's buddy of the same order is never free as a whole block too
-                buddies = starts ^ (1 << k)
-                assert not np.isin(buddies, starts).any()
+        every = [free_blocks(vm.mem, zone) for zone in vm.mem.zones]
+        assert sum(b.free_pages() for b in every) == vm.mem.count(PageState.FREE)
+        for blocks in every:
+            for k, starts in enumerate(blocks.starts):
+                assert (starts % (1 << k) == 0).all()  # aligned
+                if k < 10 and len(starts):
+                    # maximal: a block's buddy of the same order is never free as a whole block too
+                    buddies = starts ^ (1 << k)
+                    assert not np.isin(buddies, starts).any()

@@ -12,7 +12,9 @@ import labkit
 from labkit.devices.balloon import VIRTIO_BALLOON_ARRAY_PFNS_MAX
 from labkit.devices.virtio_mem import VIRTIO_MEM_USABLE_EXTENT
 from labkit.devices.virtio_mem_driver import TIMING, VIRTIO_MEM_RETRY_TIMER_MIN_MS
+from labkit.model.layout import q35_layout
 from labkit.model.pages import STRUCT_PAGE_SIZE
+from labkit.model.reservations import plan_reservations
 from labkit.scenarios.resize import (
     TABLE_ROWS,
     VARIANTS,
@@ -67,14 +69,18 @@ def test_zone_normal_stops_partway_on_kernel_pages_and_arms_the_50s_timer(rows):
     assert col(rows, v, "retry_ms") == VIRTIO_MEM_RETRY_TIMER_MIN_MS
     assert np.isnan(col(rows, v, "shrink_ms"))  # never reached within settle_ms
     assert col(rows, v, "memtotal_drop_bytes") == removed
-    assert col(rows, v, "removable_max_bytes") == removed  # asking for 0 frees nothing more
+    # asking for 0 frees nothing more; growing back in between re-added the removed blocks, whose
+    # memmap (GFP_KERNEL: ZONE_NORMAL first, i.e. the hot-plugged blocks) may pin one more subblock
+    assert 0 <= removed - col(rows, v, "removable_max_bytes") <= memmap
 
 
 def test_balloon_memtotal_shrinks_only_without_deflate_on_oom(rows):
     # §1.3 / §8.2: adjust_managed_page_count(-1) per page only without DEFLATE_ON_OOM
     for v in ("balloon", "balloon_doo"):
         assert col(rows, v, "removed_bytes") == PARAMS.shrink
-        assert col(rows, v, "host_returned_bytes") == PARAMS.shrink  # every page was backed
+        # every page the fill wrote was backed; the balloon may also take a few free pages of the
+        # kernel's UNMOVABLE pageblocks, which the (movable) fill never reached
+        assert PARAMS.shrink - MiB <= col(rows, v, "host_returned_bytes") <= PARAMS.shrink
     assert col(rows, "balloon", "memtotal_drop_bytes") == PARAMS.shrink
     assert col(rows, "balloon_doo", "memtotal_drop_bytes") == 0
     assert col(rows, "balloon_doo", "memtotal_min") == col(rows, "balloon_doo", "memtotal_full")
@@ -115,8 +121,16 @@ def test_hot_plugged_memmap_costs_64_bytes_per_4k_page(rows):
     for v in ("virtio_mem_movable", "virtio_mem_kernel"):
         assert col(rows, v, "memmap_bytes") == PARAMS.device_size * STRUCT_PAGE_SIZE // PAGE
         assert col(rows, v, "memmap_share") == pytest.approx(1 / 64)
-        assert col(rows, v, "memtotal_full") - col(rows, "balloon", "memtotal_full") == col(
-            rows, v, "memmap_bytes")
+        # the boot memmap of the balloon VM's second GiB is reserved (out of MemTotal); the
+        # device's is allocated. The rest of the difference is memblock's: the virtio-mem VM's
+        # swiotlb (maxmem puts a hot-pluggable range in the SRAT: pci_swiotlb_detect) and the
+        # smaller dentry/inode hash tables of a 1 GiB boot (alloc_large_system_hash)
+        reserved = {name: plan_reservations(q35_layout(size), 1, 1, slabs).permanent_pages() * PAGE
+                    for name, size, slabs in (("balloon", PARAMS.full_size, 0),
+                                              (v, PARAMS.boot_memory, 32768))}
+        boot_memmap = PARAMS.device_size * STRUCT_PAGE_SIZE // PAGE
+        assert col(rows, v, "memtotal_full") - col(rows, "balloon", "memtotal_full") == (
+            reserved["balloon"] - reserved[v] - boot_memmap + col(rows, v, "memmap_bytes"))
     assert col(rows, "balloon", "memmap_bytes") == 0
 
 

@@ -172,7 +172,9 @@ def test_host_rss_drops_by_exactly_the_backed_pages_the_balloon_took():
 def test_discard_disabled_inflation_frees_nothing_on_the_host():
     run = run_target(SizingParams(memory="1G", seed=0, discard=False), 0.6)
     assert run.summary["balloon_size"] > 0
-    assert run.summary["host_returned"] == 0
+    # nothing is discarded; with init_on_alloc=1 (Debian) the guest even zeroes the balloon pages
+    # it never touched before, so host RSS may grow (mm/page_alloc.c post_alloc_hook)
+    assert run.summary["host_returned"] <= 0
 
 
 def test_too_little_inflation_leaves_guest_free_memory_backed_and_idle(runs_plain):
@@ -211,7 +213,7 @@ class PublicOnly:
 
     def __getattr__(self, name):
         if name in ("qmp", "guest", "meminfo", "advance", "sample", "events", "step", "close",
-                    "dmesg"):
+                    "dmesg", "zoneinfo"):
             return getattr(self._vm, name)
         raise AttributeError(name)
 

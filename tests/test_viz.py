@@ -49,6 +49,7 @@ GUEST_CASES = [  # (state, flags, expected guest category name)
     (S.SHMEM, 0, "shmem"), (S.FILE_CLEAN, BACKED, "file clean"),
     (S.FILE_DIRTY, BACKED, "file dirty"), (S.BALLOON, 0, "balloon"), (S.HINTED, 0, "hinted"),
     (S.OFFLINE, 0, "offline"), (S.ABSENT, 0, "absent"),
+    (S.PCP, BACKED, "free (per-CPU list)"),  # free, but on a per-CPU list: not in MemFree
 ]
 HOST_CASES = [  # (state, flags, expected host category name)
     (S.ANON, BACKED, "backed, in use by the guest"),
@@ -60,6 +61,7 @@ HOST_CASES = [  # (state, flags, expected host category name)
     # so the legend never calls these pages discarded
     (S.BALLOON, BACKED, "balloon, still backed (discard off)"),
     (S.HINTED, BACKED, "backed, guest-free (idle waste)"),
+    (S.PCP, BACKED, "backed, guest-free (idle waste)"),
     (S.FREE, 0, "not backed (reads as zero)"),
     (S.FREE, REPORTED, "not backed (reads as zero)"),
     (S.ANON, 0, "not backed (reads as zero)"),
@@ -121,7 +123,7 @@ def test_palettes_have_distinct_colours_and_names(view):
 def test_downsample_matches_a_weighted_bincount_reference(cell):
     rng = np.random.default_rng(cell)
     weights = palette.importance("guest")
-    probs = np.array([60, 5, 2, 3, 10, 2, 8, 3, 4, 1, 1, 1], dtype=float)
+    probs = np.array([60, 5, 2, 3, 10, 2, 8, 3, 4, 1, 1, 1, 2], dtype=float)
     cats = rng.choice(len(weights), size=(8, cell * 64), p=probs / probs.sum()).astype(np.uint8)
     np.testing.assert_array_equal(downsample(cats, cell, weights),
                                   reference_downsample(cats, cell, weights))

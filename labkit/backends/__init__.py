@@ -20,7 +20,7 @@ def open(backend: str = "model", **options: Any) -> Backend:  # noqa: A001 - lab
     ``free_page_hint``, ``page_poison``, ``iothread``; ``False`` for no balloon), ``host`` (``ram``,
     ``swap``, ``discard``, ``swapin_us``, or a shared :class:`labkit.model.host.Host`), ``numa_nodes``,
     ``cmdline`` (guest kernel parameters), ``vm_name``, ``virtio_mem``, ``virtio_pmem``,
-    ``memhp_default_state``, ``model`` (model-only knobs: ``balloon_request_ms``, ``boot``,
+    ``memhp_default_state``, ``model`` (model-only knobs: ``balloon_request_ms``, ``boot``, ``initrd_bytes``,
     ``epoch``) and ``qemu_args``: a QEMU command line (a string or a list), e.g. ``"-m 4G,maxmem=20G
     -object memory-backend-ram,id=mem0,size=16G -device virtio-mem-pci,id=vm0,memdev=mem0,node=0"``,
     read with QEMU's syntax and texts (:mod:`labkit.backends.options_qemu`). ``backend="qemu"`` boots

@@ -53,6 +53,7 @@ class BalloonView:
     features: tuple[int, ...] | None = None  # negotiated (VIRTIO_BALLOON_F_*)
     offered: tuple[int, ...] | None = None
     discarded_pages: int | None = None
+    zeroed_pages: int | None = None  # of those, pages only init_on_alloc had written (zeros)
     stats_poll_interval: int | None = None
     properties: dict | None = None  # the device's QEMU properties (underscores for dashes)
 

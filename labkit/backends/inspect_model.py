@@ -108,7 +108,8 @@ def _balloon(vm: Any) -> BalloonView:
         requests=drv.requests, out_of_puff=drv.out_of_puff, oom_deflated_pages=drv.oom_deflated_pages,
         idle=drv.idle, last_request_target=drv.last_request_target, features=tuple(sorted(drv.features)),
         offered=tuple(sorted(dev.features)), discarded_pages=dev.discarded_pages,
-        stats_poll_interval=dev.stats_poll_interval, properties=dict(dev.options))
+        zeroed_pages=dev.zeroed_pages, stats_poll_interval=dev.stats_poll_interval,
+        properties=dict(dev.options))
 
 
 def _reporting(vm: Any) -> ReportingView:

@@ -18,6 +18,7 @@ table (:mod:`labkit.backends.monitor`); the guest ops are the one table of :meth
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
@@ -38,13 +39,16 @@ from labkit.devices.virtio_blk import VirtioBlk
 from labkit.devices.virtio_mem_vm import VirtioMem
 from labkit.devices.virtio_pmem_vm import VirtioPmem
 from labkit.errors import QMPError
+from labkit.model.bootparams import parse_bootparams
 from labkit.model.buddy import buddyinfo
 from labkit.model.host import Host
 from labkit.model.hotplug import MemoryHotplug, plan_layout, q35_device_memory_base
 from labkit.model.kernel import Kernel
+from labkit.model.layout import phys_pfn, probe_memory_block_size, q35_layout, zones_for
 from labkit.model.migration import MigrationState
 from labkit.model.migration_workloads import Workloads
 from labkit.model.pages import GuestMemory, PageState, Zone
+from labkit.model.reservations import plan_reservations
 from labkit.model.runstate import RunState
 from labkit.model.workloads import BootProfile, GuestOps, boot
 from labkit.model.writeback import GuestWriteback
@@ -109,37 +113,56 @@ class ModelBackend(ModelInspection):
         self.cmdline = dict(options.cmdline)
         self.open_options = dict(options.keywords)  # how to open it again (Reset buttons, re-runs)
 
-        # memory: the page arrays, zones per NUMA node, device regions after boot RAM; the host
+        # the guest kernel's command line and sysctls (labkit.model.bootparams)
+        self.params = parse_bootparams(self.cmdline)
+
+        # memory: q35's layout (RAM below 4 GiB up to the PCI hole, the rest above), the zones of
+        # each NUMA node (DMA, DMA32, Normal), device regions after boot RAM; the host
         boot_pages = options.memory // PAGE_SIZE
-        boot_zones = self._zones(options.node_sizes)
+        self.layout = q35_layout(options.memory)
+        block = probe_memory_block_size(self.layout)
+        for d in options.virtio_mem:  # memory blocks: Linux adds hot-plugged memory by whole blocks
+            if d.size % block:
+                raise ValueError(f"virtio_mem {d.id!r} size must be a multiple of the guest's memory "
+                                 f"block size {format_size(block)}, got {format_size(d.size)}")
+        boot_zones = zones_for(self.layout, block_pages=block // PAGE_SIZE, node_sizes=options.node_sizes)
         n_pages, hotplug_zones, self.regions = plan_layout(
-            boot_pages, boot_zones, [d.spec() for d in options.virtio_mem])
+            boot_pages, boot_zones, [d.spec() for d in options.virtio_mem], block // PAGE_SIZE)
         check_fits(n_pages)
         self.host = _host(options)
         footprint = HostFootprint(self.host, options.vm_name)
         try:  # a machine that fails to build leaves nothing on its host (a shared one above all)
-            self._assemble(options, n_pages, boot_zones, hotplug_zones)
+            self._assemble(options, n_pages, boot_zones, hotplug_zones, block // PAGE_SIZE)
         except BaseException:
             footprint.undo()
             raise
         self.closed = False
 
     def _assemble(self, options: VmOptions, n_pages: int, boot_zones: list[Zone],
-                  hotplug_zones: list[Zone]) -> None:
+                  hotplug_zones: list[Zone], block_pages: int) -> None:
         """Everything after the host, in QEMU's order."""
         self.env = simpy.Environment()
         self.run_state = RunState(self.env)
         self.event_queue = EventQueue(self.env, self.wallclock)
         emit = self.event_queue.emit
-        self.mem = GuestMemory(n_pages, boot_zones, hotplug_zones=hotplug_zones)
+        self.mem = GuestMemory(n_pages, boot_zones, hotplug_zones=hotplug_zones, block_pages=block_pages)
 
-        # the guest kernel and its boot
-        self.kernel = Kernel(self.mem, self.host, options.vm_name, clock=lambda: self.env.now)
+        # the guest kernel and its boot: memblock reservations first, then the boot's allocations
+        self.kernel = Kernel(self.mem, self.host, options.vm_name, clock=lambda: self.env.now,
+                             params=self.params, phys_pfn=self._phys_pfn)
         if self.regions:
             self.kernel.hotplug = MemoryHotplug(self.kernel, options.memhp_default_state,
-                                                options.cmdline["memory_hotplug.online_policy"])
+                                                regions=self.regions)
         profile = BootProfile() if options.model.boot == "default" else BootProfile.minimal()
-        boot(self.kernel, np.random.default_rng(options.seed), profile)
+        if options.model.initrd_bytes is not None:
+            profile = dataclasses.replace(profile, initrd=options.model.initrd_bytes)
+        # x86 pci_swiotlb_detect: a bounce buffer once RAM may lie above 4 GiB (RAM there, or a
+        # hot-pluggable range in the SRAT, which QEMU builds whenever maxmem is given)
+        above_4g = self.layout.above_4g > 0 or bool(options.virtio_mem or options.virtio_pmem)
+        self.reservations = plan_reservations(self.layout, len(options.node_sizes), self.params.nr_cpus,
+                                              self.params.swiotlb_slabs(above_4g),
+                                              initrd_bytes=profile.initrd, block_pages=block_pages)
+        boot(self.kernel, np.random.default_rng(options.seed), profile, self.reservations)
         self.ops = GuestOps(self.kernel)
 
         # virtio-balloon, and what rides on it: free page reporting and free page hinting
@@ -183,7 +206,8 @@ class ModelBackend(ModelInspection):
 
         # pre-copy migration, and the guest workloads that keep memory dirty for it
         self.migration = MigrationState(self.env, self.kernel, self.run_state, emit,
-                                        init_on_free=bool(options.cmdline["init_on_free"]))
+                                        init_on_free=bool(options.cmdline["init_on_free"]),
+                                        regions=self.regions, virtio_mem=self.virtio_mem)
         self.migration.link.link_bandwidth = options.model.migration_link_bandwidth
         self.workloads = Workloads(self.env, self.kernel, self.ops, self.migration, options.seed)
 
@@ -191,13 +215,14 @@ class ModelBackend(ModelInspection):
         self.guest_ops = self._guest_ops()
 
 
-    @staticmethod
-    def _zones(node_sizes: tuple[int, ...]) -> list[Zone]:
-        zones, start = [], 0
-        for node, size in enumerate(node_sizes):
-            zones.append(Zone("Normal", node, start, start + size // PAGE_SIZE))
-            start += size // PAGE_SIZE
-        return zones
+    def _phys_pfn(self, pfn: int) -> int:
+        """The physical frame of page index ``pfn`` (q35's PCI hole; device regions' memaddr)."""
+        if pfn < self.mem.boot_pages:
+            return phys_pfn(self.layout, pfn)
+        for r in self.regions:
+            if r.start <= pfn < r.end:
+                return r.memaddr // PAGE_SIZE + pfn - r.start
+        return pfn
 
     def _guest_ops(self) -> dict[str, Callable[..., Any]]:
         """Every guest op by name: the kernel's, the disks' and pmem's, the dirtying workloads'."""
@@ -305,6 +330,12 @@ class ModelBackend(ModelInspection):
 
     def buddyinfo(self) -> str:
         return buddyinfo(self.mem)
+
+    def zoneinfo(self) -> list[dict]:
+        """/proc/zoneinfo per node and populated zone: free, min, low, high, spanned, present,
+        managed, protection, start_pfn, and per CPU the pcp count, high and batch."""
+        self._check_open()
+        return self.kernel.zoneinfo()
 
     def dmesg(self) -> list[str]:
         return [f"[{t / 1000:12.6f}] {msg}" for t, msg in self.kernel.dmesg]

@@ -20,6 +20,7 @@ ValueError: balloon deflate_on_oom='maybe': Parameter 'deflate-on-oom' expects '
 
 from __future__ import annotations
 
+import dataclasses
 import numbers
 from types import MappingProxyType
 from typing import Any
@@ -100,7 +101,7 @@ def parse_options(backend: str = "model", **keywords: Any) -> VmOptions:
                   keywords=MappingProxyType(dict(keywords)))
     if keywords.get("qemu_args") is not None:
         opts = VmOptions(memory=0, maxmem=0, **common)
-        return from_command_line(opts, keywords, limits)
+        return _cpus(from_command_line(opts, keywords, limits), keywords)
     memory = keywords.get("memory", "4G")
     size = parse_size(memory, name="memory")
     check_memory(size, memory, limits)
@@ -118,12 +119,28 @@ def parse_options(backend: str = "model", **keywords: Any) -> VmOptions:
         MemoryBackend(d.memdev, "memory-backend-file", d.size, share=d.share, mem_path=d.path)
         for d in virtio_pmem)
     device_memory = sum(b.size for b in backends)
-    return VmOptions(memory=size, maxmem=size + device_memory, smp=common["qemu"].smp,
+    return _cpus(VmOptions(memory=size, maxmem=size + device_memory, smp=common["qemu"].smp,
                      node_sizes=equal_node_sizes(size, numa_nodes),
                      node_memdevs=tuple(f"ram{node}" for node in range(numa_nodes)),  # as the live backend
                      ram_memdev="ram0" if numa_nodes == 1 else "pc.ram",
                      balloon=balloon, iothreads=(balloon.iothread,) if balloon and balloon.iothread else (),
-                     memory_backends=backends, virtio_mem=virtio_mem, virtio_pmem=virtio_pmem, **common)
+                     memory_backends=backends, virtio_mem=virtio_mem, virtio_pmem=virtio_pmem, **common),
+                 keywords)
+
+
+def _cpus(opts: VmOptions, keywords: dict[str, Any]) -> VmOptions:
+    """The guest's CPUs are one number: QEMU's ``-smp`` (``qemu={"smp": N}`` or ``qemu_args``) and
+    the guest kernel's ``nr_cpus`` (its per-CPU page lists) say the same, or one of them is given."""
+    cpus = (keywords.get("cmdline") or {}).get("nr_cpus")
+    smp_given = "smp" in opts.from_line or "smp" in (keywords.get("qemu") or {})
+    if cpus is None:
+        cpus = opts.smp
+    elif smp_given and cpus != opts.smp:
+        raise ValueError(f"cmdline nr_cpus={shown(cpus)} and the machine's -smp {opts.smp} disagree: "
+                         f"give one of them")
+    cmdline = MappingProxyType(dict(opts.cmdline) | {"nr_cpus": int(cpus)})
+    return dataclasses.replace(opts, smp=int(cpus), cmdline=cmdline,
+                               qemu=dataclasses.replace(opts.qemu, smp=int(cpus)))
 
 
 __all__ = ["CMDLINE_CHECKS", "CMDLINE_DEFAULTS", "EPOCH", "LIMITS", "BalloonOptions", "HostOptions",

@@ -11,6 +11,8 @@ from types import MappingProxyType
 from typing import Any
 
 from labkit.devices.virtio_mem import PROPERTY_DEFAULTS as VIRTIO_MEM_DEFAULTS
+from labkit.model.bootparams import CHECKS as BOOT_CHECKS
+from labkit.model.bootparams import CMDLINE_DEFAULTS as BOOT_CMDLINE_DEFAULTS
 from labkit.model.host import Host
 from labkit.units import MiB, TiB
 
@@ -118,6 +120,7 @@ class ModelKnobs:
     boot: str = "default"  # BootProfile: "default" (a small cloud guest) or "minimal" (busybox)
     epoch: float = EPOCH
     migration_link_bandwidth: float = 1.25e9  # bytes/s of the simulated migration link (10 Gbit/s)
+    initrd_bytes: int | None = None  # the initramfs QEMU loads (None: the boot profile's)
 
 
 @dataclass(frozen=True)
@@ -137,22 +140,10 @@ class QemuKnobs:
     pvh: bool = True
 
 
-# guest kernel command-line parameters the model honours (Documentation/admin-guide/kernel-parameters)
-CMDLINE_DEFAULTS = {
-    "memory_hotplug.online_policy": "contig-zones",  # or "auto-movable" (mm/memory_hotplug.c)
-    "page_poison": 0,  # CONFIG_PAGE_POISONING's page_poison=1: poison pages on free
-    "init_on_free": 0,  # zero pages on free
-    "page_reporting.page_reporting_order": -1,  # -1: pageblock_order (mm/page_reporting.c)
-}
-CMDLINE_CHECKS = {
-    "memory_hotplug.online_policy": (lambda v: v in ("contig-zones", "auto-movable"),
-                                     "accepted: 'contig-zones' or 'auto-movable'"),
-    "page_poison": (lambda v: v in (0, 1) and not isinstance(v, bool), "accepted: 0 or 1"),
-    "init_on_free": (lambda v: v in (0, 1) and not isinstance(v, bool), "accepted: 0 or 1"),
-    "page_reporting.page_reporting_order": (
-        lambda v: isinstance(v, int) and not isinstance(v, bool) and -1 <= v <= 10,
-        "accepted: -1 (default) or 0..10"),
-}
+# guest kernel command-line parameters and sysctls, with the live backend's Debian 6.1 kernel's
+# defaults and the kernel's own checks (labkit.model.bootparams)
+CMDLINE_DEFAULTS = BOOT_CMDLINE_DEFAULTS
+CMDLINE_CHECKS = BOOT_CHECKS
 
 
 @dataclass(frozen=True)

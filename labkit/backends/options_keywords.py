@@ -34,6 +34,7 @@ from labkit.devices.virtio_mem import check_block_size
 from labkit.devices.virtio_pmem import MEMMAP_MAX_SHARE, check_backing_file, memmap_bytes
 from labkit.devices.virtio_pmem import PROPERTY_DEFAULTS as PMEM_DEFAULTS
 from labkit.errors import shown
+from labkit.model.bootparams import kernel_arguments, parse_bootparams
 from labkit.model.host import Host
 from labkit.units import MiB, PAGE_SIZE, format_size, parse_size
 
@@ -197,6 +198,13 @@ def model_from_keywords(model: Any) -> ModelKnobs:
     knobs = merge("model", model, asdict(ModelKnobs()))
     if knobs["boot"] not in ("default", "minimal"):
         raise ValueError(f"model boot {knobs['boot']!r} is not one of ['default', 'minimal']")
+    initrd = knobs["initrd_bytes"]
+    if initrd is not None:
+        if isinstance(initrd, np.integer):
+            initrd = int(initrd)
+        if not isinstance(initrd, int) or isinstance(initrd, bool) or not 0 <= initrd <= 1 << 30:
+            raise ValueError(f"model initrd_bytes must be an int from 0 to 1 GiB (the initramfs's "
+                             f"size in bytes) or None, got {shown(knobs['initrd_bytes'])}")
     return ModelKnobs(
         _number("model balloon_request_ms", knobs["balloon_request_ms"], 0, above=True,
                 high=MAX_REQUEST_MS, unit="milliseconds one balloon request takes"),
@@ -204,7 +212,8 @@ def model_from_keywords(model: Any) -> ModelKnobs:
         _number("model epoch", knobs["epoch"], 0, high=MAX_EPOCH,
                 unit="seconds since 1970 at t=0, exact to the microsecond"),
         _number("model migration_link_bandwidth", knobs["migration_link_bandwidth"], 0, above=True,
-                unit="bytes per second"))
+                unit="bytes per second"),
+        initrd)
 
 
 def qemu_from_keywords(qemu: Any) -> QemuKnobs:
@@ -228,6 +237,8 @@ def qemu_from_keywords(qemu: Any) -> QemuKnobs:
 
 
 def cmdline_from_keywords(cmdline: Any) -> tuple[Mapping[str, Any], str]:
+    """The guest kernel's parameters and sysctls (:mod:`labkit.model.bootparams`): every knob with
+    its distro default, and the ones given as the live guest's kernel command line."""
     merged = merge("cmdline", cmdline, CMDLINE_DEFAULTS)
     for key, (check, accepted) in CMDLINE_CHECKS.items():
         value = merged[key]
@@ -235,8 +246,8 @@ def cmdline_from_keywords(cmdline: Any) -> tuple[Mapping[str, Any], str]:
             merged[key] = value = int(value)
         if not check(value):
             raise ValueError(f"cmdline {key}={shown(value)}: {accepted}")
-    params = " ".join(f"{k}={v}" for k, v in (cmdline or {}).items())
-    return MappingProxyType(merged), params
+    given = {key: merged[key] for key in cmdline or {}}
+    return MappingProxyType(parse_bootparams(given).cmdline_keys()), " ".join(kernel_arguments(given))
 
 
 def virtio_mem_from_keywords(specs: Any, numa_nodes: int, backend: str) -> tuple[VirtioMemOptions, ...]:

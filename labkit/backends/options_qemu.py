@@ -102,6 +102,14 @@ def from_command_line(base: VmOptions, keywords: Mapping[str, Any], limits: Limi
     return devices(opts, line, objects, keywords, slots, from_line)
 
 
+def _kernel_value(text: str) -> Any:
+    """A kernel parameter's value as the keyword would give it: ``1`` an int, ``256,256,32,0,0`` a
+    tuple of ints (a sysctl vector), anything else the text."""
+    if "," in text and all(part.lstrip("-").isdigit() for part in text.split(",")):
+        return tuple(int(part) for part in text.split(","))
+    return int(text) if text.lstrip("-").isdigit() else text
+
+
 def _append(opts: VmOptions, text: str, keywords: Mapping[str, Any]) -> VmOptions:
     """``-append "memhp_default_state=online_movable init_on_free=1"``: the guest kernel parameters
     the model honours (as the ``cmdline`` and ``memhp_default_state`` keywords); the live backend
@@ -113,10 +121,11 @@ def _append(opts: VmOptions, text: str, keywords: Mapping[str, Any]) -> VmOption
     state = opts.memhp_default_state
     for word in text.split():
         key, _, value = word.partition("=")
+        key = key.removeprefix("sysctl.")  # init/main.c: sysctl.vm.<name>= on the command line
         if key == "memhp_default_state":
             state = value
         elif key in CMDLINE_DEFAULTS:
-            params[key] = int(value) if value.lstrip("-").isdigit() else value
+            params[key] = _kernel_value(value)
         elif opts.backend == "model":
             raise QemuOptionError(f"-append {text}: labkit's model honours the kernel parameters "
                                   f"memhp_default_state, {', '.join(CMDLINE_DEFAULTS)}; got {word!r}")

@@ -32,6 +32,7 @@ import asyncio
 import os
 import shutil
 import signal
+import threading
 import socket
 import stat
 import sys
@@ -183,8 +184,9 @@ def serve_vm(args: argparse.Namespace) -> int:
 
         async def main() -> None:
             loop = asyncio.get_running_loop()
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.add_signal_handler(sig, server.stop)
+            if threading.current_thread() is threading.main_thread():  # signals reach that one only
+                for sig in (signal.SIGTERM, signal.SIGINT):
+                    loop.add_signal_handler(sig, server.stop)
             task = asyncio.create_task(server.serve(qmp_path, hmp_path))
             while not os.path.exists(qmp_path) and not task.done():
                 await asyncio.sleep(0.01)

@@ -10,7 +10,9 @@ hw/virtio/virtio-balloon.c and system/balloon.c, QEMU 7.x-9.x):
   is read once per run: a request in flight when it changes still lands, so ``actual`` may pass the
   new target by that one request before the next run turns back (``last_request_target``).
 * Balloon pages are ``__GFP_NORETRY``: reclaim of page cache is tried once, then the driver logs
-  "Out of puff!", sleeps 200 ms, sends what it got and retries.
+  "Out of puff!" (``dev_info_ratelimited``: at most 10 lines per 5 s, then "fill_balloon: N callbacks
+  suppressed" when the next interval opens, lib/ratelimit.c), sleeps 200 ms, sends what it got and
+  retries.
 * Without DEFLATE_ON_OOM every balloon page leaves MemTotal (``adjust_managed_page_count(page, -1)``);
   with it, MemTotal stays and the OOM notifier gives back 256 pages per OOM event. The driver does not
   re-inflate by itself afterwards; only the next config change (the next ``balloon`` command) does.
@@ -56,6 +58,8 @@ VIRTIO_BALLOON_PAGES_PER_PAGE = 1  # PAGE_SIZE >> VIRTIO_BALLOON_PFN_SHIFT on x8
 VIRTIO_BALLOON_OOM_NR_PAGES = 256
 VIRTIO_BALLOON_OOM_NOTIFY_PRIORITY = 80
 OUT_OF_PUFF_SLEEP_MS = 200  # fill_balloon: msleep(200) after a failed balloon_page_alloc()
+DEFAULT_RATELIMIT_INTERVAL_MS = 5000  # include/linux/ratelimit_types.h: 5 * HZ
+DEFAULT_RATELIMIT_BURST = 10
 UINT32_MAX = 0xFFFFFFFF
 STAT_UNSET = (1 << 64) - 1  # QEMU resets stats to -1 (u64 max) before each update
 NO_PAGES = np.zeros(0, dtype=np.int64)  # an empty PFN list (read-only, shared)
@@ -120,6 +124,7 @@ class BalloonDevice:
         self.inflate_requests = 0
         self.deflate_requests = 0
         self.discarded_pages = 0
+        self.zeroed_pages = 0
 
     @property
     def features(self) -> set[int]:
@@ -167,7 +172,10 @@ class BalloonDevice:
         """balloon_inflate_page for each PFN: discard the 4 KiB backing page."""
         self.inflate_requests += 1
         if not self.inhibited():
+            zeroed = self.host_vm.discarded_zeroed
             self.discarded_pages += self.host.discard(self.host_vm, pfns)
+            # pages backed only because init_on_alloc zeroed them: discarding them returns nothing
+            self.zeroed_pages += self.host_vm.discarded_zeroed - zeroed
 
     def handle_deflate(self, pfns: np.ndarray) -> None:
         """balloon_deflate_page: only MADV_WILLNEED; nothing is repopulated."""
@@ -187,20 +195,23 @@ class BalloonDevice:
         return {"stats": dict(self.stats), "last-update": self.stats_last_update}
 
     def set_poll_interval(self, value: int) -> None:
-        """balloon_stats_set_poll_interval (QEMU's checks and texts); seconds, 0 disables."""
+        """balloon_stats_set_poll_interval (QEMU's checks and texts); seconds, 0 disables. A new
+        timer polls at once (``balloon_stats_change_timer(s, 0)``); changing the interval of a
+        running one re-arms it one *new* interval from now (``balloon_stats_change_timer(s, value)``)."""
         if value < 0:
             raise ValueError("timer value must be greater than zero")
         if value > UINT32_MAX:
             raise ValueError("timer value is too big")
         if value == self.stats_poll_interval:
             return
+        running = self._stats_timer is not None and self._stats_timer.is_alive
         self.stats_poll_interval = value
-        if self._stats_timer is not None and self._stats_timer.is_alive:
+        if running:
             self._stats_timer.interrupt()
             self._stats_timer = None
         if value:
-            # the first poll fires at once (balloon_stats_change_timer(s, 0)), then every interval
-            self._stats_timer = self.env.process(self._poll_stats(first_delay_ms=0))
+            first = value * 1000 if running else 0
+            self._stats_timer = self.env.process(self._poll_stats(first_delay_ms=first))
 
     def _poll_stats(self, first_delay_ms: float):
         try:
@@ -227,6 +238,7 @@ class BalloonDriver:
         self.num_pages = 0  # vb->num_pages: pages the balloon holds
         self._pages = np.zeros(1024, dtype=np.int64)  # the balloon page list (a LIFO stack)
         self.out_of_puff = 0
+        self._ratelimit = [None, 0, 0]  # ___ratelimit's begin (ms), printed, missed
         self.requests = 0
         self.oom_deflated_pages = 0
         self._queued = False
@@ -307,8 +319,9 @@ class BalloonDriver:
         pfns = self.kernel.alloc_pages(num, PageState.BALLOON, movable=True, noretry=True)
         if len(pfns) < num:
             self.out_of_puff += 1
-            self.kernel.log(f"virtio_balloon virtio0: Out of puff! Can't get "
-                            f"{VIRTIO_BALLOON_PAGES_PER_PAGE} pages")
+            if self._ratelimited():
+                self.kernel.log(f"virtio_balloon virtio0: Out of puff! Can't get "
+                                f"{VIRTIO_BALLOON_PAGES_PER_PAGE} pages")
             self.in_flight = pfns  # allocated, on the local list, not yet on the balloon list
             yield self.env.timeout(OUT_OF_PUFF_SLEEP_MS)
             self.in_flight = NO_PAGES
@@ -319,6 +332,25 @@ class BalloonDriver:
             self.device.handle_inflate(pfns)  # tell_host(inflate_vq) waits for the ack
             yield self.env.timeout(self.request_ms)
         return len(pfns)
+
+    def _ratelimited(self) -> bool:
+        """lib/ratelimit.c ``___ratelimit`` with dev_info_ratelimited's static state: at most
+        ``DEFAULT_RATELIMIT_BURST`` messages per ``DEFAULT_RATELIMIT_INTERVAL``; the first call of a
+        new interval reports what the last one suppressed."""
+        state = self._ratelimit
+        now = self.env.now
+        if state[0] is None:
+            state[0] = now
+        if now > state[0] + DEFAULT_RATELIMIT_INTERVAL_MS:
+            if state[2]:
+                self.kernel.log(f"fill_balloon: {state[2]} callbacks suppressed")
+                state[2] = 0
+            state[0], state[1] = now, 0
+        if state[1] < DEFAULT_RATELIMIT_BURST:
+            state[1] += 1
+            return True
+        state[2] += 1
+        return False
 
     def _leak(self, num: int):
         """leak_balloon: dequeue up to 256 pages, tell the host first, then free them."""

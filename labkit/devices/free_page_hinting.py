@@ -38,7 +38,11 @@ hw/virtio/virtio-balloon.c, QEMU 7.x-9.x):
 
 Simplifications (model choices, not Linux or QEMU facts): guest and host work in steps of
 ``HintTiming.step_ms``, each block costing ``guest_block_us`` in the guest (allocation, add, kick)
-and ``host_block_us`` in QEMU's iothread; both are **assumed** round numbers. Order-10 blocks are
+and ``host_block_us`` in QEMU's iothread; both are **assumed** round numbers. With ``init_on_alloc``
+(Debian's default) the guest also zeroes every 4 MiB block it allocates (``post_alloc_hook``,
+docs/mechanisms.md §10.4) at ``zero_bytes_per_us`` (assumed 10 GB/s for a KVM guest's memset; a TCG
+guest is far slower): zeroing is most of a block's cost, and it writes the block, so the host backs
+it and a migration's dirty log sees it. Order-10 blocks are
 taken in ascending address order, unreported before reported (recently freed blocks are not put at
 the head of the list). The shrinker is asked for the pages reclaim still wants (Linux scales
 ``nr_to_scan`` by priority and batches of 128). Hinted blocks are never written by the guest: they
@@ -108,6 +112,12 @@ class HintTiming:
     guest_block_us: float = 2.0
     host_block_us: float = 2.0
     step_ms: float = 1.0
+    zero_bytes_per_us: float = 10_000.0  # the guest's memset with init_on_alloc (assumed: 10 GB/s)
+
+    def guest_us(self, init_on_alloc: bool) -> float:
+        """What one 4 MiB block costs the guest: allocation, add, kick, and zeroing it."""
+        zeroing = VIRTIO_BALLOON_HINT_BLOCK_BYTES / self.zero_bytes_per_us if init_on_alloc else 0.0
+        return self.guest_block_us + zeroing
 
 
 class FreePageHintDevice:

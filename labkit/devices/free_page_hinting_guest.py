@@ -25,6 +25,7 @@ from labkit.model.block_scan import block_runs
 from labkit.model.buddy import free_blocks
 from labkit.model.kernel import Kernel
 from labkit.model.pages import MAX_PAGE_ORDER, PageFlag, PageState
+from labkit.model.reclaim import Shrinker
 from labkit.model.runstate import RunState
 
 
@@ -46,11 +47,14 @@ class FreePageHintDriver:
         self._free_page_list = np.zeros(0, dtype=np.int64)  # block starts, last pushed at the end
         self._reporting = False  # inside virtio_balloon_report_free_page
         self._candidates: list[np.ndarray] = []  # per zone: free order-10 blocks still to try
+        self._credit = 0.0  # blocks the guest's time so far paid for but not yet allocated
         self.ring_full_retries = 0  # blocks allocated and freed again because the ring was full
         self.shrunk_blocks = 0
         self.returned_blocks = 0
         self._wake: simpy.Event = self.env.event()
-        self.kernel.shrinkers.append(self.shrinker_scan)
+        # register_shrinker("virtio-balloon"): asked by every reclaim pass, in proportion
+        self.kernel.shrinkers.append(Shrinker(self.shrinker_count, self.shrinker_scan,
+                                              name="virtio-balloon"))
         self._worker = self.env.process(self._pump())
 
     # --- bookkeeping --------------------------------------------------------------------------
@@ -80,7 +84,8 @@ class FreePageHintDriver:
             return 0
         starts = self._free_page_list[len(self._free_page_list) - n:][::-1]
         self._free_page_list = self._free_page_list[:len(self._free_page_list) - n]
-        self.kernel.free_pages(expand_blocks(starts))
+        # free_pages(page, VIRTIO_BALLOON_HINT_BLOCK_ORDER): order 10 bypasses the per-CPU lists
+        self.kernel.free_pages(expand_blocks(starts), was=PageState.HINTED, to_buddy=True)
         self.returned_blocks += n
         return n
 
@@ -142,7 +147,12 @@ class FreePageHintDriver:
         if self._read_cmd_id and self._received() != self.cmd_id_active:
             self._end_round()  # STOP, DONE or a newer round: stop sending
             return
-        budget = max(1, int(step_ms * 1000 / self.timing.guest_block_us))
+        # a slow guest (zeroing under TCG) takes several steps per block: carry the fraction
+        self._credit += step_ms * 1000 / self.timing.guest_us(bool(self.kernel.params.init_on_alloc))
+        budget = int(self._credit)
+        self._credit -= budget
+        if budget == 0:
+            return
         room = max(0, self.device.ring_size - len(self.device.ring) - 1)  # one slot for the ID
         starts = self._alloc_blocks(min(budget, room))
         for start in starts.tolist():
@@ -178,9 +188,10 @@ class FreePageHintDriver:
         for zi in kernel.zonelist(movable=False, node=None):
             if want <= 0:
                 break
-            # __zone_watermark_ok(order 10, ALLOC_WMARK_MIN): free - (1024 - 1) > min
+            # __zone_watermark_ok(order 10, ALLOC_WMARK_MIN, highest_zoneidx ZONE_NORMAL):
+            # free - (1024 - 1) > min + lowmem_reserve
             headroom = kernel.zone_free(zi) - (VIRTIO_BALLOON_HINT_BLOCK_PAGES - 1) \
-                - kernel.watermarks[zi].min
+                - kernel.watermark_threshold(zi, "min", kernel.classzone(False))
             allowed = -(-headroom // VIRTIO_BALLOON_HINT_BLOCK_PAGES) if headroom > 0 else 0
             take = self._take_free_blocks(zi, min(want, allowed))
             if len(take):
@@ -203,6 +214,9 @@ class FreePageHintDriver:
             for hook in getattr(self.kernel, "alloc_hooks", ()):
                 hook(pfns)
             mem.clear_flag(pfns, PageFlag.REPORTED)  # del_page_from_free_list
+        if self.kernel.params.init_on_alloc:  # post_alloc_hook zeroes the block: the host backs it
+            for a, b in zip(*block_runs(starts, VIRTIO_BALLOON_HINT_BLOCK_PAGES), strict=True):
+                self.kernel.touch(np.arange(a, b, dtype=np.int64), run_start=int(a), zeroed=True)
 
     def _take_free_blocks(self, zi: int, n: int) -> np.ndarray:
         """The next ``n`` free order-10 blocks of zone ``zi`` (fewer if it has fewer).

@@ -12,7 +12,10 @@ Faithful to hw/virtio/virtio-mem.c (QEMU 8.2-9.x) as read for docs/mechanisms.md
   migration runs (``virtio_mem_is_busy``). Unplug discards the range on the host (RSS falls); plug only
   flips the bitmap (no preallocation unless ``prealloc=on``).
 * Every ``qom-set requested-size`` raises a config interrupt, even with an unchanged value, and QEMU's
-  own error texts are kept to the letter (including the missing space in "size(0x...)").
+  own error texts are kept to the letter (including the missing space in "size(0x...)"). A
+  ``requested-size`` above the memory backend is refused by ``qom-set`` only
+  (``virtio_mem_set_requested_size``); at start-up ``virtio_mem_device_realize`` accepts it and the
+  usable region, hence what the guest can plug, stops at the backend's size.
 * MEMORY_DEVICE_SIZE_CHANGE after every ACKed plug/unplug and UNPLUG_ALL (the monitor throttles it to one
   per second per qom-path).
 
@@ -111,9 +114,8 @@ class VirtioMemDevice:
         if region_size % block_size:
             raise ValueError(f"'memdev' property memdev size has to be multiples of'block-size' "
                              f"(0x{block_size:x})")
-        if requested_size > region_size:
-            raise ValueError(f"'requested-size' cannot exceed the memory backend size"
-                             f"(0x{region_size:x})")
+        # realize() does not compare requested-size with the memdev (only qom-set does): a larger
+        # one is accepted and the usable region stops at the memdev (virtio_mem_device_realize)
         self.id = dev_id
         self.memdev = memdev if memdev is not None else f"mem-{dev_id}"  # its memory backend's id
         self.qom_path = f"/machine/peripheral/{dev_id}"

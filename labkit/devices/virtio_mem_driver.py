@@ -11,8 +11,12 @@
   highest block first; in an online block the whole block at once if possible, else single subblocks
   from the top, skipping busy ones. Online memory is taken back with ``alloc_contig_range`` (5 attempts
   in ZONE_MOVABLE, 1 in ZONE_NORMAL): an unmovable kernel page anywhere in a subblock makes it -EBUSY.
-* The work loop retries -EBUSY / -ETXTBSY (device BUSY, e.g. during migration) / -ENOMEM on a timer
-  that starts at 50 s and doubles up to 300 s, reset to 50 s after a success.
+* The work loop (``virtio_mem_run_wq``) first cancels the retry timer, then reads the config and
+  plugs or unplugs the difference; it retries -EBUSY / -ETXTBSY (device BUSY, e.g. during migration)
+  / -ENOMEM on a timer that starts at 50 s and doubles up to 300 s, reset to 50 s after a success.
+  A config change (``qom-set requested-size``) seen before a request makes that request return
+  -EAGAIN (``virtio_mem_send_plug_request`` / ``_unplug_request``): the run restarts at once with
+  the new target instead of finishing the old one.
 
 Simplifications: a request, adding and onlining a block, and each migrated page take fixed model
 times (``TIMING``: assumed, to be measured against the live backend); kdump and suspend are not
@@ -30,14 +34,13 @@ import simpy
 
 from labkit.devices.virtio_mem import Request, Response, VirtioMemDevice
 from labkit.model.hotplug import DeviceRegion, MemoryHotplug
-from labkit.model.pages import PAGEBLOCK_ORDER, PAGES_PER_MEMORY_BLOCK, PageState
+from labkit.model.pages import PAGEBLOCK_ORDER, PageState
 from labkit.units import GiB, PAGE_SIZE
 
 VIRTIO_MEM_RETRY_TIMER_MIN_MS = 50_000
 VIRTIO_MEM_RETRY_TIMER_MAX_MS = 300_000
 VIRTIO_MEM_DEFAULT_OFFLINE_THRESHOLD = 1 * GiB
 FAKE_OFFLINE_ATTEMPTS_MOVABLE = 5  # virtio_mem_fake_offline: ZONE_MOVABLE retries
-MEMORY_BLOCK_BYTES = PAGES_PER_MEMORY_BLOCK * PAGE_SIZE
 
 
 @dataclass(frozen=True)
@@ -73,28 +76,32 @@ class VirtioMemDriver:
         self.env, self.kernel, self.device, self.region = env, kernel, device, region
         self.hotplug, self.timing, self.unplug_online = hotplug, timing, unplug_online
         self.node = region.node
+        self.pages_per_mb = hotplug.block_pages  # memory_block_size_bytes() of this guest
+        self.memory_block_bytes = self.pages_per_mb * PAGE_SIZE
         self.sb_size = max(PAGE_SIZE << PAGEBLOCK_ORDER, device.block_size)
-        self.bbm = self.sb_size >= MEMORY_BLOCK_BYTES
-        self.unit_pages = (max(device.block_size, MEMORY_BLOCK_BYTES) if self.bbm else
+        self.bbm = self.sb_size >= self.memory_block_bytes
+        self.unit_pages = (max(device.block_size, self.memory_block_bytes) if self.bbm else
                            self.sb_size) // PAGE_SIZE  # a big block, or a subblock
         self.unit_bytes = self.unit_pages * PAGE_SIZE
-        self.first_mb = region.start // PAGES_PER_MEMORY_BLOCK
-        self.n_mb = region.pages // PAGES_PER_MEMORY_BLOCK
-        self.mbs_per_unit = max(1, self.unit_pages // PAGES_PER_MEMORY_BLOCK)
-        self.units_per_mb = max(1, PAGES_PER_MEMORY_BLOCK // self.unit_pages)
+        self.first_mb = region.start // self.pages_per_mb
+        self.n_mb = region.pages // self.pages_per_mb
+        self.mbs_per_unit = max(1, self.unit_pages // self.pages_per_mb)
+        self.units_per_mb = max(1, self.pages_per_mb // self.unit_pages)
         n_units = region.pages // self.unit_pages
         self.plugged = np.zeros(n_units, dtype=bool)  # the driver's subblock / big block bitmap
         self.mb_state = np.zeros(self.n_mb, dtype=np.int8)
         self.next_mb = 0
         self.plugged_size = device.size
         self.offline_size = 0
-        self.offline_threshold = max(2 * MEMORY_BLOCK_BYTES, VIRTIO_MEM_DEFAULT_OFFLINE_THRESHOLD,
+        self.offline_threshold = max(2 * self.memory_block_bytes, VIRTIO_MEM_DEFAULT_OFFLINE_THRESHOLD,
                                      2 * self.unit_bytes if self.bbm else 0)
         self.retry_ms = VIRTIO_MEM_RETRY_TIMER_MIN_MS
         self.broken = False
         self.last_rc = 0
         self.history: list[tuple[float, str, int]] = []  # (t, what, rc)
         self._pending = True  # probe queues the work once
+        self.config_changed_flag = True  # vm->config_changed: probe reads the config first
+        self.eagain_restarts = 0  # runs restarted because the config changed mid-run
         self._wake: simpy.Event = env.event()
         self._retry_timer: simpy.Process | None = None
         device.config_changed = self.config_changed
@@ -128,7 +135,11 @@ class VirtioMemDriver:
 
     # --- the work item ------------------------------------------------------------------------
     def config_changed(self) -> None:
-        """virtio_mem_config_changed: queue the work."""
+        """virtio_mem_config_changed: ``atomic_set(&vm->config_changed, 1)``, queue the work."""
+        self.config_changed_flag = True
+        self._kick()
+
+    def _kick(self) -> None:
         self._pending = True
         if not self._wake.triggered:
             self._wake.succeed()
@@ -136,56 +147,74 @@ class VirtioMemDriver:
     def memory_notify_online(self) -> None:
         """MEM_ONLINE: recount offline memory; retry once half the threshold could be added."""
         self.offline_size = sum(
-            MEMORY_BLOCK_BYTES for mb in range(self.n_mb)
+            self.memory_block_bytes for mb in range(self.n_mb)
             if (self.first_mb + mb) in self.hotplug.memmap and self.mb_online_zone(mb) is None)
         for mb in range(self.n_mb):
             self._refresh_state(mb)
         if self.offline_size + self.offline_threshold // 2 <= self.offline_threshold:
-            self.config_changed()
+            self._kick()  # virtio_mem_retry: queue the work (the config did not change)
 
     def _work(self):
+        """virtio_mem_run_wq."""
         while True:
             if not self._pending:
                 self._wake = self.env.event()
                 yield self._wake
             self._pending = False
+            self._cancel_retry()  # hrtimer_cancel(&vm->retry_timer)
             if self.broken:
                 continue
-            rc = 0
-            requested, plugged = self.device.requested_size, self.plugged_size
-            if requested > plugged:
-                rc = yield from self._plug_request(requested - plugged)
-                what = "plug"
-            elif requested < plugged:
-                rc = yield from self._unplug_request(plugged - requested)
-                what = "unplug"
-            else:
-                what = "idle"
-            self.last_rc = rc
-            self.history.append((self.env.now, what, rc))
+            while True:  # retry:
+                if self.config_changed_flag:  # virtio_mem_refresh_config
+                    self.config_changed_flag = False
+                rc = 0
+                requested, plugged = self.device.requested_size, self.plugged_size
+                if requested > plugged:
+                    rc = yield from self._plug_request(requested - plugged)
+                    what = "plug"
+                elif requested < plugged:
+                    rc = yield from self._unplug_request(plugged - requested)
+                    what = "unplug"
+                else:
+                    what = "idle"
+                self.last_rc = rc
+                self.history.append((self.env.now, what, rc))
+                if rc != -errno.EAGAIN:
+                    break
+                self.eagain_restarts += 1  # "Retry immediately (e.g., the config changed)."
             if rc == 0:
                 self.retry_ms = VIRTIO_MEM_RETRY_TIMER_MIN_MS
             elif rc in (-errno.ETXTBSY, -errno.EBUSY, -errno.ENOMEM):
                 self._arm_retry()
-            elif rc == -errno.EAGAIN:
-                self._pending = True
             elif rc != -errno.ENOSPC:
                 self.kernel.log(f"virtio_mem: unknown error, marking device broken: {rc}")
                 self.broken = True
 
     def _arm_retry(self) -> None:
-        if self._retry_timer is not None and self._retry_timer.is_alive:
-            return
+        """hrtimer_start(&vm->retry_timer, retry_timer_ms)."""
+        self._cancel_retry()
         self._retry_timer = self.env.process(self._retry(self.retry_ms))
 
+    def _cancel_retry(self) -> None:
+        if self._retry_timer is not None and self._retry_timer.is_alive:
+            self._retry_timer.interrupt("cancel")
+        self._retry_timer = None
+
     def _retry(self, delay: float):
-        yield self.env.timeout(delay)
-        # virtio_mem_timer_expired: double the delay (up to the max), then retry
+        try:
+            yield self.env.timeout(delay)
+        except simpy.Interrupt:
+            return
+        # virtio_mem_timer_expired: double the delay (up to the max), then queue the work
         self.retry_ms = min(self.retry_ms * 2, VIRTIO_MEM_RETRY_TIMER_MAX_MS)
-        self.config_changed()
+        self._retry_timer = None
+        self._kick()
 
     # --- requests to the device ---------------------------------------------------------------
     def _send(self, kind: Request, unit: int, count: int):
+        """virtio_mem_send_plug_request / _unplug_request: -EAGAIN if the config changed."""
+        if self.config_changed_flag:
+            return -errno.EAGAIN
         yield self.env.timeout(self.timing.request_ms)
         nb_blocks = count * self.unit_bytes // self.device.block_size
         resp, _ = self.device.request(kind, self.unit_addr(unit), nb_blocks)
@@ -216,15 +245,15 @@ class VirtioMemDriver:
         for mb in np.flatnonzero(self.mb_state[:self.next_mb] == SbmState.UNUSED):
             if self.bbm and mb % self.mbs_per_unit:
                 continue
-            if not self._could_add_memory(self.mbs_per_unit * MEMORY_BLOCK_BYTES):
+            if not self._could_add_memory(self.mbs_per_unit * self.memory_block_bytes):
                 return -errno.ENOSPC
             rc, nb = yield from self._plug_and_add(int(mb), nb)
             if rc or not nb:
                 return rc
         while nb:
-            if not self._could_add_memory(self.mbs_per_unit * MEMORY_BLOCK_BYTES):
+            if not self._could_add_memory(self.mbs_per_unit * self.memory_block_bytes):
                 return -errno.ENOSPC
-            last_usable = (self.device.config.usable_region_size // MEMORY_BLOCK_BYTES)
+            last_usable = (self.device.config.usable_region_size // self.memory_block_bytes)
             if self.next_mb + self.mbs_per_unit > min(last_usable, self.n_mb):
                 return -errno.ENOSPC
             mb = self.next_mb
@@ -247,7 +276,7 @@ class VirtioMemDriver:
             if rc:  # undo: unplug again
                 yield from self._send(Request.UNPLUG, unit, count)
                 return rc, nb
-            self.offline_size += MEMORY_BLOCK_BYTES
+            self.offline_size += self.memory_block_bytes
             self._auto_online(mb + i)
             self._refresh_state(mb + i)
         return 0, nb - count
@@ -256,20 +285,20 @@ class VirtioMemDriver:
         online_type = self.hotplug.online_type
         if online_type == "offline":
             return
-        self.online_block(mb, self.hotplug.choose_zone(self.node, online_type))
+        self.online_block(mb, self.hotplug.choose_zone(self.node, online_type, self.first_mb + mb))
 
     def online_block(self, mb: int, movable: bool) -> None:
         """Online a block: plugged units go to the buddy allocator, the rest stay offline."""
-        a = (self.first_mb + mb) * PAGES_PER_MEMORY_BLOCK
+        a = (self.first_mb + mb) * self.pages_per_mb
         units = np.flatnonzero(self.plugged[self.mb_units(mb)] if not self.bbm else
                                self.plugged[mb // self.mbs_per_unit:mb // self.mbs_per_unit + 1])
         if self.bbm or len(units) == self.units_per_mb:  # the whole block: one arange
-            plugged = np.arange(a, a + PAGES_PER_MEMORY_BLOCK * (len(units) > 0), dtype=np.int64)
+            plugged = np.arange(a, a + self.pages_per_mb * (len(units) > 0), dtype=np.int64)
         else:
             plugged = (units[:, None] * self.unit_pages + np.arange(self.unit_pages, dtype=np.int64)
                        ).ravel() + a
         self.hotplug.online(self.first_mb + mb, self.node, movable, plugged)
-        self.offline_size -= MEMORY_BLOCK_BYTES
+        self.offline_size -= self.memory_block_bytes
         self._refresh_state(mb)
 
     def _plug_any_sb(self, mb: int, nb: int):
@@ -383,7 +412,7 @@ class VirtioMemDriver:
             return
         was_offline = self.mb_online_zone(mb) is None
         if self.hotplug.offline_and_remove(block) == 0 and was_offline:
-            self.offline_size -= MEMORY_BLOCK_BYTES
+            self.offline_size -= self.memory_block_bytes
 
     def _bbm_unplug(self, nb: int):
         """BBM: scan big blocks downward in 3 passes (offline; online only in ZONE_MOVABLE; any)."""
@@ -414,7 +443,7 @@ class VirtioMemDriver:
                     was_offline = self.mb_online_zone(mb) is None
                     self.hotplug.offline_and_remove(self.first_mb + mb)
                     if was_offline:
-                        self.offline_size -= MEMORY_BLOCK_BYTES
+                        self.offline_size -= self.memory_block_bytes
                     self._refresh_state(mb)
                 nb -= 1
         return -errno.EBUSY if nb else 0

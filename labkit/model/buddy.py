@@ -6,16 +6,16 @@ for a zone by reshape-and-reduce, with no Python loop over pages: max-order bloc
 are settled in one pass, the others halve their mask once per order; the cost is a few passes over the
 state array plus the output (``benchmarks/README.md`` has the numbers).
 
-Allocation order, as mm/page_alloc.c hands out pages:
+Allocation order, as mm/page_alloc.c hands out pages (:class:`labkit.model.allocator.ZoneAllocator`):
 
 * Smallest fitting block first: an order-0 request takes the head of the order-0 list and splits a
   larger block only when every smaller list is empty; ``expand()`` hands out the low half and queues the
   high halves, so a split block is consumed in ascending address order.
 * Boot and onlining free memory with ``FPI_TO_TAIL`` (``__free_pages_core``, Linux >= 5.10), so a fresh
   free list is in ascending address order.
-* Pages freed later go to the **head** of their list; order-0 frees first land on the per-CPU lists,
-  which are LIFO. labkit keeps those in a small hot stack (:class:`ZoneAllocator`) served first, and
-  puts larger recent frees at the head of their order's list at the next rebuild.
+* Pages freed later go to the **head** of their list (order-0 frees first land on the per-CPU lists,
+  :mod:`labkit.model.pcp`, which give them to the buddy allocator in batches): recent frees go to
+  the head of their order's list at the next rebuild.
 * Reported pages were put back with ``FPI_TO_TAIL`` (``__putback_isolated_page``): they sit at the tail
   of their list, behind every unreported block of the same order.
 
@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from labkit.model.pages import MAX_PAGE_ORDER, NR_PAGE_ORDERS, GuestMemory, PageFlag, PageState, Zone
+from labkit.model.pages import MAX_PAGE_ORDER, GuestMemory, PageFlag, PageState, Zone
 
 FREE = np.uint8(PageState.FREE)
 REPORTED = np.uint8(PageFlag.REPORTED)
@@ -37,9 +37,6 @@ PAIR_FREE = np.uint16(0x0101)  # two bools viewed as one uint16: both pages (or 
 BYTES_ALL_ONE = 0x0101010101010101  # eight bools viewed as one uint64: all eight pages free
 CHUNK_PAGES = 1 << 22  # free_blocks works on 16 GiB of a zone at a time (masks of 4 MiB: in cache)
 REPORTED_CHECK_RATIO = 64  # above one block per 64 pages, one pass over the flags beats a gather
-# Order-0 frees below this size go to the hot stack (the per-CPU page lists, mm/page_alloc.c
-# free_unref_page). Linux sizes pcp->high from the zone; a few hundred pages is typical for a VM.
-PCP_HIGH = 512
 PLAN_WINDOW = 1 << 14  # plan pages expanded at once for take(): 64 MiB, 64 balloon requests
 
 
@@ -247,176 +244,3 @@ def _is_in(values: np.ndarray, pool: np.ndarray) -> np.ndarray:
     at[at == len(pool)] = 0
     return pool[at] == values
 
-
-class ZoneAllocator:
-    """Hands out a zone's free pages in the order Linux's buddy allocator would.
-
-    ``take(n)`` serves the hot stack first (LIFO), then walks a plan: the derived free blocks
-    ordered smallest order first; within an order, recently freed blocks (head) then the rest by
-    ascending address, then reported blocks (tail). The plan is rebuilt only after frees that bypass
-    the hot stack, so a long run of small allocations costs O(n) each, not a pass over the zone:
-    the plan's next ``PLAN_WINDOW`` pages are expanded once and sliced by the following requests.
-    """
-
-    def __init__(self, mem: GuestMemory, zone: Zone):
-        self.mem = mem
-        self.zone = zone
-        self._hot = np.zeros(0, dtype=np.int64)
-        self._recent: list[np.ndarray] = []
-        self._plan_starts: np.ndarray | None = None  # block starts, in hand-out order
-        self._plan_ends = np.zeros(0, dtype=np.int64)  # cumulative pages up to each block's end
-        self._plan_total = 0  # pages in the plan
-        self._cursor = 0  # pages of the plan handed out so far
-        self._window = np.zeros(0, dtype=np.int64)  # pages at plan positions [_window_at, ...)
-        self._window_at = 0
-        self.rebuilds = 0
-
-    # --- frees --------------------------------------------------------------------------------
-    def freed(self, pfns: np.ndarray) -> None:
-        """Note that ``pfns`` (already FREE in the state array) went back to the free lists."""
-        if len(pfns) == 0:
-            return
-        if len(pfns) <= PCP_HIGH and len(self._hot) + len(pfns) <= 4 * PCP_HIGH:
-            self._hot = np.concatenate([self._hot, pfns])
-        else:
-            self._recent.append(np.asarray(pfns, dtype=np.int64))
-            self.invalidate()
-
-    def invalidate(self) -> None:
-        """Free pages changed outside ``take``: rebuild the plan before the next allocation."""
-        self._plan_starts = None
-        if len(self._hot):
-            self._recent.append(self._hot)
-            self._hot = np.zeros(0, dtype=np.int64)
-
-    # --- allocation ---------------------------------------------------------------------------
-    def take(self, n: int) -> np.ndarray:
-        """Take up to ``n`` free pages (fewer only if the zone has fewer free pages)."""
-        state = self.mem.state
-        out = []
-        got = 0
-        if len(self._hot):
-            hot = self._hot[::-1]
-            hot = hot[state[hot] == FREE]
-            use = hot[:n]
-            out.append(use)
-            got += len(use)
-            self._hot = hot[len(use):][::-1]
-        attempts = 0
-        while got < n and attempts < 3:
-            if self._plan_starts is None:
-                self._rebuild()
-            total = self._plan_total
-            stop = min(total, self._cursor + (n - got))
-            chunk = self._plan_pages(self._cursor, stop)
-            self._cursor = stop
-            taken = state[chunk]
-            # FREE is 0: pages allocated since the plan was built are the non-zero states
-            chunk = chunk[taken == FREE] if np.count_nonzero(taken) else chunk.copy()
-            if got:  # pages this call already took are still FREE in the state array
-                chunk = chunk[~_is_in(chunk, np.concatenate(out))]
-            out.append(chunk)
-            got += len(chunk)
-            if self._cursor >= total:
-                self._plan_starts = None
-                attempts += 1
-        # no duplicates: hot pages were freed after the plan was built, behind its cursor
-        return np.concatenate(out) if len(out) != 1 else out[0]
-
-    def _rebuild(self) -> None:
-        """Order the zone's free blocks the way the free lists would hand them out."""
-        self.rebuilds += 1
-        if len(self._hot):  # the hot pages become the most recent frees of the new plan
-            self._recent.append(self._hot)
-            self._hot = np.zeros(0, dtype=np.int64)
-        blocks = free_blocks(self.mem, self.zone)
-        recency = self._recency()
-        ordered_starts, ordered_sizes = [], []
-        for k in range(NR_PAGE_ORDERS):
-            s, rep = blocks.starts[k], blocks.reported[k]
-            if len(s) == 0:
-                continue
-            groups = []
-            unrep = s[~rep] if rep.any() else s
-            if recency is not None and len(unrep):
-                rec = recency(unrep, 1 << k)
-                is_recent = rec > 0
-                recent = unrep[is_recent]
-                groups.append(recent[np.argsort(-rec[is_recent], kind="stable")])
-                groups.append(unrep[~is_recent])
-            else:
-                groups.append(unrep)
-            groups.append(s[rep])
-            for g in groups:
-                ordered_starts.append(g)
-                ordered_sizes.append(np.full(len(g), 1 << k, dtype=np.int64))
-        if ordered_starts:
-            self._plan_starts = np.concatenate(ordered_starts)
-            self._plan_ends = np.cumsum(np.concatenate(ordered_sizes))
-        else:
-            self._plan_starts = np.zeros(0, dtype=np.int64)
-            self._plan_ends = np.zeros(0, dtype=np.int64)
-        self._plan_total = int(self._plan_ends[-1]) if len(self._plan_ends) else 0
-        self._cursor = 0
-        self._window = np.zeros(0, dtype=np.int64)
-        self._window_at = 0
-
-    def _recency(self):
-        """How recently each block was freed: a function of (block starts, block size) giving, per
-        block, the sequence number of the last page freed inside it (0: none; frees are numbered
-        page by page across ``_recent``, oldest first).
-
-        Sorted (page, batch) keys and a segmented max, so the cost follows the recent frees, not
-        the zone's size (a 1 TiB zone would need a GiB for a per-page array)."""
-        if not self._recent:
-            return None
-        lo = 0  # absolute PFNs: a zone's runs may lie anywhere (hot-plugged blocks)
-        pfns = np.concatenate(self._recent)
-        # one sequence number per freed page: the free lists are LIFO page by page, so within a
-        # batch (a process exiting) the pages freed last are handed out first
-        batch = np.arange(1, len(pfns) + 1, dtype=np.int64)
-        self._recent = []
-        if len(pfns) == 0:
-            return None
-        bits = int(batch[-1]).bit_length()
-        keys = np.sort(((pfns - lo) << bits) | batch)
-        pages = keys >> bits
-        latest = np.append(keys & ((1 << bits) - 1), 0)  # one past the end for reduceat
-
-        def recency(starts: np.ndarray, size: int) -> np.ndarray:
-            first = np.searchsorted(pages, starts - lo, side="left")
-            end = np.searchsorted(pages, starts - lo + size, side="left")
-            bounds = np.empty(2 * len(starts), dtype=np.int64)
-            bounds[0::2] = first
-            bounds[1::2] = end
-            rec = np.maximum.reduceat(latest, bounds)[0::2]
-            rec[end == first] = 0
-            return rec
-
-        return recency
-
-    def _plan_pages(self, a: int, b: int) -> np.ndarray:
-        """Pages at plan positions [a, b) (a view), from the expanded window of the plan."""
-        w = a - self._window_at
-        if w < 0 or b - self._window_at > len(self._window):
-            self._window = self._plan_slice(a, min(self._plan_total, max(b, a + PLAN_WINDOW)))
-            self._window_at = a
-            w = 0
-        return self._window[w:w + (b - a)]
-
-    def _plan_slice(self, a: int, b: int) -> np.ndarray:
-        """Pages at plan positions [a, b), expanding only the blocks they fall in."""
-        if b <= a:
-            return np.zeros(0, dtype=np.int64)
-        first = int(np.searchsorted(self._plan_ends, a, side="right"))
-        if b <= self._plan_ends[first]:  # within one block: the common case
-            end = int(self._plan_ends[first])
-            size = end - (int(self._plan_ends[first - 1]) if first else 0)
-            offset = a - (end - size)
-            return np.arange(b - a, dtype=np.int64) + (int(self._plan_starts[first]) + offset)
-        last = int(np.searchsorted(self._plan_ends, b, side="left"))
-        ends = self._plan_ends[first:last + 1]
-        starts = self._plan_starts[first:last + 1]
-        base = int(self._plan_ends[first - 1]) if first else 0
-        sizes = np.diff(ends, prepend=base)
-        return _expand(starts, sizes)[a - base:b - base]

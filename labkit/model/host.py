@@ -32,9 +32,11 @@ BACKED = np.uint8(PageFlag.BACKED)
 SWAPPED = np.uint8(PageFlag.SWAPPED)
 REFERENCED = np.uint8(PageFlag.REFERENCED)
 DIRTY_LOG = np.uint8(PageFlag.DIRTY_LOG)
+ZEROED = np.uint8(PageFlag.ZEROED)
+NOT_ZEROED = ~ZEROED
 NOT_SWAPPED = ~SWAPPED
 NO_FLAGS = np.uint8(0)
-KEPT_ON_DISCARD = ~(BACKED | SWAPPED | REFERENCED)  # a discarded page reads as a fresh zero page
+KEPT_ON_DISCARD = ~(BACKED | SWAPPED | REFERENCED | ZEROED)  # a discarded page reads as a fresh zero page
 CLOCK_WINDOW = 1 << 16  # pages the clock hand examines per step (a loop over windows, not pages)
 RANGE_MIN = 1024  # touch(): from this many pages, check for one ascending run (a slice, no gather)
 
@@ -65,6 +67,7 @@ class HostVM:
     swap_ins: int = 0
     swap_outs: int = 0
     discarded_pages: int = 0
+    discarded_zeroed: int = 0  # of those, pages the guest had only zeroed (init_on_alloc) first
     dirty_logging: bool = False
     counters: dict = field(default_factory=dict)
 
@@ -129,10 +132,13 @@ class Host:
         return self.ram_pages - self.used_pages
 
     # --- guest touches and discards -----------------------------------------------------------
-    def touch(self, vm: HostVM, pfns: np.ndarray, run_start: int | None = None) -> None:
+    def touch(self, vm: HostVM, pfns: np.ndarray, run_start: int | None = None,
+              zeroed: bool = False) -> None:
         """The guest wrote ``pfns`` (unique page numbers: a page listed twice would be counted
         twice): fault in what is not backed (swap-in or zero-fill).
-        ``run_start``: the caller knows ``pfns`` is the run ``run_start, run_start + 1, ...``."""
+        ``run_start``: the caller knows ``pfns`` is the run ``run_start, run_start + 1, ...``.
+        ``zeroed``: all it wrote is zeros (``init_on_alloc``): the pages it faulted in for that get
+        ``ZEROED`` (backed, holding nothing the guest wrote: discarding them returns nothing)."""
         n = len(pfns)
         if n == 0:
             return
@@ -142,6 +148,8 @@ class Host:
             n >= RANGE_MIN and int(pfns[-1]) - int(pfns[0]) == n - 1 and ascending_run(pfns))
         f = flags[int(pfns[0]):int(pfns[0]) + n] if ranged else flags[pfns]
         backed = f & BACKED
+        if zeroed:  # faulted in now, or earlier by zeroing and never written since
+            only_zeros = (backed == 0) | ((f & ZEROED) != 0)
         n_missing = n - int(np.count_nonzero(backed))
         faulted = NO_FLAGS
         if n_missing:
@@ -160,7 +168,10 @@ class Host:
             vm.mem.swapped_pages -= n_swapped
             vm.swap_ins += n_swapped
             vm.zero_fill_faults += n_missing - n_swapped
+        f &= NOT_ZEROED
         f |= faulted | ((REFERENCED | DIRTY_LOG) if vm.dirty_logging else REFERENCED)
+        if zeroed:
+            f[only_zeros] |= ZEROED
         if not ranged:
             flags[pfns] = f
 
@@ -175,13 +186,14 @@ class Host:
             return 0
         flags = vm.mem.flags
         f = flags[pfns]
-        held = np.bincount(f & (BACKED | SWAPPED), minlength=7)  # one pass for both counts
-        backed = int(held[BACKED] + held[BACKED | SWAPPED])
+        held = np.bincount(f & (BACKED | SWAPPED | ZEROED), minlength=71)  # one pass for all counts
+        backed = int(held[BACKED] + held[BACKED | SWAPPED] + held[BACKED | ZEROED])
         swapped = int(held[SWAPPED] + held[BACKED | SWAPPED])
         flags[pfns] = f & KEPT_ON_DISCARD
         vm.mem.backed_pages -= backed
         vm.mem.swapped_pages -= swapped
         vm.discarded_pages += backed
+        vm.discarded_zeroed += int(held[BACKED | ZEROED])
         return backed
 
     def stall_ms(self, vm: HostVM) -> float:

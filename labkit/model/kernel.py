@@ -1,50 +1,52 @@
 """The guest kernel's memory management, as far as the five mechanisms see it.
 
-Zone watermarks follow mm/page_alloc.c (``init_per_zone_wmark_min``, ``__setup_per_zone_wmarks``):
-``min_free_kbytes = sqrt(lowmem_kbytes * 16)`` clamped to [128, 262144]; each zone's share of it is its
-``min``; ``low = min + max(min / 4, managed * watermark_scale_factor / 10000)`` and ``high = min + 2 x``
-that step (``watermark_scale_factor`` 10). ZONE_MOVABLE gets ``clamp(managed / 1024, 32, 128)`` as min.
+It boots as the live backend's kernel does (Debian's 6.1 cloud kernel on q35; the knobs and their
+defaults are :mod:`labkit.model.bootparams`): zones DMA / DMA32 / Normal (:mod:`labkit.model.layout`),
+watermarks, ``lowmem_reserve`` and per-CPU list sizes as mm/page_alloc.c computes them
+(:mod:`labkit.model.watermarks`, THP's ``set_recommended_min_free_kbytes`` included), per-CPU page
+lists in front of the buddy allocator (:mod:`labkit.model.pcp`), and ``init_on_alloc`` zeroing.
 
-Allocation follows the page allocator's shape: the fast path takes pages while a zone stays above its
-low watermark; then kswapd is woken and reclaims page cache toward the high watermark; the slow path may
-go down to the min watermark; then direct reclaim; then, unless ``__GFP_NORETRY`` (balloon pages), the
-OOM path: the OOM notifier chain (virtio-balloon's deflate-on-oom), and if it freed nothing, the OOM
-killer. The guest has no swap, so anonymous and shmem pages are never reclaimed: only page cache is.
+Allocation follows ``__alloc_pages``: an allocation may use the zones up to its ``highest_zoneidx``
+(ZONE_MOVABLE for user and balloon pages, ZONE_NORMAL for the kernel's own), highest zone first, on
+the preferred node first (``zonelist``); a zone is used while its free pages stay above the
+watermark plus its ``lowmem_reserve`` for that class (``zone_watermark_fast``). The fast path
+checks the low watermark; then kswapd is woken and reclaims toward the high watermark; the slow
+path may go down to the min watermark; then direct reclaim (:mod:`labkit.model.reclaim`), and if
+that made progress but did not help, ``drain_all_pages`` and one more try; then, unless
+``__GFP_NORETRY`` (balloon pages), the OOM path: the OOM notifier chain (virtio-balloon's
+deflate-on-oom), and if it freed nothing, the OOM killer. With ``init_on_alloc=1`` every allocated
+page is zeroed: written, so the host backs it (docs/mechanisms.md §10.4).
 
-Simplifications (stated here, not hidden): reclaim is instantaneous and takes the oldest file pages
-first (one LRU, no active/inactive split); the OOM killer picks the largest killable anonymous
-"process"; slab is not reclaimable; lowmem_reserve is ignored.
+Simplifications (stated here, not hidden): reclaim is instantaneous (see its module); the OOM killer
+picks the largest killable anonymous "process"; no migratetypes, compaction or watermark boosting;
+every guest activity runs on CPU 0.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from labkit.errors import GuestError
-from labkit.model.buddy import ZoneAllocator
+from labkit.model import procfs
+from labkit.model import watermarks as wm
+from labkit.model.allocator import ZoneAllocator
+from labkit.model.bootparams import DEFAULTS, BootParams
 from labkit.model.host import Host, HostVM, ascending_run
-from labkit.model.pages import GuestMemory, PageFlag, PageState
+from labkit.model.kmem import KernelMemory
+from labkit.model.pages import PAGEBLOCK_ORDER, GuestMemory, PageFlag, PageState
+from labkit.model.pcp import PerCpuPages
+from labkit.model.reclaim import SWAP_CLUSTER_MAX, Shrinker, reclaim
+from labkit.model.watermarks import Watermarks
+from labkit.model.zone_setup import ZoneSetup
 
-SWAP_CLUSTER_MAX = 32  # include/linux/swap.h: reclaim batch
 WATERMARK_SCALE_FACTOR = 10  # mm/page_alloc.c default (0.1 % of the zone)
-MIN_FREE_KBYTES_MAX = 262144  # mm/page_alloc.c init_per_zone_wmark_min upper clamp
-MIN_FREE_KBYTES_MIN = 128
-
 FILE_STATES = (PageState.FILE_CLEAN, PageState.FILE_DIRTY)
 FREE = int(PageState.FREE)  # plain ints index numpy arrays faster than IntEnum members
-FILE_CLEAN = int(PageState.FILE_CLEAN)
-FILE_DIRTY = int(PageState.FILE_DIRTY)
-
-
-@dataclass
-class Watermarks:
-    min: int
-    low: int
-    high: int
+PCP = int(PageState.PCP)
+ZONE_NORMAL, ZONE_MOVABLE = wm.ZONE_NORMAL, wm.ZONE_MOVABLE
 
 
 @dataclass
@@ -59,6 +61,7 @@ class Handle:
     killable: bool = True
     alive: bool = True
     created_ms: float = 0.0
+    overhead: np.ndarray | None = None  # the unmovable kernel memory it costs (page tables, xa_nodes)
     _run: tuple | None = field(default=None, repr=False, compare=False)
 
     def run_start(self) -> int | None:
@@ -86,42 +89,31 @@ class VmStat:
     pgsteal_direct: int = 0
     pgwriteback: int = 0
     oom_events: int = 0
+    drain_all_pages: int = 0
     extra: dict = field(default_factory=dict)
 
 
-def compute_watermarks(mem: GuestMemory, managed: np.ndarray) -> list[Watermarks]:
-    """Per-zone min/low/high watermarks in pages, as ``__setup_per_zone_wmarks`` computes them."""
-    lowmem = int(sum(m for m, z in zip(managed, mem.zones, strict=True) if not z.movable))
-    lowmem_kbytes = lowmem * 4
-    min_free_kbytes = int(math.isqrt(lowmem_kbytes * 16))
-    min_free_kbytes = min(max(min_free_kbytes, MIN_FREE_KBYTES_MIN), MIN_FREE_KBYTES_MAX)
-    pages_min = min_free_kbytes // 4
-    marks = []
-    for m, z in zip(managed, mem.zones, strict=True):
-        m = int(m)
-        if z.movable:
-            zmin = min(max(m // 1024, SWAP_CLUSTER_MAX), 128)
-        else:
-            zmin = pages_min * m // max(lowmem, 1)
-        step = max(zmin // 4, m * WATERMARK_SCALE_FACTOR // 10000)
-        marks.append(Watermarks(zmin, zmin + step, zmin + 2 * step))
-    return marks
-
-
-class Kernel:
-    """A guest kernel over a :class:`GuestMemory`, backed by a :class:`Host`.
+class Kernel(ZoneSetup, KernelMemory):
+    """A guest kernel over a :class:`GuestMemory`, backed by a :class:`Host`, booted with
+    ``params`` (:class:`~labkit.model.bootparams.BootParams`).
 
     Devices hook in the way drivers do: ``oom_notifiers`` (``register_oom_notifier``),
-    ``free_hooks`` (``page_reporting_notify_free``), ``alloc_hooks`` and ``adjust_managed_page_count``.
+    ``free_hooks`` (``page_reporting_notify_free``), ``alloc_hooks``, ``shrinkers``
+    (``register_shrinker``) and ``adjust_managed_page_count``. ``phys_pfn`` maps a page index to
+    its physical frame (for ``/proc/zoneinfo``).
     """
 
     def __init__(self, mem: GuestMemory, host: Host, name: str = "vm0",
-                 clock: Callable[[], float] = lambda: 0.0):
+                 clock: Callable[[], float] = lambda: 0.0, params: BootParams = DEFAULTS,
+                 phys_pfn: Callable[[int], int] = lambda pfn: pfn):
         self.mem = mem
         self.host = host
         self.host_vm: HostVM = host.attach(mem, name)
         self.clock = clock
+        self.params = params
+        self.phys_pfn = phys_pfn
         self.allocators = [ZoneAllocator(mem, z) for z in mem.zones]
+        self.pcp = [[PerCpuPages() for _ in range(params.nr_cpus)] for _ in mem.zones]
         self.managed_adjust = 0  # adjust_managed_page_count() total (balloon without deflate-on-oom)
         self.vmstat = VmStat()
         self.handles: dict[int, Handle] = {}
@@ -130,8 +122,7 @@ class Kernel:
         self.free_hooks: list[Callable[[np.ndarray], None]] = []
         # alloc_hooks: called with the PFNs just allocated, before PageReported is cleared on them
         self.alloc_hooks: list[Callable[[np.ndarray], None]] = []
-        # shrinkers: called by reclaim with the pages still wanted; return pages freed
-        self.shrinkers: list[Callable[[int], int]] = []
+        self.shrinkers: list[Shrinker] = []
         # remap hooks: page owners outside the handles (the balloon list) follow migration
         self.remap_hooks: list[Callable[[np.ndarray, np.ndarray], None]] = []
         # unmovable holders: each returns PFNs its owner holds off the LRU and off the movable
@@ -144,10 +135,22 @@ class Kernel:
         self.hotplug = None  # MemoryHotplug, when the guest has hot-pluggable memory
         self.dmesg: list[tuple[float, str]] = []
         self.panicked: str | None = None
+        self.reclaim_active = False  # ZONE_RECLAIM_ACTIVE on the zones being reclaimed
+        self.slab_reclaimable = 0  # pages of KERNEL that count as SReclaimable
+        self.page_table_pages = 0
+        self._dcache: Handle | None = None
+        self.slab_per_op_pages = 0  # what each workload step leaves in the dcache (boot sets it)
         self._zonelists: dict = {}
         self._zonelists_of: list | None = None
         self._zonelists_len = 0
-        self.watermarks = compute_watermarks(mem, self.zone_managed())
+        self.min_free_kbytes = 0
+        self.user_min_free_kbytes = -1
+        self.khugepaged = False  # THP enabled and khugepaged started (hugepage_init)
+        n = len(mem.zones)
+        self.watermarks = [Watermarks(0, 0, 0) for _ in range(n)]
+        self.lowmem_reserve = np.zeros((n, wm.MAX_NR_ZONES), dtype=np.int64)
+        self.totalreserve_pages = 0
+        self.init_per_zone_wmark_min()
 
     # --- accounting ---------------------------------------------------------------------------
     def zone_managed(self) -> np.ndarray:
@@ -168,8 +171,16 @@ class Kernel:
     def zone_free(self, zone_index: int) -> int:
         return int(self.mem.counts[zone_index, FREE])
 
+    def pcp_pages(self, zone_index: int | None = None) -> int:
+        """Pages on per-CPU lists (of one zone, or all)."""
+        zones = range(len(self.mem.zones)) if zone_index is None else (zone_index,)
+        return sum(p.count for zi in zones for p in self.pcp[zi])
+
+    # --- zonelists ----------------------------------------------------------------------------
     def zonelist(self, movable: bool, node: int | None) -> tuple[int, ...]:
-        """Zones to try, in order: the preferred node first; MOVABLE before NORMAL for movable."""
+        """Zones an allocation may use, in the order it tries them: up to ZONE_MOVABLE for movable
+        (user, balloon) pages, up to ZONE_NORMAL for the kernel's own, highest zone first, the
+        preferred node first (``build_zonelists``, node order)."""
         if self._zonelists_of is not self.mem.zones or self._zonelists_len != len(self.mem.zones):
             # built once per zone layout (every allocation asks: hashing the zones each time costs)
             self._zonelists = {}
@@ -183,35 +194,76 @@ class Kernel:
     def _build_zonelist(self, movable: bool, node: int | None) -> list[int]:
         nodes = self.mem.nodes
         preferred = nodes[0] if node is None else node
-        order = [preferred] + [n for n in nodes if n != preferred]
+        highest = ZONE_MOVABLE if movable else ZONE_NORMAL
         out = []
-        for n in order:
-            for i, z in enumerate(self.mem.zones):
-                if z.node == n and z.movable and movable:
-                    out.append(i)
-            for i, z in enumerate(self.mem.zones):
-                if z.node == n and not z.movable:
-                    out.append(i)
+        for n in [preferred] + [n for n in nodes if n != preferred]:
+            mine = [(z.idx, i) for i, z in enumerate(self.mem.zones) if z.node == n and z.idx <= highest]
+            out += [i for _, i in sorted(mine, reverse=True)]
         return out
+
+    @staticmethod
+    def classzone(movable: bool) -> int:
+        """``gfp_zone()``: the highest zone index an allocation may use."""
+        return ZONE_MOVABLE if movable else ZONE_NORMAL
+
+    def watermark_threshold(self, zone_index: int, mark: str, classzone: int) -> int:
+        """``zone_watermark_ok`` (order 0) passes while free pages stay above this."""
+        return getattr(self.watermarks[zone_index], mark) + int(self.lowmem_reserve[zone_index, classzone])
 
     # --- allocation ---------------------------------------------------------------------------
     def _take(self, zones: tuple[int, ...], n: int, mark: str, state: PageState,
-              parts: list[np.ndarray]) -> int:
+              parts: list[np.ndarray], classzone: int) -> int:
         """Take up to ``n`` pages from zones above watermark ``mark``, marking them at once;
         appends them to ``parts`` and returns how many."""
         got = 0
         counts = self.mem.counts
+        now = self.clock()
         for zi in zones:
             if got >= n:
                 break
-            headroom = int(counts[zi, FREE]) - getattr(self.watermarks[zi], mark)
+            headroom = int(counts[zi, FREE]) - self.watermark_threshold(zi, mark, classzone)
             if headroom <= 0:
                 continue
-            pfns = self.allocators[zi].take(min(n - got, headroom))
-            self.mem.move_known(pfns, PageState.FREE, state, zi)  # the allocator hands out FREE pages
-            parts.append(pfns)
-            got += len(pfns)
+            got += self._rmqueue(zi, n - got, headroom, state, parts, now, classzone != ZONE_MOVABLE)
         return got
+
+    def _rmqueue(self, zi: int, want: int, headroom: int, state: PageState,
+                 parts: list[np.ndarray], now: float, unmovable: bool) -> int:
+        """``rmqueue_pcplist`` ``want`` times: the CPU's list first (newest first), refilled by
+        ``batch`` pages from the buddy allocator when empty; each page needs the zone above its
+        watermark (``headroom`` pages above it now), so the last refill may strand pages there."""
+        pcp = self.pcp[zi][0]
+        mem = self.mem
+        pb = mem.pageblock_unmovable
+        cached = pcp.take(want, now, lambda pages: pb[pages >> PAGEBLOCK_ORDER] == unmovable)
+        if len(cached):
+            mem.move_known(cached, PageState.PCP, state, zi)
+            parts.append(cached)
+        need = want - len(cached)
+        if need <= 0:
+            return len(cached)
+        batch = max(1, pcp.batch)
+        max_refills = -(-headroom // batch)
+        refills = -(-need // batch)
+        if refills <= max_refills:
+            usable = need
+        else:
+            refills, usable = max_refills, (max_refills - 1) * batch + 1
+        pages = self.allocators[zi].take(refills * batch, unmovable)
+        # rmqueue_bulk: the whole batch leaves the free lists (del_page_from_free_list clears
+        # PageReported), the pages the allocation does not use now included
+        for hook in self.alloc_hooks:  # free page reporting: a split reported block loses the flag
+            hook(pages)
+        mem.clear_flag(pages, PageFlag.REPORTED)
+        use = min(usable, len(pages))
+        mem.move_known(pages[:use], PageState.FREE, state, zi)  # the buddy hands out FREE pages
+        leftover = pages[use:]
+        if len(leftover):
+            mem.move_known(leftover, PageState.FREE, PageState.PCP, zi)
+            pcp.refill(leftover)
+        if use:
+            parts.append(pages[:use])
+        return len(cached) + use
 
     def alloc_pages(self, n: int, state: PageState, *, movable: bool = True, node: int | None = None,
                     noretry: bool = False) -> np.ndarray:
@@ -219,19 +271,25 @@ class Kernel:
 
         With ``noretry`` (``__GFP_NORETRY``) the allocation gives up after one direct reclaim
         and may return fewer pages; otherwise it goes through the OOM path until it succeeds.
+        With ``init_on_alloc`` the pages are zeroed: the host backs them.
         """
         if self.panicked:
             raise GuestError(f"the guest kernel panicked: {self.panicked}")
         zones = self.zonelist(movable, node)
+        cz = self.classzone(movable)
         parts: list[np.ndarray] = []
-        need = n - self._take(zones, n, "low", state, parts)
+        need = n - self._take(zones, n, "low", state, parts, cz)
         if need > 0:
-            self._kswapd(zones)
-            need -= self._take(zones, need, "min", state, parts)
+            self._kswapd(zones, cz)
+            need -= self._take(zones, need, "min", state, parts, cz)
         if need > 0:
             self.vmstat.allocstall += 1
-            self._reclaim(zones, need, direct=True)
-            need -= self._take(zones, need, "min", state, parts)
+            progress = self._reclaim(zones, need, direct=True)
+            if progress:
+                need -= self._take(zones, need, "min", state, parts, cz)
+                if need > 0:  # __alloc_pages_direct_reclaim: drain the pcp lists, retry once
+                    self.drain_all_pages()
+                    need -= self._take(zones, need, "min", state, parts, cz)
         while need > 0 and not noretry:
             try:
                 self._out_of_memory(zones)
@@ -239,18 +297,19 @@ class Kernel:
                 for pfns in parts:
                     self.free_pages(pfns, was=state)
                 raise
-            need -= self._take(zones, need, "min", state, parts)
+            need -= self._take(zones, need, "min", state, parts, cz)
         pfns = (parts[0] if len(parts) == 1 else np.concatenate(parts) if parts
                 else np.zeros(0, dtype=np.int64))
-        for hook in self.alloc_hooks:  # free page reporting: a split reported block loses the flag
-            hook(pfns)
-        # PageReported is cleared when a page leaves the free list (del_page_from_free_list)
-        self.mem.clear_flag(pfns, PageFlag.REPORTED)
+        if self.params.init_on_alloc:  # post_alloc_hook -> kernel_init_pages: zeroed
+            self.touch(pfns, zeroed=True)
         return pfns
 
-    def free_pages(self, pfns: np.ndarray, was: PageState | None = None) -> None:
-        """Return pages to the buddy allocator (``__free_pages``). ``was``: the state every page is
-        in, when the caller knows it (the balloon's pages are BALLOON): spares reading them."""
+    def free_pages(self, pfns: np.ndarray, was: PageState | None = None, *,
+                   to_buddy: bool = False) -> None:
+        """Free order-0 pages (``free_unref_page``): to the CPU's per-CPU list of their zone,
+        which gives the oldest back to the buddy allocator in bulk when it is full. ``to_buddy``:
+        straight to the buddy allocator (``__free_pages_core`` of onlined memory, order-10 hint
+        blocks). ``was``: the state every page is in, when the caller knows it."""
         if len(pfns) == 0:
             return
         if self.isolated:
@@ -258,18 +317,25 @@ class Kernel:
             if len(pfns) == 0:
                 return
         zone = 0 if len(self.mem.zones) == 1 else self.mem._single_zone(pfns)
-        if was is not None and zone is not None:
-            self.mem.move_known(pfns, was, PageState.FREE, zone)
-        else:
-            self.mem.set_state(pfns, PageState.FREE)
         if zone is not None:  # the common case: one call, no per-page zone lookup
-            self.allocators[zone].freed(pfns)
+            groups = [(zone, pfns)]
         else:
             zone_ids = self.mem.zone_index_of(pfns)
-            for zi in np.flatnonzero(np.bincount(zone_ids + 1)) - 1:  # not np.unique: no sort/hash
-                self.allocators[int(zi)].freed(pfns[zone_ids == zi])
-        for hook in self.free_hooks:
-            hook(pfns)
+            groups = [(int(zi), pfns[zone_ids == zi])  # not np.unique: no sort/hash
+                      for zi in np.flatnonzero(np.bincount(zone_ids + 1)) - 1]
+        now = self.clock()
+        for zi, part in groups:
+            if zi < 0:
+                raise ValueError(f"freeing pages in no zone: {part[:8].tolist()}")
+            target = PageState.FREE if to_buddy else PageState.PCP
+            if was is not None:
+                self.mem.move_known(part, was, target, zi)
+            else:
+                self.mem.set_state(part, target)
+            flushed = part if to_buddy else self.pcp[zi][0].free(part, now, self.reclaim_active)
+            if not to_buddy and len(flushed):
+                self.mem.move_known(flushed, PageState.PCP, PageState.FREE, zi)
+            self._to_buddy(zi, flushed)
 
     def _free_isolated(self, pfns: np.ndarray) -> np.ndarray:
         """Pages freed into an isolated range go to the MIGRATE_ISOLATE free list, which nothing
@@ -291,9 +357,26 @@ class Kernel:
                 return True
         return False
 
-    def recompute_watermarks(self) -> None:
-        """setup_per_zone_wmarks after memory was onlined or offlined."""
-        self.watermarks = compute_watermarks(self.mem, self.zone_managed())
+    def _to_buddy(self, zi: int, pfns: np.ndarray) -> None:
+        """Pages (already FREE) reached the buddy free lists: merges and reporting notifications."""
+        if len(pfns):
+            self.allocators[zi].freed(pfns)
+            for hook in self.free_hooks:
+                hook(pfns)
+
+    def drain_all_pages(self, zone_index: int | None = None) -> int:
+        """``drain_all_pages``: every per-CPU list (of one zone) back to the buddy allocator."""
+        drained = 0
+        zones = range(len(self.mem.zones)) if zone_index is None else (zone_index,)
+        for zi in zones:
+            for pcp in self.pcp[zi]:
+                pages = pcp.drain()
+                if len(pages):
+                    self.mem.move_known(pages, PageState.PCP, PageState.FREE, zi)
+                    self._to_buddy(zi, pages)
+                    drained += len(pages)
+        self.vmstat.drain_all_pages += 1
+        return drained
 
     def remap_pages(self, old: np.ndarray, new: np.ndarray) -> None:
         """Page migration moved ``old[i]`` to ``new[i]``: owners follow (handles, remap_hooks)."""
@@ -311,50 +394,25 @@ class Kernel:
         for hook in self.remap_hooks:
             hook(old_sorted, new_sorted)
 
-    def touch(self, pfns: np.ndarray, run_start: int | None = None) -> None:
+    def touch(self, pfns: np.ndarray, run_start: int | None = None, zeroed: bool = False) -> None:
         """The guest wrote these pages: the host backs them (and dirty-logs them in a migration).
-        ``run_start``: the caller knows ``pfns`` is one ascending run from there."""
-        self.host.touch(self.host_vm, pfns, run_start)
+        ``run_start``: the caller knows ``pfns`` is one ascending run from there; ``zeroed``: it
+        only zeroed them (the content still reads as zero)."""
+        self.host.touch(self.host_vm, pfns, run_start, zeroed)
 
     # --- reclaim and OOM ----------------------------------------------------------------------
-    def _kswapd(self, zones: list[int]) -> None:
+    def _kswapd(self, zones: tuple[int, ...], classzone: int) -> None:
         """kswapd: reclaim page cache until the zones are back above their high watermark."""
-        short = sum(max(0, self.watermarks[z].high - self.zone_free(z)) for z in zones)
+        short = sum(max(0, self.watermark_threshold(z, "high", classzone) - self.zone_free(z))
+                    for z in zones)
         if short > 0:
             self._reclaim(zones, short, direct=False)
 
-    def _reclaim(self, zones: list[int], n: int, *, direct: bool) -> int:
-        """Reclaim at least ``n`` pages (in SWAP_CLUSTER_MAX batches) of page cache, oldest first."""
-        target = -(-n // SWAP_CLUSTER_MAX) * SWAP_CLUSTER_MAX
-        freed_total = 0
-        zone_list = list(zones)
-        # oldest first: ``handles`` is in creation order already (a dict keeps insertion order, and
-        # new_handle stamps created_ms from a clock that only moves forward), so no sort is needed
-        files = [h for h in self.handles.values() if h.kind == "file" and h.alive and len(h.pages)]
-        for clean_only in (True, False):
-            for h in files:
-                if freed_total >= target:
-                    break
-                pages = h.pages
-                if len(pages) == 0:
-                    continue
-                st = self.mem.state[pages]
-                reclaimable = (st == FILE_CLEAN) if clean_only else (st == FILE_CLEAN) | (st == FILE_DIRTY)
-                if len(self.mem.zones) > 1:
-                    reclaimable &= np.isin(self.mem.zone_index_of(pages), zone_list)
-                idx = np.flatnonzero(reclaimable)[: target - freed_total]
-                if len(idx) == 0:
-                    continue
-                victims = pages[idx]
-                if not clean_only:
-                    self.vmstat.pgwriteback += int(np.count_nonzero(st[idx] == FILE_DIRTY))
-                h.pages = np.delete(pages, idx)
-                self.free_pages(victims)
-                freed_total += len(victims)
-        for shrinker in self.shrinkers:  # e.g. virtio-balloon's free page hint shrinker
-            if freed_total >= n:
-                break
-            freed_total += shrinker(n - freed_total)
+    def _reclaim(self, zones: tuple[int, ...], n: int, *, direct: bool) -> int:
+        """Reclaim at least ``n`` pages (:func:`labkit.model.reclaim.reclaim`); returns the LRU
+        pages reclaimed (``did_some_progress``)."""
+        lru, shrunk = reclaim(self, zones, n)
+        freed_total = lru + shrunk
         if direct:
             self.vmstat.pgscan_direct += freed_total
             self.vmstat.pgsteal_direct += freed_total
@@ -363,7 +421,7 @@ class Kernel:
             self.vmstat.pgsteal_kswapd += freed_total
         return freed_total
 
-    def _out_of_memory(self, zones: list[int]) -> None:
+    def _out_of_memory(self, zones: tuple[int, ...]) -> None:
         """``out_of_memory()``: the notifier chain first; if it freed anything, no kill."""
         self.vmstat.oom_events += 1
         freed = sum(notifier() for notifier in self.oom_notifiers)
@@ -383,36 +441,18 @@ class Kernel:
         victim.pages = np.zeros(0, dtype=np.int64)
         victim.alive = False
         self.free_pages(pages)
+        self.release_overhead(victim)
+        self.exit_mm()
 
-    # --- /proc/meminfo ------------------------------------------------------------------------
+
+    # --- /proc ----------------------------------------------------------------------------------
     def meminfo(self) -> dict[str, int]:
-        """/proc/meminfo fields in kB, computed as fs/proc/meminfo.c and si_mem_available() do."""
-        t = self.mem.totals()
-        kb = 4
-        free = int(t[PageState.FREE])
-        file_pages = int(t[PageState.FILE_CLEAN] + t[PageState.FILE_DIRTY])
-        wmark_low = sum(w.low for w in self.watermarks)
-        totalreserve = sum(w.high for w in self.watermarks)
-        pagecache = file_pages - min(file_pages // 2, wmark_low)
-        available = max(0, free - totalreserve + pagecache)
-        kernel = int(t[PageState.KERNEL])
-        cached = file_pages + int(t[PageState.SHMEM])
-        return {
-            "MemTotal": self.totalram_pages() * kb,
-            "MemFree": free * kb,
-            "MemAvailable": available * kb,
-            "Buffers": 0,
-            "Cached": cached * kb,
-            "SwapCached": 0,
-            "Active(file)": file_pages // 2 * kb,
-            "Inactive(file)": (file_pages - file_pages // 2) * kb,
-            "SwapTotal": 0,
-            "SwapFree": 0,
-            "Dirty": int(t[PageState.FILE_DIRTY]) * kb,
-            "Writeback": 0,
-            "AnonPages": int(t[PageState.ANON]) * kb,
-            "Shmem": int(t[PageState.SHMEM]) * kb,
-            "Slab": kernel * kb,
-            "SReclaimable": 0,
-            "SUnreclaim": kernel * kb,
-        }
+        """/proc/meminfo fields in kB (:func:`labkit.model.procfs.meminfo`)."""
+        return procfs.meminfo(self)
+
+    def zoneinfo(self) -> list[dict]:
+        """/proc/zoneinfo's fields per populated zone (:func:`labkit.model.procfs.zoneinfo`)."""
+        return procfs.zoneinfo(self)
+
+
+assert SWAP_CLUSTER_MAX and WATERMARK_SCALE_FACTOR

@@ -3,9 +3,11 @@
 Faithful to docs/mechanisms.md §6 (pre-copy migration; QEMU 7.x-9.x), as a simpy process on the VM's
 clock that reads and writes the page arrays with numpy only:
 
-* **Setup.** The migration bitmap is all ones (``ram_init_bitmaps``), dirty logging starts (the
-  host sets ``PageFlag.DIRTY_LOG`` on every guest write) and the first bitmap sync runs, which fires
-  the precopy notifiers (free page hinting starts its first round).
+* **Setup.** The migration bitmap is all ones over the RAM blocks (``ram_init_bitmaps``: boot RAM
+  and each virtio-mem backend; ``ram.total`` is their sum, never the address gap between them), then
+  virtio-mem's unplugged blocks are cleared from it (``migration_bitmap_clear_discarded_pages``:
+  never sent). Dirty logging starts (the host sets ``PageFlag.DIRTY_LOG`` on every guest write) and
+  the first bitmap sync runs, which fires the precopy notifiers (hinting starts its first round).
 * **Two bitmaps, as in QEMU.** ``bitmap`` is the RAMBlock's migration bitmap: the pages still to
   send in this pass; its count is ``migration_dirty_pages`` (``ram.remaining``). ``DIRTY_LOG`` is
   what the migration will still have to send: set on every page at setup and by every guest write,
@@ -22,6 +24,12 @@ clock that reads and writes the page arrays with numpy only:
   ``migration_update_counters`` measures ``bandwidth = bytes / ms`` and sets ``threshold_size =
   bandwidth x downtime-limit`` (``avail-switchover-bandwidth`` replaces the measurement when set).
   Before the first window the threshold is 0.
+* **Dirty log: KVM or TCG** (``LinkModel.dirty_log``). With KVM, QEMU clears a page's dirty log
+  just before sending it and when a hint arrives (manual dirty-log protection, ``clear_bmap``);
+  under TCG the log is QEMU's own bitmap, fetched and cleared at each sync and by nothing else: a
+  page the guest wrote after a sync is sent again after the next one even if it was sent or hinted
+  meanwhile. This is why free page hinting on a TCG guest with ``init_on_alloc`` (which zeroes the
+  hinted blocks, writing them) resends them as zero pages (measured on the live backend).
 * **Pages on the wire.** A page that is neither ``BACKED`` nor ``SWAPPED`` reads as zero (never
   touched, or discarded by the balloon or reporting), as does a free page under ``init_on_free=1``:
   it is a zero page (``save_zero_page``: a header and a fill byte, ``ZERO_PAGE_BYTES``); any other
@@ -63,8 +71,9 @@ True
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import simpy
@@ -91,6 +100,11 @@ class LinkModel:
     setup_ms: float = 5.0  # bitmaps, dirty-log start, first sync
     device_state_bytes: int = 512 << 10  # non-RAM device state sent during the downtime
     step_ms: float = 10.0  # model resolution inside one ram_save_iterate call (<= MAX_WAIT)
+    # How the accelerator logs dirty pages: "kvm" (manual dirty-log clearing, QEMU's clear_bmap:
+    # the log of a page is cleared just before it is sent, and a free page hint clears it too) or
+    # "tcg" (each sync fetches and clears QEMU's own dirty bitmap; sending or hinting a page does
+    # not clear it, so a page written after a sync is sent again after the next one).
+    dirty_log: str = "kvm"
 
 
 class MigrationState(RamSaving):
@@ -99,8 +113,11 @@ class MigrationState(RamSaving):
     :mod:`labkit.model.migration_params`."""
 
     def __init__(self, env: simpy.Environment, kernel: Kernel, run_state: RunState,
-                 emit: Callable[[str, dict], None], *, init_on_free: bool = False):
+                 emit: Callable[[str, dict], None], *, init_on_free: bool = False,
+                 regions: Sequence = (), virtio_mem: Any = None):
         self.env = env
+        self.regions = tuple(regions)  # virtio-mem devices' RAM blocks (labkit.model.hotplug.DeviceRegion)
+        self.virtio_mem = virtio_mem  # their RamDiscardManager (labkit.devices.virtio_mem_vm.VirtioMem)
         self.mem = kernel.mem
         self.kernel = kernel
         self.host_vm = kernel.host_vm
@@ -237,11 +254,42 @@ class MigrationState(RamSaving):
             pass
         self._finish()
 
+    def ram_blocks(self) -> list[tuple[int, int]]:
+        """The migratable RAM blocks as page ranges: boot RAM ("pc.ram", ``-m``) and each
+        virtio-mem device's whole memory backend. The address-space gaps between them are no RAM
+        block (docs/mechanisms.md §11.4)."""
+        blocks = [(0, self.mem.boot_pages)]
+        blocks += [(r.start, r.end) for r in self.regions]
+        return blocks
+
+    @property
+    def ram_total(self) -> int:
+        """``ram.total``: the used lengths of the RAM blocks (migration/ram.c ``ram_bytes_total_common``)."""
+        return sum(b - a for a, b in self.ram_blocks()) * TARGET_PAGE_SIZE
+
+    def _clear_discarded_pages(self) -> None:
+        """migration/ram.c ``migration_bitmap_clear_discarded_pages``: what a RamDiscardManager
+        reports discarded (virtio-mem's unplugged blocks) leaves the bitmap and is never sent."""
+        if self.virtio_mem is None:
+            return
+        for device, region in zip(self.virtio_mem.devices, self.regions, strict=True):
+            per_block = device.block_size // TARGET_PAGE_SIZE
+            unplugged = np.flatnonzero(~device.bitmap)
+            if len(unplugged) == 0:
+                continue
+            view = self.bitmap[region.start:region.end].reshape(-1, per_block)
+            view[unplugged] = False
+            log = self.mem.flags[region.start:region.end].reshape(-1, per_block)
+            log[unplugged] &= ~DIRTY_LOG
+
     def _setup(self):
         self.start_time = self.env.now
-        self.bitmap = np.ones(self.mem.n_pages, dtype=bool)
-        self.dirty_pages = self.mem.n_pages
-        self.mem.flags |= DIRTY_LOG
+        self.bitmap = np.zeros(self.mem.n_pages, dtype=bool)
+        for a, b in self.ram_blocks():  # ram_init_bitmaps: every page of every RAM block
+            self.bitmap[a:b] = True
+            self.mem.flags[a:b] |= DIRTY_LOG
+        self._clear_discarded_pages()
+        self.dirty_pages = int(np.count_nonzero(self.bitmap))
         self.host_vm.dirty_logging = True
         self._notify(PrecopyNotify.SETUP)
         self._bitmap_sync()  # ram_init_bitmaps -> migration_bitmap_sync_precopy

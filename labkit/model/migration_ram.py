@@ -30,6 +30,7 @@ NORMAL_PAGE_BYTES = PAGE_HEADER_BYTES + TARGET_PAGE_SIZE  # save_normal_page (UN
 
 DIRTY_LOG = np.uint8(PageFlag.DIRTY_LOG)
 CONTENT = np.uint8(PageFlag.BACKED | PageFlag.SWAPPED)
+ZEROED = np.uint8(PageFlag.ZEROED)
 
 
 class RamSaving:
@@ -42,10 +43,12 @@ class RamSaving:
         if not self.is_setup_or_active() or len(starts) == 0:
             return
         cleared = 0
+        clear_log = self.link.dirty_log != "tcg"  # TCG: the hint leaves QEMU's dirty bitmap alone
         for a, b in zip(*block_runs(starts, npages), strict=True):
             cleared += int(np.count_nonzero(self.bitmap[a:b]))
             self.bitmap[a:b] = False
-            self.mem.flags[a:b] &= ~DIRTY_LOG
+            if clear_log:
+                self.mem.flags[a:b] &= ~DIRTY_LOG
         self.dirty_pages -= cleared
         self.hinted_pages += cleared
 
@@ -60,6 +63,8 @@ class RamSaving:
         logged = (self.mem.flags & DIRTY_LOG) != 0
         new = int(np.count_nonzero(logged & ~self.bitmap))
         self.bitmap |= logged
+        if self.link.dirty_log == "tcg":  # cpu_physical_memory_sync_dirty_bitmap: fetch and clear
+            self.mem.flags &= ~DIRTY_LOG
         self.dirty_pages += new
         self.num_dirty_pages_period += new
         self.dirty_bytes_last_sync = self.dirty_pages * TARGET_PAGE_SIZE
@@ -184,11 +189,14 @@ class RamSaving:
         return zero, finish, cum_bytes
 
     def _is_zero(self, pfns: np.ndarray) -> np.ndarray:
-        """buffer_is_zero on the source: never touched or discarded, or zeroed on free."""
+        """buffer_is_zero on the source: never touched or discarded, only zeroed since
+        (init_on_alloc), or zeroed on free (init_on_free; per-CPU list pages are free too)."""
         at = _as_slice(pfns)
-        zero = (self.mem.flags[at] & CONTENT) == 0
+        flags = self.mem.flags[at]
+        zero = ((flags & CONTENT) == 0) | ((flags & ZEROED) != 0)
         if self.init_on_free:
-            zero |= self.mem.state[at] == int(PageState.FREE)
+            state = self.mem.state[at]
+            zero |= (state == int(PageState.FREE)) | (state == int(PageState.PCP))
         return zero
 
     def _send(self, pfns: np.ndarray, zero: np.ndarray, nbytes: int, *, downtime: bool) -> None:
@@ -199,7 +207,8 @@ class RamSaving:
         self.normal_pages += len(pfns) - n_zero
         at = _as_slice(pfns)
         self.bitmap[at] = False
-        self.mem.flags[at] &= ~DIRTY_LOG
+        if self.link.dirty_log != "tcg":  # KVM: clear_bmap clears the log just before the send
+            self.mem.flags[at] &= ~DIRTY_LOG
         self.dirty_pages -= len(pfns)
         self.transferred += int(nbytes)
         if downtime:

@@ -4,10 +4,11 @@
 host and the free-page mechanisms know about it. A 1 TiB guest is 2 x 256 Mi bytes = 512 MiB.
 
 Layout: the page index is the guest page frame number (PFN) in a compacted physical address space
-(no PCI hole below 4 GiB). Zones and NUMA nodes are contiguous PFN ranges aligned to Linux memory
-blocks (128 MiB, ``MIN_MEMORY_BLOCK_SIZE``; arch/x86/mm/init_64.c), so buddies never merge across a
-zone. Real x86-64 guests also have ZONE_DMA (16 MiB) and ZONE_DMA32 (< 4 GiB); labkit folds them into
-ZONE_NORMAL, which changes nothing the five mechanisms depend on.
+(no PCI hole below 4 GiB; :mod:`labkit.model.layout` maps it to real frames). Boot zones are
+contiguous PFN ranges (ZONE_DMA, ZONE_DMA32, ZONE_NORMAL as on an x86-64 q35 guest, per NUMA node),
+aligned to ``MAX_PAGE_ORDER`` blocks, so buddies never merge across a zone; hot-plugged memory joins a
+zone one Linux memory block at a time (``block_pages``: 128 MiB, or what ``probe_memory_block_size``
+picks for guests of 64 GiB and more).
 
 >>> mem = GuestMemory(1 << 18, zones=[Zone("Normal", 0, 0, 1 << 18)])
 >>> int(mem.count(PageState.FREE)) == 1 << 18
@@ -44,7 +45,8 @@ class PageState(enum.IntEnum):
     BALLOON = 7  # inflated into the virtio-balloon
     HINTED = 8  # held by the balloon driver as a free page hint (free_page_list)
     OFFLINE = 9  # PageOffline: virtio-mem unplugged or fake-offlined
-    ABSENT = 10  # no memory here (not plugged, not added)
+    ABSENT = 10  # no memory here (not plugged, not added, or a hole in the e820 map)
+    PCP = 11  # free, on a per-CPU page list: not in MemFree (NR_FREE_PAGES), not on the buddy lists
 
 
 N_STATES = len(PageState)
@@ -59,6 +61,7 @@ class PageFlag(enum.IntFlag):
     DIRTY_LOG = 1 << 3  # set in the migration dirty bitmap
     REFERENCED = 1 << 4  # host accessed bit, for the host's second-chance (clock) reclaim
     MOVABLE_PIN = 1 << 5  # a transiently pinned movable page (e.g. long-term GUP)
+    ZEROED = 1 << 6  # backed, but all the guest wrote is zeros (init_on_alloc): reads as zero
 
 
 # numpy looks up ``__array_ufunc__`` on the type of each operand of ``array == PageState.X``; on an
@@ -69,14 +72,22 @@ PageState.__array_ufunc__ = np.ndarray.__array_ufunc__
 PageFlag.__array_ufunc__ = np.ndarray.__array_ufunc__
 
 
+ZONE_INDEX = {"DMA": 0, "DMA32": 1, "Normal": 2, "Movable": 3}  # enum zone_type, x86-64
+
+
 @dataclass(frozen=True)
 class Zone:
-    """A zone: a name ("Normal" or "Movable"), its NUMA node and the PFN range [start, end)."""
+    """A zone: a name ("DMA", "DMA32", "Normal" or "Movable"), its NUMA node and the PFN range
+    [start, end) it spans at boot (hot-plugged blocks join it by ``GuestMemory.block_zone``)."""
 
     name: str
     node: int
     start: int
     end: int
+
+    def __post_init__(self) -> None:
+        if self.name not in ZONE_INDEX:
+            raise ValueError(f"zone name {self.name!r} is not one of {list(ZONE_INDEX)}")
 
     @property
     def pages(self) -> int:
@@ -86,52 +97,63 @@ class Zone:
     def movable(self) -> bool:
         return self.name == "Movable"
 
+    @property
+    def idx(self) -> int:
+        """``zone_idx()``: ZONE_DMA 0, ZONE_DMA32 1, ZONE_NORMAL 2, ZONE_MOVABLE 3."""
+        return ZONE_INDEX[self.name]
+
 
 class GuestMemory:
     """State and flags of every page, the zone layout, and per-zone state counts kept up to date.
 
     All changes go through :meth:`set_state` (and the flag helpers), which keep ``counts`` exact
     without ever rescanning the arrays; :meth:`recount` rescans, for tests of that invariant.
+
+    ``zones`` tile boot memory [0, boot end); ``hotplug_zones`` (ZONE_MOVABLE, and a ZONE_NORMAL
+    for a node that has none at boot) own no pages until a hot-plugged memory block of
+    ``block_pages`` pages joins them (:meth:`assign_block`).
     """
 
     def __init__(self, n_pages: int, zones: list[Zone], initial: PageState = PageState.FREE,
-                 hotplug_zones: list[Zone] | None = None):
+                 hotplug_zones: list[Zone] | None = None, block_pages: int = PAGES_PER_MEMORY_BLOCK):
         if n_pages <= 0:
             raise ValueError(f"a guest needs at least one page, got {n_pages}")
+        if block_pages < PAGES_PER_MEMORY_BLOCK or block_pages & (block_pages - 1):
+            raise ValueError(f"a memory block is a power of two of at least {MEMORY_BLOCK_SIZE >> 20} "
+                             f"MiB, got {block_pages} pages")
         covered = sorted((z.start, z.end) for z in zones)
         boot_end = covered[-1][1]
         if covered[0][0] != 0 or boot_end > n_pages or any(
             a[1] != b[0] for a, b in zip(covered, covered[1:], strict=False)
-        ):
+        ) or any(a >= b for a, b in covered):
             raise ValueError(f"zones must tile [0, {n_pages}) without gaps, got {covered}")
         if boot_end < n_pages and not hotplug_zones:
             raise ValueError(f"zones must tile [0, {n_pages}) without gaps, got {covered}")
         self.n_pages = n_pages
         self.boot_pages = boot_end
+        self.block_pages = block_pages
         self.zones = sorted(zones, key=lambda z: z.start) + list(hotplug_zones or [])
+        self.n_boot_zones = len(zones)
         # np.zeros is calloc: pages never written stay unallocated (1 TiB guest: ~240 MiB less RSS)
         self.state = (np.zeros(n_pages, dtype=np.uint8) if initial == PageState.FREE
                       else np.full(n_pages, int(initial), dtype=np.uint8))
         self.flags = np.zeros(n_pages, dtype=np.uint8)
-        self._zone_starts = np.array([z.start for z in self.zones], dtype=np.int64)
+        self._zone_starts = np.array([z.start for z in self.zones[:len(zones)]], dtype=np.int64)
         self.counts = np.zeros((len(self.zones), N_STATES), dtype=np.int64)
         self.unzoned = np.zeros(N_STATES, dtype=np.int64)  # pages in no zone (not added)
-        # Zone membership per memory block, once memory can be hot(un)plugged: a hot-plugged
-        # block joins ZONE_NORMAL or ZONE_MOVABLE when it is onlined (mm/memory_hotplug.c).
+        # Zone membership of hot-pluggable memory blocks: a hot-plugged block joins ZONE_NORMAL or
+        # ZONE_MOVABLE when it is onlined (mm/memory_hotplug.c); -1: in no zone.
         self.block_zone: np.ndarray | None = None
         for i, z in enumerate(self.zones[:len(zones)]):
             self.counts[i, int(initial)] = z.pages
         if boot_end < n_pages:
-            if boot_end % PAGES_PER_MEMORY_BLOCK and any(
-                    z.start % PAGES_PER_MEMORY_BLOCK for z in self.zones[:len(zones)]):
-                raise ValueError("with hot-pluggable memory, zones start on memory blocks")
             self.state[boot_end:] = int(PageState.ABSENT)
             self.unzoned[int(PageState.ABSENT)] = n_pages - boot_end
             self.block_zone = np.full(self.memory_blocks, -1, dtype=np.int16)
-            for i, z in enumerate(self.zones[:len(zones)]):
-                first = z.start // PAGES_PER_MEMORY_BLOCK
-                last = -(-z.end // PAGES_PER_MEMORY_BLOCK)
-                self.block_zone[first:last] = i
+            self._first_hot_block = -(-boot_end // block_pages)
+        # pageblock migratetype, one per 2 MiB: all MOVABLE at boot (memmap_init_range); the
+        # allocator claims pageblocks for UNMOVABLE (labkit.model.allocator)
+        self.pageblock_unmovable = np.zeros(-(-n_pages >> PAGEBLOCK_ORDER), dtype=bool)
         self.backed_pages = 0
         self.swapped_pages = 0
 
@@ -141,45 +163,60 @@ class GuestMemory:
         return sorted({z.node for z in self.zones})
 
     def node_range(self, node: int) -> tuple[int, int]:
-        zs = [z for z in self.zones if z.node == node]
+        zs = [z for z in self.zones if z.node == node and z.end > z.start]
         if not zs:
             raise ValueError(f"NUMA node {node} does not exist; nodes are {self.nodes}")
         return min(z.start for z in zs), max(z.end for z in zs)
 
     def zone_index_of(self, pfns: np.ndarray) -> np.ndarray:
         """Zone index of each PFN; -1 for pages in no zone (hot-pluggable space not yet added)."""
-        if self.block_zone is not None:
-            return self.block_zone[np.asarray(pfns) // PAGES_PER_MEMORY_BLOCK].astype(np.int64)
-        return np.searchsorted(self._zone_starts, pfns, side="right") - 1
+        pfns = np.asarray(pfns)
+        by_span = np.searchsorted(self._zone_starts, pfns, side="right") - 1
+        if self.block_zone is None:
+            return by_span
+        hot = pfns >= self.boot_pages
+        if not hot.any():
+            return by_span
+        by_span[hot] = self.block_zone[pfns[hot] // self.block_pages]
+        return by_span
 
     def zone_runs(self, zone_index: int) -> list[tuple[int, int]]:
         """The PFN ranges [start, end) that belong to a zone, ascending."""
         zone = self.zones[zone_index]
+        runs = [(zone.start, zone.end)] if zone_index < self.n_boot_zones else []
         if self.block_zone is None:
-            return [(zone.start, zone.end)]
+            return runs
         member = np.concatenate([[False], self.block_zone == zone_index, [False]])
         edges = np.flatnonzero(np.diff(member.astype(np.int8)))
-        runs = []
         for a, b in zip(edges[0::2], edges[1::2], strict=True):
-            runs.append((int(a) * PAGES_PER_MEMORY_BLOCK,
-                         min(int(b) * PAGES_PER_MEMORY_BLOCK, self.n_pages)))
+            runs.append((int(a) * self.block_pages, min(int(b) * self.block_pages, self.n_pages)))
         return runs
 
     def assign_block(self, block: int, zone_index: int) -> None:
-        """Move memory block ``block`` into zone ``zone_index`` (-1: no zone), counts included."""
+        """Move hot-plugged memory block ``block`` into zone ``zone_index`` (-1: no zone)."""
         if self.block_zone is None:
             raise ValueError("this guest has no hot-pluggable memory")
-        a = block * PAGES_PER_MEMORY_BLOCK
-        b = min(a + PAGES_PER_MEMORY_BLOCK, self.n_pages)
+        if block < self._first_hot_block:
+            raise ValueError(f"memory block {block} is boot memory; its zone is fixed")
+        a = block * self.block_pages
+        b = min(a + self.block_pages, self.n_pages)
         hist = np.bincount(self.state[a:b], minlength=N_STATES)
         old = int(self.block_zone[block])
         (self.unzoned if old < 0 else self.counts[old]).__isub__(hist)
         (self.unzoned if zone_index < 0 else self.counts[zone_index]).__iadd__(hist)
         self.block_zone[block] = zone_index
 
+    def zone_span(self, zone_index: int) -> tuple[int, int]:
+        """[zone_start_pfn, zone_end_pfn) in the page index: what the zone spans, holes included
+        (an empty zone spans nothing: (0, 0))."""
+        runs = [r for r in self.zone_runs(zone_index) if r[1] > r[0]]
+        if not runs:
+            return 0, 0
+        return runs[0][0], runs[-1][1]
+
     @property
     def memory_blocks(self) -> int:
-        return -(-self.n_pages // PAGES_PER_MEMORY_BLOCK)
+        return -(-self.n_pages // self.block_pages)
 
     # --- counts -------------------------------------------------------------------------------
     def count(self, state: PageState, zone: int | None = None) -> int:
@@ -205,8 +242,10 @@ class GuestMemory:
             return np.zeros(N_STATES, dtype=np.int64)
         out = np.zeros(N_STATES, dtype=np.int64)
         for block in np.flatnonzero(self.block_zone < 0):
-            a = int(block) * PAGES_PER_MEMORY_BLOCK
-            out += np.bincount(self.state[a:min(a + PAGES_PER_MEMORY_BLOCK, self.n_pages)],
+            if block < self._first_hot_block:
+                continue
+            a = int(block) * self.block_pages
+            out += np.bincount(self.state[a:min(a + self.block_pages, self.n_pages)],
                                minlength=N_STATES)
         return out
 
@@ -245,12 +284,15 @@ class GuestMemory:
         """The zone holding all of ``pfns``, or None if they span zones."""
         if len(self.zones) == 1 and self.block_zone is None:
             return 0
-        lo, hi = self.zone_index_of(np.array([pfns.min(), pfns.max()]))
+        lo_pfn, hi_pfn = int(pfns.min()), int(pfns.max())
+        lo, hi = self.zone_index_of(np.array([lo_pfn, hi_pfn]))
         if lo != hi or lo < 0:
             return None
-        if self.block_zone is not None:  # a foreign block may sit between the two ends
-            first, last = int(pfns.min()) // PAGES_PER_MEMORY_BLOCK, int(pfns.max()) // (
-                PAGES_PER_MEMORY_BLOCK)
+        if hi_pfn >= self.boot_pages and self.block_zone is not None:
+            if lo_pfn < self.boot_pages:
+                return None
+            # a foreign block may sit between the two ends
+            first, last = lo_pfn // self.block_pages, hi_pfn // self.block_pages
             if last > first and (self.block_zone[first:last + 1] != lo).any():
                 return None
         return int(lo)
@@ -259,14 +301,16 @@ class GuestMemory:
         """Move pages [start, end) to ``new``: like :meth:`set_state`, by slices (no index array)."""
         if end <= start:
             return
-        if self.block_zone is None:  # zones tile the guest: intersect the spans
-            pieces = [(i, max(start, z.start), min(end, z.end)) for i, z in enumerate(self.zones)]
-        else:  # zone membership per memory block: one piece per block (a loop over blocks)
-            edges = list(range(start - start % PAGES_PER_MEMORY_BLOCK + PAGES_PER_MEMORY_BLOCK,
-                               end, PAGES_PER_MEMORY_BLOCK))
-            bounds = [start, *edges, end]
-            pieces = [(int(self.block_zone[a // PAGES_PER_MEMORY_BLOCK]), a, b)
-                      for a, b in zip(bounds, bounds[1:], strict=False)]
+        boot = min(end, self.boot_pages)
+        pieces = [(i, max(start, z.start), min(boot, z.end))
+                  for i, z in enumerate(self.zones[:self.n_boot_zones])] if start < boot else []
+        if end > self.boot_pages and self.block_zone is not None:
+            # zone membership per memory block: one piece per block (a loop over blocks)
+            a0 = max(start, self.boot_pages)
+            edges = list(range(a0 - a0 % self.block_pages + self.block_pages, end, self.block_pages))
+            bounds = [a0, *edges, end]
+            pieces += [(int(self.block_zone[a // self.block_pages]), a, b)
+                       for a, b in zip(bounds, bounds[1:], strict=False)]
         for i, a, b in pieces:
             if a < b:
                 row = self.unzoned if i < 0 else self.counts[i]

@@ -22,7 +22,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from labkit.model.kernel import Handle, Kernel
-from labkit.model.pages import STRUCT_PAGE_SIZE, GuestMemory, PageState
+from labkit.model.pages import GuestMemory, PageFlag, PageState
+from labkit.model.reservations import LIVE_INITRD_BYTES, ReservationPlan
 from labkit.units import MiB, PAGE_SIZE, format_size
 
 INIT_ANON = 4 * MiB  # pid 1's own memory: the OOM killer never chooses init
@@ -35,76 +36,109 @@ KINDS = {"anon": PageState.ANON, "shmem": PageState.SHMEM, "file": PageState.FIL
 
 @dataclass(frozen=True)
 class BootProfile:
-    """What a freshly booted guest holds, in bytes (defaults: a small Debian cloud guest).
+    """What a freshly booted guest holds besides memblock's reservations, in bytes.
 
-    ``kernel_image``: text, data and bss (memblock-reserved); memmap costs ``STRUCT_PAGE_SIZE`` (64 B)
-    per 4 KiB page, reserved at the top of each node; ``slab`` is unmovable kernel memory (a fixed part
-    plus a share of RAM); ``page_cache`` is what booting read from disk; ``anon`` is init and daemons.
+    ``slab_fixed`` + ``slab_per_gib`` x GiB is the unmovable kernel memory after boot (slab, kernel
+    stacks, page tables, vmalloc'd module memory), ``slab_reclaimable`` of it counts as SReclaimable;
+    ``slab_per_op``: what each workload step leaves in the dentry and inode caches (on the live
+    backend every step is a process the shell starts: measured 44 kB);
+    ``shmem`` is what the initramfs unpacked into its tmpfs root; ``page_cache`` what booting read
+    from disk; ``anon`` init and daemons; ``initrd`` the initramfs QEMU loaded (freed once unpacked).
+    Defaults: a small Debian cloud guest (systemd, booted from disk); :meth:`minimal` is the live
+    backend's busybox guest, measured (1 GiB: Slab 16 MiB, MemFree 933 MiB of 973 MiB).
     """
 
-    kernel_image: int = 32 * MiB
     slab_fixed: int = 24 * MiB
     slab_per_gib: int = 5 * MiB
+    slab_reclaimable: int = 9 * MiB
+    shmem: int = 0
     page_cache: int = 160 * MiB
     anon: int = 64 * MiB
+    initrd: int = 28 * MiB
     churn: float = 0.3  # share of boot-time allocations that were transient and freed again
+    slab_per_op: int = 0
 
     @staticmethod
     def minimal() -> BootProfile:
-        """A busybox initramfs guest, as the live backend boots."""
-        return BootProfile(kernel_image=16 * MiB, slab_fixed=8 * MiB, slab_per_gib=2 * MiB,
-                           page_cache=8 * MiB, anon=4 * MiB, churn=0.1)
+        """The live backend's busybox initramfs guest, as measured at 512 MiB - 6 GiB: unmovable
+        kernel memory 24.4 MiB + 1.3 MiB per GiB, SReclaimable 8.8 MiB, the unpacked initramfs
+        3.6 MiB of shmem, 0.2 MiB of anon, its initramfs (3824 kB)."""
+        return BootProfile(slab_fixed=24_937 << 10, slab_per_gib=1_335 << 10, slab_reclaimable=9_028 << 10,
+                           shmem=3_716 << 10, page_cache=0, anon=176 << 10, initrd=LIVE_INITRD_BYTES,
+                           churn=0.1, slab_per_op=44 << 10)
 
 
-def reserve_boot_memory(mem: GuestMemory, profile: BootProfile) -> None:
-    """memblock reservations: the kernel image low in node 0, each node's memmap at its top."""
-    image = min(profile.kernel_image // PAGE_SIZE, mem.n_pages // 8)
-    mem.set_range_state(256, 256 + image, PageState.RESERVED)  # loaded at 1 MiB
-    for node in mem.nodes:
-        boot = [z for z in mem.zones if z.node == node and z.end <= mem.boot_pages]
-        if not boot:
-            continue
-        start, end = min(z.start for z in boot), max(z.end for z in boot)
-        memmap = -(-(end - start) * STRUCT_PAGE_SIZE // PAGE_SIZE)
-        mem.set_range_state(end - memmap, end, PageState.RESERVED)
+def reserve_boot_memory(mem: GuestMemory, plan: ReservationPlan) -> list[tuple[int, int]]:
+    """memblock's reservations (:mod:`labkit.model.reservations`): RESERVED pages (the late ones
+    too, until :func:`free_late_reservations`), ABSENT holes. Returns the late ranges."""
+    late = []
+    for a, b, _, kind in plan.ranges:
+        mem.set_range_state(a, b, PageState.ABSENT if kind == "absent" else PageState.RESERVED)
+        if kind == "late":
+            late.append((a, b))
+    return late
 
 
-def boot(kernel: Kernel, rng: np.random.Generator, profile: BootProfile) -> None:
-    """Boot: reserve memory, then interleave slab, page cache and anon allocations in seeded chunks,
-    and free the transient share again, leaving boot-time fragmentation behind."""
+def boot(kernel: Kernel, rng: np.random.Generator, profile: BootProfile,
+         plan: ReservationPlan | None = None) -> None:
+    """Boot as the kernel does: memblock reservations; the watermarks (``init_per_zone_wmark_min``,
+    then THP's ``hugepage_init``) while the late reservations are still held; the kernel's own
+    allocations and the unpacked initramfs; the initramfs and ``__init`` freed (through the per-CPU
+    lists, as ``free_reserved_area`` frees); then user space: seeded chunks of page cache and anon,
+    a share of them transient and freed again, leaving boot-time fragmentation behind."""
     mem = kernel.mem
-    reserve_boot_memory(mem, profile)
-    # init_per_zone_wmark_min runs once memblock has handed the rest to the buddy allocator:
-    # watermarks come from managed pages, not the zones' spans
-    kernel.recompute_watermarks()
+    if plan is None:
+        from labkit.model.layout import q35_layout
+        from labkit.model.reservations import plan_reservations
+
+        plan = plan_reservations(q35_layout(mem.boot_pages * PAGE_SIZE), len(mem.nodes),
+                                 kernel.params.nr_cpus, 0, initrd_bytes=profile.initrd)
+    late = reserve_boot_memory(mem, plan)
+    for a, b, _, kind in plan.ranges:  # bss, swiotlb: written, but with zeros
+        if kind == "zeroed":
+            kernel.touch(np.arange(a, b, dtype=np.int64), run_start=a, zeroed=True)
+    reserved = mem.pages_in(PageState.RESERVED, 0, mem.boot_pages)
+    written = reserved[(mem.flags[reserved] & PageFlag.ZEROED) == 0]
+    kernel.touch(written)  # loaded (image, initramfs) or written at boot (memmap)
+    kernel.boot_watermarks()
     gib = mem.boot_pages * PAGE_SIZE / (1 << 30)  # hot-pluggable regions are not there yet
-    budget = {
-        "kernel": int((profile.slab_fixed + profile.slab_per_gib * gib) // PAGE_SIZE),
-        "file": profile.page_cache // PAGE_SIZE,
-        "anon": profile.anon // PAGE_SIZE,
-    }
+    slab = int((profile.slab_fixed + profile.slab_per_gib * gib) // PAGE_SIZE)
     free_now = kernel.mem.count(PageState.FREE)
-    scale = min(1.0, 0.5 * free_now / max(1, sum(budget.values())))
-    budget = {k: int(v * scale) for k, v in budget.items()}
-    kept = {"kernel": [], "file": [], "anon": []}
+    scale = min(1.0, 0.5 * free_now / max(1, slab + (profile.page_cache + profile.anon
+                                                      + profile.shmem) // PAGE_SIZE))
+    kernel.slab_per_op_pages = -(-profile.slab_per_op // PAGE_SIZE)
+    kernel_pages = kernel.alloc_pages(int(slab * scale), PageState.KERNEL, movable=False)
+    kernel.touch(kernel_pages)
+    kernel.slab_reclaimable = min(len(kernel_pages), int(profile.slab_reclaimable * scale) // PAGE_SIZE)
+    rootfs = kernel.alloc_pages(int(profile.shmem * scale) // PAGE_SIZE, PageState.SHMEM)
+    kernel.touch(rootfs)
+    for a, b in late:  # free_initrd_mem, free_initmem: free_reserved_area -> free_reserved_page
+        kernel.free_pages(np.arange(a, b, dtype=np.int64), was=PageState.RESERVED)
+    if kernel.params.min_free_kbytes is not None:  # sysctl.vm.min_free_kbytes: do_sysctl_args
+        kernel.set_min_free_kbytes(kernel.params.min_free_kbytes)
+    budget = {"file": int(profile.page_cache * scale) // PAGE_SIZE,
+              "anon": int(profile.anon * scale) // PAGE_SIZE}
+    kept: dict[str, list[np.ndarray]] = {"file": [], "anon": []}
     transient = []
     left = dict(budget)
     while any(v > 0 for v in left.values()):
         kinds = [k for k, v in left.items() if v > 0]
         kind = kinds[int(rng.integers(len(kinds)))]
         n = int(min(left[kind], rng.integers(8, 512)))
-        state = {"kernel": PageState.KERNEL, "file": PageState.FILE_CLEAN, "anon": PageState.ANON}[kind]
-        pfns = kernel.alloc_pages(n, state, movable=kind != "kernel")
+        state = {"file": PageState.FILE_CLEAN, "anon": PageState.ANON}[kind]
+        pfns = kernel.alloc_pages(n, state)
         kernel.touch(pfns)
         left[kind] -= n
-        if kind != "kernel" and rng.random() < profile.churn:
+        if rng.random() < profile.churn:
             transient.append(pfns)
         else:
             kept[kind].append(pfns)
     for pfns in transient:
         kernel.free_pages(pfns)
     cat = lambda parts: np.concatenate(parts) if parts else np.zeros(0, np.int64)  # noqa: E731
-    new_handle(kernel, "kernel", cat(kept["kernel"]), 0, name="kernel", killable=False)
+    new_handle(kernel, "kernel", kernel_pages, 0, name="kernel", killable=False)
+    if len(rootfs):
+        new_handle(kernel, "shmem", rootfs, 0, name="rootfs", killable=False)
     new_handle(kernel, "file", cat(kept["file"]), 0, name="boot page cache")
     anon = cat(kept["anon"])
     init_pages = min(len(anon), INIT_ANON // PAGE_SIZE)
@@ -149,6 +183,7 @@ class GuestOps:
             raise ValueError(f"size must be a positive multiple of 4 KiB up to the guest's "
                              f"{format_size(total)}, got {size}")
         state = PageState.FILE_DIRTY if (kind == "file" and dirty) else KINDS[kind]
+        self.kernel.process_slab()
         h = new_handle(self.kernel, kind, np.zeros(0, np.int64), size, name=f"{kind}-{size}")
         n = size // PAGE_SIZE
         # When memory is tight, populate 1 MiB at a time as a faulting process does, so the OOM
@@ -163,7 +198,10 @@ class GuestOps:
         done = 0
         held = None  # h.pages grows in place in here (the OOM killer reads it as it grows)
         while done < n:
-            pfns = self.kernel.alloc_pages(min(step, n - done), state, movable=movable, node=node)
+            chunk = min(step, n - done)
+            # the page tables (or page cache xarray nodes) its pages need, unmovable
+            self.kernel.grow_overhead(h, done + chunk, node)
+            pfns = self.kernel.alloc_pages(chunk, state, movable=movable, node=node)
             if not h.alive:  # the OOM killer chose this process: its pages are gone
                 self.kernel.free_pages(pfns)
                 break
@@ -191,6 +229,7 @@ class GuestOps:
             if missing > 0:
                 state = PageState.FILE_DIRTY if write else PageState.FILE_CLEAN
                 # allocate first: reclaim inside alloc_pages may take pages from this very file
+                self.kernel.grow_overhead(h, len(h.pages) + missing)
                 fresh = self.kernel.alloc_pages(missing, state)
                 h.pages = np.concatenate([h.pages, fresh])
                 self.kernel.vmstat.pgmajfault += missing
@@ -204,6 +243,9 @@ class GuestOps:
             raise ValueError(f"handle {handle} belongs to the guest's own {h.name}; not freeable")
         pages, h.pages, h.alive = h.pages, np.zeros(0, np.int64), False
         self.kernel.free_pages(pages)
+        self.kernel.release_overhead(h)
+        self.kernel.exit_mm()  # the process that held (or removed) it exits
+        self.kernel.process_slab()
         del self.kernel.handles[h.id]
 
     def drop_caches(self) -> int:
@@ -216,6 +258,7 @@ class GuestOps:
             victims = h.pages[clean]
             h.pages = h.pages[~clean]
             self.kernel.free_pages(victims)
+            self.kernel.trim_overhead(h)
             freed += len(victims)
         return freed
 

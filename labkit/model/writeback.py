@@ -76,10 +76,19 @@ class GuestWriteback:
         self.runs = 0
         self.written_pages = 0
         self.history: list[tuple[float, str, int]] = []  # (t_ms, "kupdate"/"background"/"sync", pages)
-        self._noticed_at: float | None = None
-        kernel.alloc_hooks.append(self._on_alloc)
-        if ops is not None:  # GuestOps.touch(write=True) dirties a file without allocating
-            touch = ops.touch
+        if ops is not None:
+            alloc = ops.alloc
+
+            def alloc_and_notice(size: int, kind: str = "anon", **options) -> int:
+                handle = alloc(size, kind, **options)  # a file written as it is created
+                h = kernel.handles.get(handle)
+                if h is not None and h.kind == "file" and options.get("dirty"):
+                    self.dirtied_when.setdefault(h.id, self.env.now)
+                    self.arm()
+                return handle
+
+            ops.alloc = alloc_and_notice
+            touch = ops.touch  # GuestOps.touch(write=True) dirties a file without allocating
 
             def touch_and_notice(handle: int, *, write: bool = True) -> None:
                 touch(handle, write=write)
@@ -90,12 +99,6 @@ class GuestWriteback:
             ops.touch = touch_and_notice
 
     # --- noticing dirty data ------------------------------------------------------------------
-    def _on_alloc(self, pfns: np.ndarray) -> None:
-        if len(pfns) and self.kernel.mem.state[pfns[-1]] == _FILE_DIRTY:
-            if self._noticed_at is None:
-                self._noticed_at = self.env.now
-            self.arm()
-
     def mark_dirty(self, h: Handle) -> None:
         """__mark_inode_dirty: the first dirtying sets dirtied_when and arms the flusher."""
         self.dirtied_when.setdefault(h.id, self.env.now)
@@ -130,12 +133,10 @@ class GuestWriteback:
             if h.kind != "file" or not h.alive or len(h.pages) == 0:
                 continue
             if (state[h.pages] == PageState.FILE_DIRTY).any():
-                when = self._noticed_at if self._noticed_at is not None else self.env.now
-                self.dirtied_when.setdefault(h.id, when)
+                self.dirtied_when.setdefault(h.id, self.env.now)
                 out.append(h)
             else:
                 self.dirtied_when.pop(h.id, None)
-        self._noticed_at = None
         return sorted(out, key=lambda h: self.dirtied_when[h.id])
 
     def write_back(self, h: Handle, reason: str = "kupdate") -> int:

@@ -39,8 +39,8 @@ import labkit
 from labkit.backends.base import Backend
 from labkit.devices.balloon import VIRTIO_BALLOON_OOM_NR_PAGES
 from labkit.errors import GuestError
-from labkit.model.kernel import MIN_FREE_KBYTES_MAX, MIN_FREE_KBYTES_MIN
 from labkit.model.pages import PageFlag, PageState
+from labkit.model.watermarks import MIN_FREE_KBYTES_MAX, MIN_FREE_KBYTES_MIN, ZONE_MOVABLE
 from labkit.scenarios.base import Run, record, table
 from labkit.units import GiB, MiB, PAGE_SIZE, format_size, parse_size
 
@@ -133,11 +133,24 @@ def working_set(params: SizingParams) -> WorkingSet:
 
 # --- measurements that work on any backend ---------------------------------------------------------
 def min_free_bytes(vm_ram_size: int) -> int:
-    """``min_free_kbytes`` as Linux computes it at boot (mm/page_alloc.c ``init_per_zone_wmark_min``:
-    sqrt(lowmem_kbytes * 16), clamped to [128, 262144] kB), in bytes. Uses the VM's RAM size for
-    lowmem; the kernel uses its managed pages, a few percent fewer, which the square root flattens."""
+    """``min_free_kbytes`` by the square-root rule alone (mm/page_alloc.c ``calculate_min_free_kbytes``:
+    sqrt(lowmem_kbytes * 16), clamped to [128, 262144] kB), in bytes, from the VM's RAM size: the
+    estimate when a backend has no ``zoneinfo()``. A guest with transparent huge pages raises it
+    (mm/khugepaged.c), which :func:`balloon_floor_bytes` reads from the guest itself."""
     kbytes = math.isqrt(vm_ram_size // 1024 * 16)
     return min(max(kbytes, MIN_FREE_KBYTES_MIN), MIN_FREE_KBYTES_MAX) * 1024
+
+
+def balloon_floor_bytes(vm: Backend, vm_ram_size: int) -> int:
+    """What balloon allocations must leave free: in each zone the min watermark plus its
+    ``lowmem_reserve`` for a ZONE_MOVABLE allocation (``GFP_HIGHUSER_MOVABLE``), from
+    ``vm.zoneinfo()`` (/proc/zoneinfo on a live guest); the square-root estimate without it."""
+    zoneinfo = getattr(vm, "zoneinfo", None)
+    if zoneinfo is None:
+        return min_free_bytes(vm_ram_size)
+    zones = zoneinfo()
+    floor = sum(min(z["managed"], z["min"] + z["protection"][ZONE_MOVABLE]) for z in zones)
+    return floor * PAGE_SIZE
 
 
 def guest_demand(vm: Backend) -> int:
@@ -145,8 +158,10 @@ def guest_demand(vm: Backend) -> int:
 
     Everything the guest holds except free memory and page cache cannot go into the balloon (it has
     no swap: anon, shmem, slab, reserved), and balloon allocations stop at the min watermark. So:
-    ``logical size - MemFree - (Cached - Shmem) + min_free``. Inflate below it and the driver runs
-    "Out of puff"; inflate to it and the cache is gone and any growth of the guest means OOM.
+    ``logical size - free - (Cached - Shmem) + floor`` (:func:`balloon_floor_bytes`), where free is
+    MemFree plus the per-CPU lists' pages (free too, but not in MemFree; ``zoneinfo()``). Inflate
+    below it and the driver runs "Out of puff"; inflate to it and the cache is gone and any growth
+    of the guest means OOM.
 
     >>> import labkit
     >>> with labkit.open(memory="1G", seed=0) as vm:
@@ -161,7 +176,10 @@ def guest_demand(vm: Backend) -> int:
     logical = int(sample["balloon_actual"])
     vm_ram = logical + int(sample["balloon_size"])
     reclaimable = (info["MemFree"] + info["Cached"] - info["Shmem"]) * 1024
-    return max(0, logical - reclaimable) + min_free_bytes(vm_ram)
+    zoneinfo = getattr(vm, "zoneinfo", None)
+    if zoneinfo is not None:
+        reclaimable += sum(p["count"] for z in zoneinfo() for p in z["pcp"]) * PAGE_SIZE
+    return max(0, logical - reclaimable) + balloon_floor_bytes(vm, vm_ram)
 
 
 def idle_backed_bytes(vm: Backend) -> int:

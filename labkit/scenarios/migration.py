@@ -22,9 +22,14 @@ The ``write-heavy`` workload (Clark et al.'s MMuncher) writes a working set fast
 pre-copy never gets the backlog under the threshold unless auto-converge slows the guest (§6.3).
 Adding a policy is one entry in :data:`POLICIES`.
 
+With ``init_on_alloc`` (Debian's default) the guest zeroes every 4 MiB block it hints, which is most
+of what a round costs it (docs/mechanisms.md §10.4); a kernel without it (as in Wang's 2018 runs)
+hints far faster:
+
 >>> from labkit.scenarios.migration import MigrationParams, migration_compare, migration_table
 >>> runs = migration_compare(MigrationParams(memory="4G", bandwidth=0, downtime_limit_ms=2000,
-...                                          prepare_ms=0, policies=("plain", "hinting")))
+...                                          prepare_ms=0, policies=("plain", "hinting"),
+...                                          init_on_alloc=0))
 >>> rows = migration_table(runs)
 >>> bool(rows["total_time_ms"][1] < rows["total_time_ms"][0] / 2)
 True
@@ -79,6 +84,7 @@ class MigrationParams:
     policies: tuple[str, ...] = ("plain", "balloon", "hinting", "reporting")
     uri: str = "tcp:127.0.0.1:4444"
     backend: str = "model"
+    init_on_alloc: int = 1  # the guest kernel's init_on_alloc= (Debian's default: 1)
 
     def checked(self) -> MigrationParams:
         """Validate; return a copy with sizes as ints. Errors name the value and what is accepted."""
@@ -110,8 +116,9 @@ class MigrationParams:
 
 
 def hinting_anchor(workload: str = "idle", **overrides: Any) -> MigrationParams:
-    """Wang's hinting setup (docs/results.md#wang-hinting): 8 GB, bandwidth unlimited, 2 s downtime limit."""
-    base = dict(memory=8 * GiB, workload=workload, bandwidth=0, downtime_limit_ms=2000)
+    """Wang's hinting setup (docs/results.md#wang-hinting): 8 GB, bandwidth unlimited, 2 s downtime
+    limit. His 2018 guests predate ``init_on_alloc`` (Linux 5.3): the hinted blocks were not zeroed."""
+    base = dict(memory=8 * GiB, workload=workload, bandwidth=0, downtime_limit_ms=2000, init_on_alloc=0)
     return MigrationParams(**{**base, **overrides})
 
 
@@ -176,7 +183,7 @@ def run_policy(p: MigrationParams, policy: str) -> MigrationRun:
     pol = POLICIES[policy]
     model = {"migration_link_bandwidth": float(p.link_bandwidth)} if p.backend == "model" else None
     with labkit.open(backend=p.backend, memory=p.memory, seed=p.seed, balloon=dict(pol.balloon),
-                     model=model) as vm:
+                     cmdline={"init_on_alloc": p.init_on_alloc}, model=model) as vm:
         _start_workload(vm, p)
         if pol.prepare is not None:
             pol.prepare(vm, p)

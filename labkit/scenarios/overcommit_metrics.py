@@ -56,8 +56,10 @@ class Counters:
         for vm, h, mechanisms in zip(self.vms, self.host_vms, self.views, strict=True):
             balloon = vm.inspect("balloon") if devices and "balloon" in mechanisms else None
             reporting = vm.inspect("reporting") if devices and "reporting" in mechanisms else None
-            rows.append([h.swap_outs, h.swap_ins, h.zero_fill_faults, h.discarded_pages,
-                         int(balloon.discarded_pages) if balloon is not None else 0,
+            # host memory given back: discards of pages the guest had written (a page backed only
+            # because init_on_alloc zeroed it just before, as every balloon page is, returns nothing)
+            rows.append([h.swap_outs, h.swap_ins, h.zero_fill_faults, h.discarded_pages - h.discarded_zeroed,
+                         0 if balloon is None else int(balloon.discarded_pages - (balloon.zeroed_pages or 0)),
                          reporting.reports if reporting is not None else 0,
                          reporting.refaulted_pages if reporting is not None else 0])
         return np.array(rows, dtype=np.int64)

@@ -26,7 +26,9 @@ from labkit.model.pages import N_STATES, PageState
 from labkit.units import format_size
 
 HALO_PX = 2  # width of the outline around changed cells, in cells (= screen pixels at overview)
-STATE_NAMES = tuple(s.name.lower().replace("_", " ") for s in PageState)
+# PCP pages are free pages on a per-CPU list (docs/mechanisms.md §10.3): said so in words
+STATE_NAMES = tuple("per-CPU free" if s == PageState.PCP else s.name.lower().replace("_", " ")
+                    for s in PageState)
 
 
 def transitions(old_state: np.ndarray, new_state: np.ndarray) -> list[tuple[str, str, int]]:

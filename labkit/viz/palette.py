@@ -49,7 +49,7 @@ class Category:
 
 # --- guest view: one category per page state, free split by PageReported ----------------------
 G_FREE, G_REPORTED, G_RESERVED, G_KERNEL, G_ANON, G_SHMEM, G_FILE_CLEAN, G_FILE_DIRTY, \
-    G_BALLOON, G_HINTED, G_OFFLINE, G_ABSENT = range(12)
+    G_BALLOON, G_HINTED, G_OFFLINE, G_ABSENT, G_PCP = range(13)
 
 GUEST_CATEGORIES: tuple[Category, ...] = (
     Category("free", "#E6E6E6", 1),
@@ -64,6 +64,7 @@ GUEST_CATEGORIES: tuple[Category, ...] = (
     Category("hinted", "#F0E442", 1024),
     Category("offline", "#8C8C8C", 256),
     Category("absent", "#1A1A1A", 0.5),
+    Category("free (per-CPU list)", "#BBBBBB", 2),
 )
 
 # --- host view: what QEMU's resident set is made of -------------------------------------------
@@ -85,6 +86,7 @@ COLOR_NAMES = {
     "#CC6677": "rose", "#AA4499": "purple", "#44AA99": "teal", "#117733": "dark green",
     "#E69F00": "orange", "#F0E442": "yellow", "#8C8C8C": "grey", "#1A1A1A": "black",
     "#009E73": "green", "#CC3311": "red", "#EE3377": "magenta", "#7A5195": "violet",
+    "#BBBBBB": "silver",
 }
 # the outline drawn around cells that changed since the previous frame (not a state's colour)
 CHANGED_COLOR = "#FF00FF"
@@ -100,9 +102,10 @@ _GUEST_OF_STATE = {
     PageState.ANON: G_ANON, PageState.SHMEM: G_SHMEM, PageState.FILE_CLEAN: G_FILE_CLEAN,
     PageState.FILE_DIRTY: G_FILE_DIRTY, PageState.BALLOON: G_BALLOON,
     PageState.HINTED: G_HINTED, PageState.OFFLINE: G_OFFLINE, PageState.ABSENT: G_ABSENT,
+    PageState.PCP: G_PCP,
 }
 _GUEST_FREE = (PageState.FREE, PageState.BALLOON, PageState.HINTED, PageState.OFFLINE,
-               PageState.ABSENT)  # pages the guest is not using
+               PageState.ABSENT, PageState.PCP)  # pages the guest is not using
 for _state in PageState:
     _GUEST_LUT[int(_state)] = _GUEST_OF_STATE[_state]
     _GUEST_LUT[int(_state) | 64] = G_REPORTED if _state == PageState.FREE else (

@@ -33,7 +33,7 @@ NOTEBOOKS = sorted(str(p.relative_to(NOTEBOOK_DIR)) for p in NOTEBOOK_DIR.rglob(
                    if ".ipynb_checkpoints" not in p.parts)
 # papermill parameters the sweep gives a notebook, as tests/test_notebooks.py does (07 replays a
 # recorded real run unless live runs were asked for with LABKIT_LIVE=1)
-PARAMETERS = {"07_live_qemu.ipynb": {"MODE": "replay"}}
+PARAMETERS = {"07_live_qemu.ipynb": {"MODE": "replay"}, "10_model_vs_real.ipynb": {"MODE": "replay"}}
 
 
 @pytest.fixture(scope="session")

@@ -73,6 +73,9 @@ TRACE_POINTS = 200_000
 
 def _shutdown(parts: dict) -> None:
     """Stop QEMU and close its channels; safe to call twice, after a crash, and at exit."""
+    target = parts.pop("target", None)
+    if target is not None:  # a migration target (start_incoming)
+        target.close()
     qmp, serial, process = parts.pop("qmp", None), parts.pop("serial", None), parts.pop("process", None)
     if qmp is not None:
         with contextlib.suppress(Exception):
@@ -234,6 +237,27 @@ class QemuBackend(LiveInspection):
                 self.balloon_target = int(words[1]) << 20
         return result
 
+    # --- migration ----------------------------------------------------------------------------
+    def start_incoming(self) -> str:
+        """Start a second QEMU with this VM's machine waiting on ``-incoming tcp:127.0.0.1:PORT``
+        (:mod:`labkit.backends.qemu.migrate`) and return that URI for ``qmp("migrate", uri=...)``.
+        It is stopped with this VM."""
+        self._check_open()
+        from labkit.backends.qemu.migrate import IncomingTarget
+
+        if self._parts.get("target") is not None:
+            self._parts.pop("target").close()
+        kernel = self.image.boot_kernel if self.knobs["pvh"] else self.image.kernel
+        target = IncomingTarget(self._config(self.accel), str(kernel), str(self.image.initramfs),
+                                thp=bool(self.knobs["thp"]))
+        self._parts["target"] = target
+        return target.uri
+
+    @property
+    def migration_target(self):
+        """The :class:`~labkit.backends.qemu.migrate.IncomingTarget` of :meth:`start_incoming`."""
+        return self._parts.get("target")
+
     # --- guest --------------------------------------------------------------------------------
     def guest(self, op: str, **arguments: Any) -> Any:
         """Run a workload step in the guest: alloc, touch, read, free, drop_caches, sync, handles."""
@@ -253,6 +277,13 @@ class QemuBackend(LiveInspection):
 
     def buddyinfo(self) -> str:
         return self._run("cat /proc/buddyinfo")[0]
+
+    def zoneinfo(self) -> list[dict]:
+        """/proc/zoneinfo per node and populated zone, with the model's keys (free, min, low, high,
+        spanned, present, managed, protection, start_pfn, pcp per CPU)."""
+        from labkit.model.procfs import parse_zoneinfo
+
+        return parse_zoneinfo(self._run("cat /proc/zoneinfo")[0])
 
     # --- time ---------------------------------------------------------------------------------
     @property

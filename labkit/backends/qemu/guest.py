@@ -32,7 +32,7 @@ from labkit.units import MiB, PAGE_SIZE, format_size, parse_size
 
 KINDS = ("anon", "shmem", "file")
 OPS = ("alloc", "touch", "read", "free", "drop_caches", "sync", "handles", "memory_blocks",
-       "online_memory")
+       "online_memory", "writer", "writer_stop")
 MEMORY_BLOCK_SIZE = 128 * MiB  # x86-64 with < 64 GiB of boot memory
 
 
@@ -66,6 +66,7 @@ class LiveHandle:
     extra_pid: int = 0  # dd fallback: the "sleep" that never reads dd's output
     path: str = ""  # shmem / file
     alive: bool = True
+    writer_pid: int = 0  # memhold write: a background writer into this holder's memory
 
 
 def write_zeros(path: str, size: int, overwrite: bool = False) -> str:
@@ -193,8 +194,36 @@ class LiveGuestOps:
         else:
             self.run(f"cat {h.path} > /dev/null", timeout=timeout)
 
+    def writer(self, handle: int, rate: int | str, wss: int | str | None = None) -> int:
+        """As the model's ``writer``: a background process keeps writing random pages of the first
+        ``wss`` bytes (default: all) of anon handle ``handle`` at ``rate`` bytes per second
+        (``memhold write``, through /proc/PID/mem); ``rate=0`` stops it. Returns ``handle``."""
+        h = self._handle(handle)
+        if h.kind != "anon" or not h.alive or self.helper != "memhold":
+            raise ValueError(f"writer needs a live anon handle held by memhold, got handle {handle} "
+                             f"({h.kind}{'' if h.alive else ', not alive'}; helper {self.helper})")
+        rate_bytes = parse_size(rate, name="rate")
+        wss_bytes = h.size if wss is None else parse_size(wss, name="wss")
+        if rate_bytes < 0 or not 0 < wss_bytes <= h.size:
+            raise ValueError(f"rate must be >= 0 and wss from 4 KiB to the handle's "
+                             f"{format_size(h.size)}, got {rate!r}, {wss!r}")
+        self.writer_stop(handle)
+        if rate_bytes:
+            out = self.run(f"memhold write {h.pid} {rate_bytes // 1024} {wss_bytes // 1024}")[0]
+            h.writer_pid = int(out.split()[-1])
+        return handle
+
+    def writer_stop(self, handle: int) -> int:
+        h = self._handle(handle)
+        if h.writer_pid:
+            self.run(f"kill {h.writer_pid} 2>/dev/null; true")
+            h.writer_pid = 0
+        return handle
+
     def free(self, handle: int) -> None:
         h = self._handle(handle)
+        if h.writer_pid:
+            self.writer_stop(handle)
         if h.kind == "anon" and h.alive and self.helper == "memhold":
             self.run(f"memhold free {h.pid} || true")
         elif h.kind == "anon" and h.alive:

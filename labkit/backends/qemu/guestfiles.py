@@ -92,6 +92,10 @@ MEMHOLD_C = r"""
  *   memhold touch PID   make holder PID write every page again; returns once it has
  *   memhold free PID    end holder PID (its memory goes back to the guest) and wait until it has
  *   memhold incore FILE print how many bytes of FILE are in the page cache (mincore)
+ *   memhold write PID RATE_KIB WSS_KIB
+ *                       start a writer that keeps writing random pages of the first WSS_KIB KiB of
+ *                       holder PID's memory at RATE_KIB KiB/s (through /proc/PID/mem, every 10 ms),
+ *                       until it is killed or the holder is gone; print the writer's pid
  * Exit status 1 with a message on stderr when the holder died (e.g. the OOM killer chose it).
  */
 #define _GNU_SOURCE
@@ -217,12 +221,59 @@ static int do_incore(const char *path) {
     return 0;
 }
 
+static int do_write(pid_t holder, size_t rate_kib, size_t wss_kib) {
+    char path[64], line[512];
+    snprintf(path, sizeof path, "/proc/%d/maps", (int)holder);
+    FILE *maps = fopen(path, "r");
+    if (!maps) { fprintf(stderr, "memhold: no holder %d\n", (int)holder); return 1; }
+    unsigned long start = 0, best = 0;
+    while (fgets(line, sizeof line, maps)) {  /* the holder's biggest private rw mapping */
+        unsigned long a, b;
+        char perms[8];
+        if (sscanf(line, "%lx-%lx %7s", &a, &b, perms) == 3 && !strcmp(perms, "rw-p") && b - a > best) {
+            best = b - a;
+            start = a;
+        }
+    }
+    fclose(maps);
+    size_t pages = wss_kib / 4;
+    if (!best || pages == 0 || pages * 4096 > best) {
+        fprintf(stderr, "memhold: holder %d has no %zu KiB mapping\n", (int)holder, wss_kib);
+        return 1;
+    }
+    pid_t pid = fork();
+    if (pid < 0) { perror("memhold: fork"); return 1; }
+    if (pid > 0) { printf("%d\n", (int)pid); return 0; }
+    setsid();
+    int null = open("/dev/null", O_RDWR);
+    if (null >= 0) { dup2(null, 0); dup2(null, 1); dup2(null, 2); }
+    snprintf(path, sizeof path, "/proc/%d/mem", (int)holder);
+    int mem = open(path, O_RDWR);
+    if (mem < 0) _exit(2);
+    unsigned long long x = 0x9E3779B97F4A7C15ULL ^ (unsigned long long)holder;
+    double carry = 0.0;
+    struct timespec tick = {0, 10 * 1000 * 1000};
+    unsigned char value = 0;
+    for (;;) {
+        carry += rate_kib / 4.0 / 100.0;  /* pages per 10 ms */
+        while (carry >= 1.0) {
+            x ^= x << 13; x ^= x >> 7; x ^= x << 17;
+            ++value;
+            if (pwrite(mem, &value, 1, (off_t)(start + (x % pages) * 4096)) != 1) _exit(0);
+            carry -= 1.0;
+        }
+        nanosleep(&tick, NULL);
+    }
+}
+
 int main(int argc, char **argv) {
     if (argc == 3 && !strcmp(argv[1], "alloc")) return do_alloc(strtoull(argv[2], NULL, 10));
     if (argc == 3 && !strcmp(argv[1], "touch")) return do_touch((pid_t)atoi(argv[2]));
     if (argc == 3 && !strcmp(argv[1], "free")) return do_free((pid_t)atoi(argv[2]));
     if (argc == 3 && !strcmp(argv[1], "incore")) return do_incore(argv[2]);
-    fprintf(stderr, "usage: memhold alloc KIB | touch PID | free PID | incore FILE\n");
+    if (argc == 5 && !strcmp(argv[1], "write"))
+        return do_write((pid_t)atoi(argv[2]), strtoull(argv[3], NULL, 10), strtoull(argv[4], NULL, 10));
+    fprintf(stderr, "usage: memhold alloc KIB | touch PID | free PID | incore FILE | write PID RATE WSS\n");
     return 2;
 }
 """

@@ -1,10 +1,10 @@
 """Record a live run, and replay it without QEMU (Binder, CI without QEMU, a laptop).
 
 :class:`Recorder` wraps a backend and logs every call notebooks make (``qmp``, ``guest``,
-``meminfo``, ``sample``, ``advance``, ``step``, ``events``, ``inspect``, ``advance_until``) with its
-arguments and answer, plus the
-VM's facts (memory, balloon options, kernel, QEMU version, accelerator, boot time) and, for a live VM,
-its fine-grained trace (balloon ``actual`` and host RSS every ~50 ms while ``advance`` waited).
+``meminfo``, ``zoneinfo``, ``sample``, ``advance``, ``step``, ``events``, ``inspect``,
+``advance_until``, ``start_incoming``) with its arguments and answer, plus the VM's facts (memory,
+balloon options, kernel, QEMU version, accelerator, boot time) and, for a live VM, its fine-grained
+trace (balloon ``actual`` and host RSS every ~50 ms while ``advance`` waited).
 :meth:`Recorder.save` writes JSON (under ``data/recorded/`` for the runs the project ships).
 
 :class:`ReplayBackend` reads that file and answers the same calls, in the same order, with the
@@ -40,8 +40,8 @@ from pathlib import Path
 from typing import Any
 
 RECORD_FORMAT = 1
-RECORDED_CALLS = ("qmp", "guest", "meminfo", "sample", "advance", "step", "events", "inspect",
-                  "advance_until")
+RECORDED_CALLS = ("qmp", "guest", "meminfo", "zoneinfo", "sample", "advance", "step", "events",
+                  "inspect", "advance_until", "start_incoming")
 
 
 class ReplayMismatch(RuntimeError):
@@ -59,6 +59,8 @@ def describe(vm: Any) -> dict:
              "recorded_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
     image = getattr(vm, "image", None)
     if image is not None:
+        initramfs = Path(str(getattr(image, "initramfs", "")))
+        facts |= {"initrd_bytes": initramfs.stat().st_size if initramfs.is_file() else None}
         facts |= {"kernel": image.version, "kernel_origin": image.origin, "helper": image.helper,
                   "accel": getattr(vm, "accel", None), "accel_reason": getattr(vm, "accel_reason", None),
                   "boot_s": round(getattr(vm, "boot_s", 0.0), 2), "qemu": _qemu_version(),
@@ -101,8 +103,15 @@ class Recorder:
     def meminfo(self) -> dict[str, int]:
         return self._log("meminfo", {}, self.vm.meminfo())
 
+    def zoneinfo(self) -> list[dict]:
+        return self._log("zoneinfo", {}, self.vm.zoneinfo())
+
     def sample(self) -> dict[str, float]:
         return self._log("sample", {}, self.vm.sample())
+
+    def start_incoming(self) -> str:
+        """The live backend's migration target (AttributeError on a backend without one)."""
+        return self._log("start_incoming", {}, self.vm.start_incoming())
 
     def advance(self, ms: float) -> None:
         return self._log("advance", {"ms": ms}, self.vm.advance(ms))
@@ -215,8 +224,14 @@ class ReplayBackend:
     def meminfo(self) -> dict[str, int]:
         return self._answer("meminfo", {})
 
+    def zoneinfo(self) -> list[dict]:
+        return self._answer("zoneinfo", {})
+
     def sample(self) -> dict[str, float]:
         return self._answer("sample", {})
+
+    def start_incoming(self) -> str:
+        return self._answer("start_incoming", {})
 
     def advance(self, ms: float) -> None:
         from labkit.backends.base import check_ms
