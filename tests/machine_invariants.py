@@ -36,7 +36,7 @@ S = PageState
 OWNER_STATES = {"anon": (S.ANON,), "shmem": (S.SHMEM,), "file": (S.FILE_CLEAN, S.FILE_DIRTY),
                 "kernel": (S.KERNEL,), "slab": (S.KERNEL,)}
 # states whose every page has an owner the model tracks (KERNEL included: boot slab, slab workloads,
-# hot-plugged memmaps, the pmem memmap)
+# a handle's page tables and page cache nodes, hot-plugged memmaps, the pmem memmap)
 OWNED_STATES = (S.KERNEL, S.ANON, S.SHMEM, S.FILE_CLEAN, S.FILE_DIRTY, S.BALLOON, S.HINTED)
 HINT_BLOCK_PAGES = 1024  # VIRTIO_BALLOON_HINT_BLOCK_ORDER 10
 
@@ -59,6 +59,8 @@ def owners(vm) -> list[tuple[str, np.ndarray, tuple]]:
         if not h.alive and len(h.pages):
             _fail(f"handle {h.id} ({h.name}) is dead but holds {len(h.pages)} pages")
         out.append((f"handle {h.id} ({h.name})", np.asarray(h.pages), OWNER_STATES[h.kind]))
+        if h.overhead is not None and len(h.overhead):  # its page tables, xa_nodes, buffer heads
+            out.append((f"handle {h.id} ({h.name})'s kernel overhead", np.asarray(h.overhead), (S.KERNEL,)))
     if vm.balloon is not None:
         out.append(("the balloon list", vm.balloon.pages, (S.BALLOON,)))
         out.append(("the balloon's request in flight", np.asarray(vm.balloon.in_flight), (S.BALLOON,)))

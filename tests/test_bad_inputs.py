@@ -286,8 +286,6 @@ rows("open", [
     ({"virtio_mem": [{"id": "v", "size": "512M", "node": True}]}, ValueError, r"node must be .*got True$"),
     ({"virtio_mem": [{"id": "v", "size": "512M", "requested_size": "3M"}]}, ValueError,
      r"^'requested-size' property has to be multiples of 'block-size' \(0x200000\)$"),
-    ({"virtio_mem": [{"id": "v", "size": "512M", "requested_size": "1G"}]}, ValueError,
-     r"^labkit's model needs 'requested-size' \(0x40000000\) at most the memory backend size \(0x20000000\)"),
     ({"virtio_mem": [{"id": "v", "size": "512M", "block_size": "1K"}]}, ValueError,
      r"^'block-size' property has to be at least 0x100000$"),
     ({"virtio_mem": [{"id": "v", "size": "512M", "block_size": "3M"}]}, ValueError,
@@ -451,8 +449,6 @@ rows("qemu_args", [
      r"Duplicate ID 'v' for device$", Q),
     (MEM + " -numa node,memdev=m -device virtio-mem-pci,id=v,memdev=m", ValueError,
      r"'memdev' property specifies a busy memdev: m$", Q),
-    (MEM + " -device virtio-mem-pci,id=v,memdev=m,requested-size=2G", ValueError,
-     r"labkit's model needs 'requested-size' \(0x80000000\) at most the memory backend size \(0x40000000\)"),
     ("-m 1G,maxmem=3G -object memory-backend-ram,id=m,size=0", ValueError,
      r"^property 'size' of memory-backend-ram doesn't take value '0'$", Q),
     ("-m 1G,maxmem=3G -object memory-backend-ram,id=m,size=x", ValueError,
@@ -1172,6 +1168,9 @@ rows("cli", [
     ("matrix --guests 0", 1, r"^labkit matrix: error: n_guests must be an int from 2 to 8, got 0$"),
     ("matrix --guests x", 2, r"argument --guests: invalid int value: 'x'$"),
     ("matrix --memory 0", 1, r"memory must be a multiple of 128 MiB, at least 512 MiB, got 0$"),
+    ("twin nope", 1, r"^labkit twin: error: twin scenario 'nope' is not one of \['balloon', "),
+    ("twin --mode xx balloon", 2, r"argument --mode: invalid choice: 'xx' \(choose from 'auto', 'live', "
+                                  r"'replay'\)$"),
     ("regress --grid memory=XYZ", 1, r"^labkit regress: error: memory 'XYZ' " + NOT_A_SIZE),
     ("regress --grid nope", 1, r"grid item 'nope' is not NAME=V1,V2,\.\.\. \(e\.g\. memory=1G,4G "
                                r"seed=0,1,2\)$"),

@@ -214,7 +214,9 @@ def test_numa_nodes_take_their_memory_backends():
     assert opts.node_sizes == (GiB, GiB) and opts.node_memdevs == ("r0", "r1")
     with labkit.open(qemu_args=opts.qemu_args) as vm:
         assert {b["id"] for b in vm.qmp("query-memdev")} == {"r0", "r1"}
-        assert [z.node for z in vm.mem.zones] == [0, 1]
+        # node 0 holds DMA and the first GiB of DMA32, node 1 the second GiB of DMA32 (q35, 2 GiB)
+        assert [(z.name, z.node, z.end - z.start) for z in vm.mem.zones] == [
+            ("DMA", 0, 4096), ("DMA32", 0, GiB // 4096 - 4096), ("DMA32", 1, GiB // 4096)]
 
 
 def test_the_model_refuses_what_it_does_not_model_and_the_live_backend_passes_it_on():

@@ -33,6 +33,19 @@ VMEM = [{"id": "vmem0", "size": "512M", "block_size": "2M"}]
 SUBBLOCK = 512  # pages: a 2 MiB virtio-mem subblock (pageblock_order 9)
 
 
+def _movable(vm) -> int:
+    """The index of ZONE_MOVABLE (after the boot zones DMA and DMA32 of a q35 guest)."""
+    return next(i for i, z in enumerate(vm.mem.zones) if z.name == "Movable")
+
+
+def _kernel_zones_room(vm, watermark: str) -> int:
+    """Free pages a GFP_KERNEL allocation may take from the zones it may use (all but Movable)
+    before ``watermark``: each zone keeps its watermark plus ``lowmem_reserve`` against ZONE_NORMAL,
+    the allocation's class zone (mm/page_alloc.c ``zone_watermark_ok``; /proc/zoneinfo's protection)."""
+    return sum(z["free"] - z[watermark] - z["protection"][2]
+               for z in vm.zoneinfo() if z["zone"] != "Movable")
+
+
 def _subblock_of(pfn: int) -> tuple[int, int]:
     a = int(pfn) // SUBBLOCK * SUBBLOCK
     return a, a + SUBBLOCK
@@ -83,15 +96,16 @@ def test_d1_pages_an_out_of_puff_fill_holds_make_the_range_busy():
     vm.qmp("qom-set", path="vmem0", property="requested-size", value=128 * MiB)
     vm.advance(100)
     vm.guest("drop_caches")
-    normal_free = vm.kernel.zone_free(0)
-    vm.guest("alloc", size=(normal_free - 700) * 4096, kind="slab")  # ZONE_NORMAL near its min
+    room = _kernel_zones_room(vm, "min")
+    # DMA32 and DMA near their min: the fill that leaves ZONE_MOVABLE finds no room there
+    vm.guest("alloc", size=(room - 100) * 4096, kind="slab")
     vm.qmp("balloon", value=1 * MiB)
     for _ in range(4000):
         vm.advance(0.5)
         if vm.balloon.out_of_puff and len(vm.balloon.in_flight):
             break
     held = vm.balloon.in_flight
-    movable = held[vm.mem.zone_index_of(held) == 1]
+    movable = held[vm.mem.zone_index_of(held) == _movable(vm)]
     assert vm.balloon.out_of_puff and len(movable), "the fill ran out of puff in ZONE_MOVABLE"
     a, b = _subblock_of(movable[0])
     counts = vm.mem.counts.copy()
@@ -172,17 +186,17 @@ def test_alloc_contig_range_failure_un_isolates_the_range():
     vm.qmp("qom-set", path="vmem0", property="requested-size", value=128 * MiB)
     vm.advance(100)
     vm.guest("drop_caches")
-    a = vm.mem.zones[1].start
+    a = vm.mem.zones[_movable(vm)].start
     b = a + 64 * MiB // 4096
     vm.guest("alloc", size=120 * MiB, kind="anon")  # fills ZONE_MOVABLE
-    free_before = vm.mem.count(PageState.FREE)
-    rest = vm.kernel.zone_free(0) - vm.kernel.watermarks[0].min - 64
+    rest = _kernel_zones_room(vm, "min") - 64
     vm.guest("alloc", size=max(rest, 1) * 4096, kind="slab")  # no room left to migrate 64 MiB to
-    free_before = vm.mem.count(PageState.FREE)
+    free_before = vm.mem.count(PageState.FREE) + vm.mem.count(PageState.PCP)
     assert vm.kernel.hotplug.alloc_contig_range(a, b, attempts=5) == -errno.ENOMEM
     check_machine(vm)
     assert not (vm.mem.state[a:b] == PageState.OFFLINE).any()
-    assert vm.mem.count(PageState.FREE) == free_before
+    # free pages stay free (drain_all_pages moved the per-CPU lists' pages to the buddy lists)
+    assert vm.mem.count(PageState.FREE) + vm.mem.count(PageState.PCP) == free_before
     assert np.isin(vm.mem.state[a:b], [PageState.ANON, PageState.FREE, PageState.FILE_CLEAN]).all()
 
 

@@ -85,9 +85,6 @@ def check_virtio_mem(d: VirtioMemOptions, numa_nodes: int, backend: str) -> None
                          f"(0x{d.block_size:x})")
     if d.memaddr is not None and d.memaddr % d.block_size:
         raise ValueError(f"address must be aligned to 0x{d.block_size:x} bytes")
-    if backend == "model" and d.requested_size > d.size:  # QEMU 7.2 takes it and plugs at most size
-        raise ValueError(f"labkit's model needs 'requested-size' (0x{d.requested_size:x}) at most the "
-                         f"memory backend size (0x{d.size:x}) when the VM starts; qom-set it later")
     if backend == "model" and d.size % (128 * MiB):
         raise ValueError(f"virtio-mem device {d.id!r}: its memory backend size must be a multiple of "
                          f"128 MiB (a Linux memory block) in this model, got {format_size(d.size)}")

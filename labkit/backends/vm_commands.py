@@ -32,11 +32,11 @@ import asyncio
 import os
 import shutil
 import signal
-import threading
 import socket
 import stat
 import sys
 import tempfile
+import threading
 import time
 from typing import Any
 

@@ -131,7 +131,8 @@ def _int(value: object) -> bool:
 
 
 def _flag(value: object) -> bool:
-    return value in (0, 1) and not isinstance(value, float)
+    """0 or 1, as the kernel's ``kstrtobool``-free int parameters take them (not True, not 1.0)."""
+    return _int(value) and value in (0, 1)
 
 
 def _swiotlb(value: object) -> bool:

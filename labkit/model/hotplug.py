@@ -304,17 +304,18 @@ class MemoryHotplug:
         un-isolated (``undo_isolate_page_range``): its free pages go back to the buddy allocator;
         pages already migrated stay where they went, as in Linux."""
         mem, kernel = self.mem, self.kernel
-        for zi in {int(z) for z in mem.zone_index_of(np.array([start, end - 1]))}:
-            if zi >= 0:  # start_isolate_page_range, then drain_all_pages(cc.zone)
-                kernel.drain_all_pages(zi)
         state = mem.state[start:end]
         if _UNMOVABLE_LUT[state].any() or kernel.held_unmovable(start, end):
-            return -errno.EBUSY
+            return -errno.EBUSY  # set_migratetype_isolate: has_unmovable_pages, nothing changed
         pinned = (mem.flags[start:end] & np.uint8(PageFlag.MOVABLE_PIN)) != 0
         if pinned.any():
             if attempts <= 1:
                 return -errno.EBUSY
             mem.flags[start:end][pinned] &= np.uint8(~int(PageFlag.MOVABLE_PIN) & 0xFF)
+        for zi in {int(z) for z in mem.zone_index_of(np.array([start, end - 1]))}:
+            if zi >= 0:  # isolated: drain_all_pages(cc.zone) puts per-CPU list pages on the free lists
+                kernel.drain_all_pages(zi)
+        state = mem.state[start:end]
         was_offline = state == int(PageState.OFFLINE)  # a copy: unplugged before we came
         has_movable = bool(_MOVABLE_LUT[state].any())
         free = np.flatnonzero(state == int(PageState.FREE)) + start

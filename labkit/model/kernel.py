@@ -41,6 +41,7 @@ from labkit.model.pcp import PerCpuPages
 from labkit.model.reclaim import SWAP_CLUSTER_MAX, Shrinker, reclaim
 from labkit.model.watermarks import Watermarks
 from labkit.model.zone_setup import ZoneSetup
+from labkit.units import PAGE_SIZE
 
 WATERMARK_SCALE_FACTOR = 10  # mm/page_alloc.c default (0.1 % of the zone)
 FILE_STATES = (PageState.FILE_CLEAN, PageState.FILE_DIRTY)
@@ -377,6 +378,15 @@ class Kernel(ZoneSetup, KernelMemory):
                     drained += len(pages)
         self.vmstat.drain_all_pages += 1
         return drained
+
+    def new_handle(self, kind: str, pfns: np.ndarray, size: int, *, name: str = "",
+                   killable: bool = True) -> Handle:
+        """A new owner of ``pfns`` (a process's memory, a file, a kernel cache) with the next id."""
+        h = Handle(self._next_handle, kind, size or len(pfns) * PAGE_SIZE, pfns, name=name,
+                   killable=killable, created_ms=self.clock())
+        self.handles[h.id] = h
+        self._next_handle += 1
+        return h
 
     def remap_pages(self, old: np.ndarray, new: np.ndarray) -> None:
         """Page migration moved ``old[i]`` to ``new[i]``: owners follow (handles, remap_hooks)."""

@@ -120,10 +120,8 @@ class KernelMemory:
         if not self.slab_per_op_pages:
             return
         if self._dcache is None:
-            from labkit.model.workloads import new_handle
-
-            self._dcache = new_handle(self, "kernel", np.zeros(0, dtype=np.int64), 0, name="dcache",
-                                      killable=False)
+            self._dcache = self.new_handle("kernel", np.zeros(0, dtype=np.int64), 0, name="dcache",
+                                           killable=False)
             self.shrinkers.append(Shrinker(lambda: len(self._dcache.pages) * DENTRIES_PER_PAGE,
                                            self._shrink_dcache, name="dcache"))
         pfns = self.alloc_pages(self.slab_per_op_pages, PageState.KERNEL, movable=False, noretry=True)

@@ -149,11 +149,7 @@ def boot(kernel: Kernel, rng: np.random.Generator, profile: BootProfile,
 
 def new_handle(kernel: Kernel, kind: str, pfns: np.ndarray, size: int, *, name: str = "",
                killable: bool = True) -> Handle:
-    h = Handle(kernel._next_handle, kind, size or len(pfns) * PAGE_SIZE, pfns, name=name,
-               killable=killable, created_ms=kernel.clock())
-    kernel.handles[h.id] = h
-    kernel._next_handle += 1
-    return h
+    return kernel.new_handle(kind, pfns, size, name=name, killable=killable)
 
 
 class GuestOps:
