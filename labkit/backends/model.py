@@ -27,6 +27,7 @@ import simpy
 
 from labkit.backends.base import EventQueue
 from labkit.backends.inspect_model import ModelInspection
+from labkit.backends.model_host import attach_host
 from labkit.backends.monitor import Monitor
 from labkit.backends.options import HostOptions, VmOptions, check_fits, parse_options
 from labkit.devices.balloon import BalloonDevice, BalloonDriver
@@ -58,7 +59,7 @@ def _host(options: VmOptions) -> Host:
         return options.host
     h: HostOptions = options.host
     ram = h.ram if h.ram is not None else 2 * (options.memory + sum(d.size for d in options.virtio_mem))
-    return Host(ram, h.swap, discard=h.discard, swapin_us=h.swapin_us)
+    return Host(ram, h.swap, discard=h.discard, swapin_us=h.swapin_us, thp=h.thp)
 
 
 class ModelBackend(ModelInspection):
@@ -90,8 +91,10 @@ class ModelBackend(ModelInspection):
         emit = self.event_queue.emit
         self.mem = GuestMemory(n_pages, boot_zones, hotplug_zones=hotplug_zones)
 
-        # the guest kernel and its boot
+        # the guest kernel; the host's RAM blocks and what the switches do to them (before any device)
         self.kernel = Kernel(self.mem, self.host, options.vm_name, clock=lambda: self.env.now)
+        self.migration_blockers = attach_host(self.host, self.kernel.host_vm, options, self.regions,
+                                              self.host.thp)
         if self.regions:
             self.kernel.hotplug = MemoryHotplug(self.kernel, options.memhp_default_state,
                                                 options.cmdline["memory_hotplug.online_policy"])
@@ -124,7 +127,8 @@ class ModelBackend(ModelInspection):
         if options.virtio_mem:
             specs = [d.spec() | {"memdev": d.memdev} for d in options.virtio_mem]
             self.virtio_mem = VirtioMem(self.env, self.kernel, self.host, specs, self.regions,
-                                        lambda: self.run_state.migration_running, emit)
+                                        lambda: self.run_state.migration_running, emit,
+                                        pin_plugged=bool(options.vfio))
 
         # the guest's page cache writeback and virtio-blk, then virtio-pmem on the same host cache
         self.writeback = GuestWriteback(self.env, self.kernel, self.ops)

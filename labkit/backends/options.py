@@ -53,6 +53,7 @@ from labkit.backends.options_keywords import (
     virtio_pmem_from_keywords,
 )
 from labkit.backends.options_qemu import from_command_line
+from labkit.backends.options_switches import Realize, page_size_keyword
 from labkit.model.hotplug import ONLINE_TYPES
 from labkit.units import MiB, format_size, parse_size
 
@@ -80,7 +81,10 @@ def parse_options(backend: str = "model", **keywords: Any) -> VmOptions:
     if state not in ONLINE_TYPES:
         raise ValueError(f"memhp_default_state {state!r} is not one of {list(ONLINE_TYPES)}")
     cmdline, kernel_params = cmdline_from_keywords(keywords.get("cmdline"))
+    host_page_size = page_size_keyword(keywords.get("host_page_size"), "host_page_size")
+    guest_page_size = page_size_keyword(keywords.get("guest_page_size"), "guest_page_size")
     common = dict(backend=backend, seed=seed, vm_name=vm_name, memhp_default_state=state,
+                  host_page_size=host_page_size, guest_page_size=guest_page_size,
                   cmdline=cmdline, kernel_params=kernel_params,
                   model=model_from_keywords(keywords.get("model")),
                   qemu=qemu_from_keywords(keywords.get("qemu")),
@@ -98,11 +102,12 @@ def parse_options(backend: str = "model", **keywords: Any) -> VmOptions:
         raise ValueError(f"numa_nodes must be an int from 1 to {limits.max_numa_nodes} with at least "
                          f"128 MiB per node, got {numa_nodes!r} for {format_size(size)}")
     balloon = balloon_from_keywords(keywords.get("balloon"))
-    virtio_mem = virtio_mem_from_keywords(keywords.get("virtio_mem"), numa_nodes, backend)
+    virtio_mem, warnings = virtio_mem_from_keywords(keywords.get("virtio_mem"), numa_nodes, backend,
+                                                    Realize(host_page_size))
     virtio_pmem = virtio_pmem_from_keywords(keywords.get("virtio_pmem"), {d.id for d in virtio_mem})
     check_pmem_memmap(virtio_pmem, size)
-    backends = tuple(MemoryBackend(d.memdev, "memory-backend-ram", d.size, prealloc=d.prealloc)
-                     for d in virtio_mem) + tuple(
+    backends = tuple(MemoryBackend(d.memdev, "memory-backend-ram", d.size, prealloc=d.prealloc,
+                                   page_size=host_page_size) for d in virtio_mem) + tuple(
         MemoryBackend(d.memdev, "memory-backend-file", d.size, share=d.share, mem_path=d.path)
         for d in virtio_pmem)
     device_memory = sum(b.size for b in backends)
@@ -111,7 +116,8 @@ def parse_options(backend: str = "model", **keywords: Any) -> VmOptions:
                      node_memdevs=tuple(f"ram{node}" for node in range(numa_nodes)),  # as the live backend
                      ram_memdev="ram0" if numa_nodes == 1 else "pc.ram",
                      balloon=balloon, iothreads=(balloon.iothread,) if balloon and balloon.iothread else (),
-                     memory_backends=backends, virtio_mem=virtio_mem, virtio_pmem=virtio_pmem, **common)
+                     memory_backends=backends, virtio_mem=virtio_mem, virtio_pmem=virtio_pmem,
+                     qemu_warnings=tuple(warnings), **common)
 
 
 __all__ = ["CMDLINE_CHECKS", "CMDLINE_DEFAULTS", "EPOCH", "LIMITS", "BalloonOptions", "HostOptions",

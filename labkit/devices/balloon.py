@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 import simpy
 
+from labkit.devices.balloon_host import inflate_discards
 from labkit.devices.properties import QomProperty
 from labkit.model.host import Host, HostVM
 from labkit.model.kernel import Kernel
@@ -115,6 +116,8 @@ class BalloonDevice:
         self.inflate_requests = 0
         self.deflate_requests = 0
         self.discarded_pages = 0
+        self.wanted_pages = 0  # (vm_ram_size - target) >> 12 before the u32 truncation
+        self.partial_pages_dropped = 0  # host pages QEMU's per-request tracking gave up on
 
     @property
     def features(self) -> set[int]:
@@ -132,16 +135,22 @@ class BalloonDevice:
 
     # --- QMP side -----------------------------------------------------------------------------
     def to_target(self, target: int) -> None:
-        """virtio_balloon_to_target: clamp to vm_ram_size, set num_pages, notify config."""
+        """virtio_balloon_to_target: clamp to vm_ram_size, set num_pages, notify config.
+
+        ``num_pages`` is a ``uint32_t`` (include/hw/virtio/virtio-balloon.h) and the right side a
+        64-bit ``ram_addr_t``: a balloon of 2^32 pages (16 TiB) or more is truncated modulo 2^32,
+        without a word (docs/mechanisms.md §12.5). ``wanted_pages`` keeps what was asked for."""
         target = min(target, self.vm_ram_size)
         if target:
-            self.config.num_pages = (self.vm_ram_size - target) >> VIRTIO_BALLOON_PFN_SHIFT
+            self.wanted_pages = (self.vm_ram_size - target) >> VIRTIO_BALLOON_PFN_SHIFT
+            self.config.num_pages = self.wanted_pages & UINT32_MAX
             if self.driver is not None:
                 self.driver.config_changed()
 
     def logical_actual(self) -> int:
-        """query-balloon's ``actual``: vm_ram_size minus the balloon, in bytes."""
-        return self.vm_ram_size - (self.config.actual << VIRTIO_BALLOON_PFN_SHIFT)
+        """query-balloon's ``actual``: vm_ram_size minus the balloon, in bytes (``actual`` is a u32:
+        ``virtio_balloon_stat`` can never show a balloon of 16 TiB or more)."""
+        return self.vm_ram_size - ((self.config.actual & UINT32_MAX) << VIRTIO_BALLOON_PFN_SHIFT)
 
     def logical_target(self) -> int:
         return self.vm_ram_size - (self.config.num_pages << VIRTIO_BALLOON_PFN_SHIFT)
@@ -155,14 +164,23 @@ class BalloonDevice:
 
     # --- virtqueues ---------------------------------------------------------------------------
     def inhibited(self) -> bool:
-        """virtio_balloon_inhibited: RAM discard disabled (VFIO), incoming postcopy, snapshot."""
-        return not self.host.discard_enabled
+        """virtio_balloon_inhibited: RAM discard disabled (``ram_block_discard_is_disabled``: a
+        vfio-pci device, an SEV guest; or the model's host-wide ``discard=False``). Incoming postcopy
+        and background snapshots, the other two reasons, are not modelled."""
+        return not self.host.discard_enabled or self.host_vm.ram_discard.is_disabled()
 
     def handle_inflate(self, pfns: np.ndarray) -> None:
-        """balloon_inflate_page for each PFN: discard the 4 KiB backing page."""
+        """virtio_balloon_handle_output on the inflate queue: one request (one virtqueue element)
+        of 4 KiB PFNs, each through ``balloon_inflate_page`` (see :func:`inflate_discards`)."""
         self.inflate_requests += 1
-        if not self.inhibited():
-            self.discarded_pages += self.host.discard(self.host_vm, pfns)
+        if self.inhibited() or len(pfns) == 0:
+            return
+        vm = self.host_vm
+        if any(b.page_pages > 1 for b in vm.blocks):
+            pfns, dropped = inflate_discards(vm, pfns)
+            self.partial_pages_dropped += dropped
+        if len(pfns):  # balloon_inflate_page: one ram_block_discard_range per 4 KiB PFN
+            self.discarded_pages += self.host.discard(vm, pfns, chunk=1)
 
     def handle_deflate(self, pfns: np.ndarray) -> None:
         """balloon_deflate_page: only MADV_WILLNEED; nothing is repopulated."""

@@ -20,8 +20,10 @@ is :mod:`labkit.model.page_reporting`; this module is the virtio glue around it,
 * **QEMU** (hw/virtio/virtio-balloon.c ``virtio_balloon_handle_report``): each entry is discarded with
   ``ram_block_discard_range`` (host RSS falls by the pages that were backed), **unless** discards are
   inhibited (RAM discard disabled as under VFIO, incoming postcopy, background snapshot) or
-  ``poison_val != 0``: then the request is acked and nothing is freed. Entries are 2 MiB-aligned
-  guest blocks, so the RAMBlock alignment check always passes with 4 KiB host pages.
+  ``poison_val != 0``: then the request is acked and nothing is freed. An entry whose offset or size
+  is not a multiple of the RAM block's page size is ignored, silently: 2 MiB-aligned guest blocks
+  pass on 4 KiB, 64 KiB and 2 MiB host pages, never on 1 GiB hugetlbfs pages
+  (:func:`labkit.devices.balloon_host.report_aligned`).
 * **Refaults**: a reported block the guest reuses was discarded, so its first write faults in a
   zero-filled page on the host (``host.touch`` counts them as zero-fill faults). labkit counts the
   faults reporting caused, ``refaulted_pages``: written pages that a report had taken away from the
@@ -53,6 +55,7 @@ from labkit.devices.balloon import (
     BalloonDevice,
     BalloonDriver,
 )
+from labkit.devices.balloon_host import report_aligned
 from labkit.model.block_scan import expand_blocks
 from labkit.model.host import Host, HostVM
 from labkit.model.kernel import Kernel
@@ -112,6 +115,7 @@ class ReportingVirtqueue:
         self.request_ms = REPORT_REQUEST_MS
         self.requests = 0
         self.skipped_requests = 0  # acked without discarding (inhibited, or poison_val != 0)
+        self.unaligned_entries = 0  # blocks QEMU ignored: not aligned to the RAM block's page size
         self.discarded_pages = 0
         # pages whose host memory (RAM or swap) a report discarded, until the guest reuses them
         self.taken = np.zeros(host_vm.mem.n_pages, dtype=bool)
@@ -125,10 +129,14 @@ class ReportingVirtqueue:
         if dev.inhibited() or dev.config.poison_val:  # QEMU: skip_element, still acked
             self.skipped_requests += 1
             return 0
+        if any(b.page_pages > 1 for b in self.host_vm.blocks):  # hugetlbfs, 64 KiB host pages
+            aligned = report_aligned(self.host_vm, starts, orders)
+            self.unaligned_entries += int(np.count_nonzero(~aligned))
+            starts, orders = starts[aligned], orders[aligned]
         for order in np.unique(orders):
             pfns = expand_blocks(starts[orders == order], int(order))
             self.taken[pfns[(self.host_vm.mem.flags[pfns] & TOUCHED) != 0]] = True
-            self.discarded_pages += self.host.discard(self.host_vm, pfns)
+            self.discarded_pages += self.host.discard(self.host_vm, pfns, chunk=1 << int(order))
         return 0
 
 
