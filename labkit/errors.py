@@ -30,3 +30,8 @@ class GuestError(RuntimeError):
 
 class HostOutOfMemory(RuntimeError):
     """The host ran out of RAM and swap: the real host's OOM killer would kill a VM here."""
+
+
+class NotOnThisHost(ValueError):
+    """The live backend can't run this switch on this machine (no IOMMU group for vfio-pci, no
+    /dev/sev, no free huge pages, an arm64-only page size...); the text says why and what would."""

@@ -13,7 +13,8 @@
 * **virtio-mem's realize** against all of these (:func:`realize_virtio_mem`): the default block size
   follows the memory backend's page size, and QEMU's refusals, in its order and words.
 
->>> backend_page_size("memory-backend-memfd", {"hugetlb": True, "hugetlbsize": 2 << 20}, 4096)
+>>> backend_page_size("memory-backend-memfd", {"size": 1 << 30, "hugetlb": True, "hugetlbsize": 2 << 20},
+...                   4096)
 (True, 2097152)
 >>> vfio_device({"host": "0000:01:00.0", "id": "gpu0"}).host
 '0000:01:00.0'
@@ -63,11 +64,11 @@ def page_size_keyword(value: Any, name: str, accepted: tuple[int, ...] = HOST_PA
 
 
 # --- memory backends ----------------------------------------------------------------------------
-def hugetlbfs_mount(path: str, mounts: str | None = None) -> int | None:
+def hugetlbfs_mount(path: str, mounts: str | None = None, assume_default: bool = True) -> int | None:
     """The huge page size of the hugetlbfs mount holding ``path`` (QEMU: ``qemu_fd_getpagesize``,
     i.e. statfs's f_bsize), or None when ``path`` is not on hugetlbfs. Read from /proc/mounts;
     ``/dev/hugepages`` counts as systemd's mount of the default size (2 MiB on x86-64) even where
-    it is not mounted, so the model takes the usual command line on any machine."""
+    it is not mounted (``assume_default``), so the model takes the usual command line on any machine."""
     if mounts is None:
         try:
             with open("/proc/mounts", encoding="utf-8") as f:
@@ -84,7 +85,8 @@ def hugetlbfs_mount(path: str, mounts: str | None = None) -> int | None:
         if (path == point or path.startswith(point.rstrip("/") + "/")) and len(point) > len(best):
             options = dict(o.partition("=")[::2] for o in fields[3].split(","))
             best, size = point, parse_size(options["pagesize"]) if "pagesize" in options else 2 << 20
-    if size is None and (path == HUGETLBFS_DEFAULT_MOUNT or path.startswith(HUGETLBFS_DEFAULT_MOUNT + "/")):
+    default_mount = path == HUGETLBFS_DEFAULT_MOUNT or path.startswith(HUGETLBFS_DEFAULT_MOUNT + "/")
+    if size is None and assume_default and default_mount:
         return DEFAULT_HUGEPAGE[4 * KiB]
     return size
 

@@ -59,7 +59,8 @@ from labkit.backends.qemu.process import (
 )
 from labkit.backends.qemu.qmp import ConnectError, QMPConnection, QMPConnectionLost, migration_sample
 from labkit.backends.qemu.serial import GuestDied, GuestTimeout, SerialShell
-from labkit.errors import GuestError
+from labkit.backends.qemu.switches import refusal as switch_refusal
+from labkit.errors import GuestError, NotOnThisHost
 from labkit.units import format_size
 
 log = logging.getLogger("labkit.qemu")
@@ -104,6 +105,9 @@ class QemuBackend(LiveInspection):
         self.node_sizes = list(options.node_sizes) + [d["size"] for d in self.virtio_mem_specs]
         self.open_options = dict(options.keywords) | {"backend": "qemu"}
         check_requirements()
+        why = switch_refusal(options)  # the open problems' switches this machine can't run
+        if why is not None:
+            raise NotOnThisHost(why)
         self.image: GuestImage = build_guest_image(knobs.kernel)
         self.closed = False
         self._parts: dict = {}
