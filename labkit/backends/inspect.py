@@ -194,7 +194,7 @@ class HostView:
     """The host side of one VM (docs/mechanisms.md §11-§12): its RAM blocks and how each is backed,
     what is pinned, QEMU's RAM discard counters, its migration blockers and its stderr."""
 
-    blocks: tuple[dict, ...]  # name, start, end (PFNs), size, kind, page_size, thp, guest_memfd
+    blocks: tuple[dict, ...]  # name, start, end (PFNs), size, kind, page_size, thp, guest_memfd, rss
     switches: dict  # vfio, confidential, mem_lock, host_page_size, guest_page_size (from the options)
     rss_pages: int | None = None
     pinned: str | None = None  # why all guest RAM stays in host memory ("" when it does not)

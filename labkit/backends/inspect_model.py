@@ -26,7 +26,7 @@ from labkit.backends.inspect import (
     unknown_mechanism,
 )
 from labkit.model.hotplug import UNMOVABLE_STATES
-from labkit.model.pages import PAGES_PER_MEMORY_BLOCK
+from labkit.model.pages import PAGES_PER_MEMORY_BLOCK, PageFlag
 from labkit.units import PAGE_SIZE
 
 
@@ -213,6 +213,9 @@ def _memory(vm: Any) -> MemoryView:
                       h.discarded_pages)
 
 
+BACKED = np.uint8(PageFlag.BACKED)
+
+
 def switches_of(options: Any) -> dict:
     """The switches a VM was opened with, from its options (both backends)."""
     c = options.confidential
@@ -225,7 +228,9 @@ def _host(vm: Any) -> HostView:
     h = vm.kernel.host_vm
     blocks = tuple({"name": b.name, "start": b.start, "end": b.end, "size": b.pages * PAGE_SIZE,
                     "kind": b.backing.kind, "page_size": b.backing.page_size, "thp": b.backing.thp,
-                    "guest_memfd": b.backing.guest_memfd, "backing": b.backing.describe()} for b in h.blocks)
+                    "guest_memfd": b.backing.guest_memfd, "backing": b.backing.describe(),
+                    "rss": int(np.count_nonzero(h.mem.flags[b.start:b.end] & BACKED)) * PAGE_SIZE}
+                   for b in h.blocks)
     d = h.ram_discard
     counters = {"required": d.required, "coordinated_required": d.coordinated_required,
                 "disabled": d.disabled, "uncoordinated_disabled": d.uncoordinated_disabled}

@@ -72,7 +72,7 @@ class LiveInspection:
             b = backing_of(backends.get(name), o, bool(self.knobs["thp"]))
             blocks.append({"name": name, "start": None, "end": None, "size": size, "kind": b.kind,
                            "page_size": b.page_size, "thp": b.thp, "guest_memfd": b.guest_memfd,
-                           "backing": b.describe()})
+                           "backing": b.describe(), "rss": None})
         log = tuple(line for line in self.process.stderr_tail(8000).splitlines()
                     if line.strip() and "QEMU waiting for connection" not in line)
         return HostView(tuple(blocks), switches_of(o), self.host_memory()["guest_ram_rss"] // 4096,
