@@ -151,6 +151,15 @@ def command_line(switch: Switch, p: OpenProblemsParams, *, balloon: str | None =
     return line
 
 
+def live_keywords(switch: Switch) -> dict:
+    """The switch's ``labkit.open`` keywords for the live backend: the host's THP is the live
+    backend's ``qemu={"thp": True}`` (QEMU runs under this machine's THP policy)."""
+    keywords = {k: v for k, v in switch.keywords.items() if k != "host"}
+    if switch.keywords.get("host", {}).get("thp"):
+        keywords["qemu"] = {"thp": True}
+    return keywords
+
+
 def _open(switch: Switch, p: OpenProblemsParams, **line: Any):
     return labkit.open(backend="model", qemu_args=command_line(switch, p, **line), seed=p.seed,
                        model={"boot": "minimal"}, memhp_default_state="online_movable", **switch.keywords)
@@ -278,4 +287,5 @@ def format_outcomes(result: OpenProblemsResult) -> str:
 
 
 __all__ = ["MECHANISMS", "OUTCOMES", "SWITCHES", "SWITCH_KEYS", "OpenProblemsParams", "OpenProblemsResult",
-           "OutcomeCell", "Switch", "classify", "command_line", "format_outcomes", "run_open_problems"]
+           "OutcomeCell", "Switch", "classify", "command_line", "format_outcomes", "live_keywords",
+           "run_open_problems"]

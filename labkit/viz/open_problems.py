@@ -79,14 +79,15 @@ class OutcomeMatrixView(Shown):
 
 def outcome_table(result: OpenProblemsResult) -> Table:
     """The matrix as a table (labkit.viz.table's style): a row per switch, the outcome and its
-    number (or QEMU's refusal) per mechanism."""
+    number (MiB freed, or not sent for hinting) or QEMU's refusal, per mechanism."""
     mechanisms = [m for m in MECHANISMS if m in result.params.mechanisms]
     rows = []
     for key in result.params.switches:
         row = [LABELS.get(key, key)]
         for m in mechanisms:
             c = result.cell(key, m)
-            row.append(f"refused: {c.text}" if c.outcome == "refused" else f"{c.outcome} ({c.text})")
+            row.append(f"refused: {c.text}" if c.outcome == "refused" else
+                       f"{c.outcome}: {c.value / (1 << 20):.0f} MiB")
         rows.append(row)
     return Table(["switch", *mechanisms], rows, {})
 
