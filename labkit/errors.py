@@ -35,3 +35,7 @@ class HostOutOfMemory(RuntimeError):
 class NotOnThisHost(ValueError):
     """The live backend can't run this switch on this machine (no IOMMU group for vfio-pci, no
     /dev/sev, no free huge pages, an arm64-only page size...); the text says why and what would."""
+
+
+class NotModelled(ValueError):
+    """A combination labkit's model does not model (QEMU would run it): the text says what and why."""

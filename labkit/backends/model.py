@@ -39,6 +39,7 @@ from labkit.devices.virtio_mem_vm import VirtioMem
 from labkit.devices.virtio_pmem_vm import VirtioPmem
 from labkit.errors import QMPError
 from labkit.model.buddy import buddyinfo
+from labkit.model.guest_pages import LARGE_PAGE_FACTS
 from labkit.model.host import Host
 from labkit.model.hotplug import MemoryHotplug, plan_layout, q35_device_memory_base
 from labkit.model.kernel import Kernel
@@ -51,6 +52,13 @@ from labkit.model.writeback import GuestWriteback
 from labkit.units import PAGE_SIZE, format_size, parse_size
 
 KERNEL_OPS = ("alloc", "touch", "read", "free", "drop_caches", "handles")
+
+
+def guest_sizes(options: VmOptions) -> dict:
+    """virtio-mem's driver sizes of a guest with pages larger than 4 KiB (labkit.model.guest_pages)."""
+    facts = LARGE_PAGE_FACTS.get(options.guest_page_size)
+    return {} if facts is None else {"pageblock_bytes": facts["pageblock_bytes"],
+                                     "memory_block_bytes": facts["memory_block_bytes"]}
 
 
 def _host(options: VmOptions) -> Host:
@@ -112,10 +120,12 @@ class ModelBackend(ModelInspection):
             self.balloon_device = BalloonDevice(self.env, self.host, self.kernel.host_vm, options.memory,
                                                 self.balloon_options, emit, self.wallclock)
             self.balloon = BalloonDriver(self.env, self.kernel, self.balloon_device,
-                                         options.model.balloon_request_ms)
+                                         options.model.balloon_request_ms,
+                                         pages_per_page=options.guest_page_size // PAGE_SIZE)
             if options.balloon.free_page_reporting:
                 self.reporting = FreePageReporting(self.env, self.kernel, self.host, self.balloon,
-                                                   self.balloon_device, options.cmdline)
+                                                   self.balloon_device, options.cmdline,
+                                                   guest_page_size=options.guest_page_size)
             if options.balloon.free_page_hint:
                 timing = HintTiming()
                 device = FreePageHintDevice(self.balloon_device, self.balloon, self.run_state)
@@ -128,7 +138,7 @@ class ModelBackend(ModelInspection):
             specs = [d.spec() | {"memdev": d.memdev} for d in options.virtio_mem]
             self.virtio_mem = VirtioMem(self.env, self.kernel, self.host, specs, self.regions,
                                         lambda: self.run_state.migration_running, emit,
-                                        pin_plugged=bool(options.vfio))
+                                        pin_plugged=bool(options.vfio), guest_sizes=guest_sizes(options))
 
         # the guest's page cache writeback and virtio-blk, then virtio-pmem on the same host cache
         self.writeback = GuestWriteback(self.env, self.kernel, self.ops)

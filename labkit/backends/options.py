@@ -53,7 +53,7 @@ from labkit.backends.options_keywords import (
     virtio_pmem_from_keywords,
 )
 from labkit.backends.options_qemu import from_command_line
-from labkit.backends.options_switches import Realize, page_size_keyword
+from labkit.backends.options_switches import Realize, check_large_guest, page_size_keyword
 from labkit.model.hotplug import ONLINE_TYPES
 from labkit.units import MiB, format_size, parse_size
 
@@ -92,7 +92,7 @@ def parse_options(backend: str = "model", **keywords: Any) -> VmOptions:
                   keywords=MappingProxyType(dict(keywords)))
     if keywords.get("qemu_args") is not None:
         opts = VmOptions(memory=0, maxmem=0, **common)
-        return from_command_line(opts, keywords, limits)
+        return check_large_guest(from_command_line(opts, keywords, limits))
     memory = keywords.get("memory", "4G")
     size = parse_size(memory, name="memory")
     check_memory(size, memory, limits)
@@ -111,13 +111,13 @@ def parse_options(backend: str = "model", **keywords: Any) -> VmOptions:
         MemoryBackend(d.memdev, "memory-backend-file", d.size, share=d.share, mem_path=d.path)
         for d in virtio_pmem)
     device_memory = sum(b.size for b in backends)
-    return VmOptions(memory=size, maxmem=size + device_memory, smp=common["qemu"].smp,
+    return check_large_guest(VmOptions(memory=size, maxmem=size + device_memory, smp=common["qemu"].smp,
                      node_sizes=equal_node_sizes(size, numa_nodes),
                      node_memdevs=tuple(f"ram{node}" for node in range(numa_nodes)),  # as the live backend
                      ram_memdev="ram0" if numa_nodes == 1 else "pc.ram",
                      balloon=balloon, iothreads=(balloon.iothread,) if balloon and balloon.iothread else (),
                      memory_backends=backends, virtio_mem=virtio_mem, virtio_pmem=virtio_pmem,
-                     qemu_warnings=tuple(warnings), **common)
+                     qemu_warnings=tuple(warnings), **common))
 
 
 __all__ = ["CMDLINE_CHECKS", "CMDLINE_DEFAULTS", "EPOCH", "LIMITS", "BalloonOptions", "HostOptions",

@@ -29,6 +29,7 @@ from typing import Any
 
 from labkit.backends.options_data import ConfidentialGuest, VfioOptions, VirtioMemOptions
 from labkit.devices.virtio_mem import default_block_size
+from labkit.errors import NotModelled
 from labkit.model.backing import DEFAULT_HUGEPAGE, HOST_PAGE_SIZES, HUGEPAGE_SIZES
 from labkit.units import KiB, format_size, parse_size
 
@@ -61,6 +62,18 @@ def page_size_keyword(value: Any, name: str, accepted: tuple[int, ...] = HOST_PA
         raise ValueError(f"{name} must be one of {[format_size(a) for a in accepted]} (a page size the "
                          f"model knows: x86-64's 4 KiB or arm64's 64 KiB), got {value!r}")
     return size
+
+
+def check_large_guest(opts: Any) -> Any:
+    """A 64 KiB guest on the model: free page hinting would hint blocks of MAX_ORDER - 1 = 13 guest
+    pages (512 MiB), which the model's 4 KiB buddy allocator cannot hold (labkit.model.guest_pages):
+    refused as not modelled rather than hinting the wrong blocks."""
+    if opts.backend == "model" and opts.guest_page_size != 4 * KiB and opts.balloon is not None \
+            and opts.balloon.free_page_hint:
+        raise NotModelled(f"free-page-hint on a guest with {opts.guest_page_size // KiB} KiB pages is not "
+                          f"modelled: it hints 512 MiB blocks (order 13), beyond labkit's 4 KiB buddy "
+                          f"allocator")
+    return opts
 
 
 # --- memory backends ----------------------------------------------------------------------------
@@ -186,6 +199,7 @@ def realize_discard(machine: Realize) -> None:
         raise ValueError("Failed to set RamDiscardManager")
 
 
-__all__ = ["CONFIDENTIAL_PROPERTIES", "SINCE", "Realize", "backend_page_size", "confidential_guest",
+__all__ = ["CONFIDENTIAL_PROPERTIES", "SINCE", "Realize", "backend_page_size", "check_large_guest",
+           "confidential_guest",
            "hugetlbfs_mount", "page_size_keyword", "realize_discard", "realize_virtio_mem",
            "vfio_device"]

@@ -33,6 +33,7 @@ import simpy
 
 from labkit.devices.balloon_host import inflate_discards
 from labkit.devices.properties import QomProperty
+from labkit.model.guest_pages import alloc_groups
 from labkit.model.host import Host, HostVM
 from labkit.model.kernel import Kernel
 from labkit.model.pages import PageState
@@ -231,11 +232,14 @@ class BalloonDriver:
     """Linux's virtio_balloon driver: the work item chasing ``num_pages``, OOM notifier, stats."""
 
     def __init__(self, env: simpy.Environment, kernel: Kernel, device: BalloonDevice,
-                 request_ms: float):
+                 request_ms: float, pages_per_page: int = VIRTIO_BALLOON_PAGES_PER_PAGE):
         self.env = env
         self.kernel = kernel
         self.device = device
         self.request_ms = request_ms
+        # VIRTIO_BALLOON_PAGES_PER_PAGE: 4 KiB balloon PFNs per guest page (16 on a 64 KiB arm64
+        # guest, labkit.model.guest_pages); every count below is in 4 KiB balloon pages
+        self.pages_per_page = pages_per_page
         self.features = set(device.features)
         self.num_pages = 0  # vb->num_pages: pages the balloon holds
         self._pages = np.zeros(1024, dtype=np.int64)  # the balloon page list (a LIFO stack)
@@ -285,8 +289,10 @@ class BalloonDriver:
             self._wake.succeed()
 
     def towards_target(self) -> int:
-        target = -(-self.device.config.num_pages // VIRTIO_BALLOON_PAGES_PER_PAGE) * (
-            VIRTIO_BALLOON_PAGES_PER_PAGE)
+        """towards_target: num_pages aligned *up* to a whole guest page ("to avoid inflating and
+        deflating balloon endlessly"), minus what the balloon holds."""
+        per = self.pages_per_page
+        target = -(-self.device.config.num_pages // per) * per
         return target - self.num_pages
 
     def _work(self):
@@ -314,11 +320,16 @@ class BalloonDriver:
     def _fill(self, num: int):
         """fill_balloon: allocate up to 256 pages one by one, tell the host, count them."""
         num = min(num, VIRTIO_BALLOON_ARRAY_PFNS_MAX)
-        pfns = self.kernel.alloc_pages(num, PageState.BALLOON, movable=True, noretry=True)
+        if self.pages_per_page == 1:
+            pfns = self.kernel.alloc_pages(num, PageState.BALLOON, movable=True, noretry=True)
+        else:  # whole guest pages, each named by pages_per_page PFNs; the driver pops them LIFO
+            per = self.pages_per_page
+            pfns = alloc_groups(self.kernel, num // per, per, PageState.BALLOON)
+            pfns = pfns.reshape(-1, per)[::-1].ravel()
         if len(pfns) < num:
             self.out_of_puff += 1
             self.kernel.log(f"virtio_balloon virtio0: Out of puff! Can't get "
-                            f"{VIRTIO_BALLOON_PAGES_PER_PAGE} pages")
+                            f"{self.pages_per_page} pages")
             self.in_flight = pfns  # allocated, on the local list, not yet on the balloon list
             yield self.env.timeout(OUT_OF_PUFF_SLEEP_MS)
             self.in_flight = NO_PAGES
@@ -389,7 +400,7 @@ class BalloonDriver:
         self._release(pfns)
         self.oom_deflated_pages += len(pfns)
         self._update_balloon_size(None)
-        return len(pfns) // VIRTIO_BALLOON_PAGES_PER_PAGE
+        return len(pfns) // self.pages_per_page
 
     # --- stats --------------------------------------------------------------------------------
     def collect_stats(self) -> dict[int, int]:

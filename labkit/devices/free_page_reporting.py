@@ -104,6 +104,21 @@ def negotiate(offered: set[int], cmdline: dict) -> tuple[set[int], int | None]:
     return features, 0 if init_on_free else int.from_bytes(bytes([PAGE_POISON]) * 4, "little")
 
 
+def large_page_reporting_order(guest_page_size: int) -> int:
+    """The reporting order, in the model's 4 KiB pages, of a guest with ``guest_page_size`` pages:
+    virtballoon_probe sets ``pr_dev_info.order = 5`` on arm64 with 64 KiB pages (2 MiB; Linux 5.14+),
+    because the default ``pageblock_order`` there is 13 (512 MiB) and no block that large is free
+    often enough (drivers/virtio/virtio_balloon.c; docs/mechanisms.md §12.2).
+
+    >>> large_page_reporting_order(64 << 10)   # order 5 of 64 KiB = order 9 of 4 KiB = 2 MiB
+    9
+    """
+    from labkit.model.guest_pages import LARGE_PAGE_FACTS
+
+    order = LARGE_PAGE_FACTS[guest_page_size]["reporting_driver_order"]
+    return order + (guest_page_size // PAGE_SIZE).bit_length() - 1
+
+
 class ReportingVirtqueue:
     """The reporting vq between the driver and QEMU's ``virtio_balloon_handle_report``."""
 
@@ -149,7 +164,7 @@ class FreePageReporting:
     """
 
     def __init__(self, env: simpy.Environment, kernel: Kernel, host: Host, driver: BalloonDriver,
-                 balloon_device: BalloonDevice, cmdline: Mapping[str, Any]):
+                 balloon_device: BalloonDevice, cmdline: Mapping[str, Any], guest_page_size: int = PAGE_SIZE):
         self.env = env
         self.kernel = kernel
         self.offered = set(balloon_device.features)
@@ -161,6 +176,8 @@ class FreePageReporting:
         self.negotiated = VIRTIO_BALLOON_F_REPORTING in features
         self.device = ReportingVirtqueue(host, kernel.host_vm, balloon_device)
         self.order = resolve_reporting_order(cmdline.get("page_reporting.page_reporting_order", -1))
+        if guest_page_size != PAGE_SIZE:  # the driver's order for arm64 64 KiB pages (virtballoon_probe)
+            self.order = large_page_reporting_order(guest_page_size)
         self.core: PageReporting | None = None
         self._pending: list[np.ndarray] = []  # reused pages a report took from the host, unwritten
         self._refaulted = 0

@@ -69,13 +69,16 @@ class VirtioMemDriver:
 
     def __init__(self, env: simpy.Environment, kernel, device: VirtioMemDevice,
                  region: DeviceRegion, hotplug: MemoryHotplug, timing: Timing = TIMING,
-                 unplug_online: bool = True):
+                 unplug_online: bool = True, pageblock_bytes: int = PAGE_SIZE << PAGEBLOCK_ORDER,
+                 memory_block_bytes: int = MEMORY_BLOCK_BYTES):
         self.env, self.kernel, self.device, self.region = env, kernel, device, region
         self.hotplug, self.timing, self.unplug_online = hotplug, timing, unplug_online
         self.node = region.node
-        self.sb_size = max(PAGE_SIZE << PAGEBLOCK_ORDER, device.block_size)
-        self.bbm = self.sb_size >= MEMORY_BLOCK_BYTES
-        self.unit_pages = (max(device.block_size, MEMORY_BLOCK_BYTES) if self.bbm else
+        # virtio_mem_init_hotplug: the subblock is at least a pageblock (512 MiB on a 64 KiB arm64
+        # guest, whose memory block is 512 MiB too: big block mode there)
+        self.sb_size = max(pageblock_bytes, device.block_size)
+        self.bbm = self.sb_size >= memory_block_bytes
+        self.unit_pages = (max(device.block_size, memory_block_bytes) if self.bbm else
                            self.sb_size) // PAGE_SIZE  # a big block, or a subblock
         self.unit_bytes = self.unit_pages * PAGE_SIZE
         self.first_mb = region.start // PAGES_PER_MEMORY_BLOCK

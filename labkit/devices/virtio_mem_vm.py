@@ -30,11 +30,13 @@ class VirtioMem:
     """All virtio-mem devices of one VM (``vm.virtio_mem``): ``devices`` (QEMU) and ``drivers``
     (Linux), one per ``specs`` entry (device properties, sizes in bytes, ``memdev`` the backend's
     id) on its ``regions`` entry. ``busy`` is QEMU's ``migration_is_running``; ``emit`` sends QMP
-    events; ``pin_plugged``: a vfio-pci device DMA-maps (pins) each block as it is plugged."""
+    events; ``pin_plugged``: a vfio-pci device DMA-maps (pins) each block as it is plugged;
+    ``guest_sizes``: the guest's pageblock and memory block when its pages are not 4 KiB."""
 
     def __init__(self, env: simpy.Environment, kernel: Kernel, host: Host, specs: Sequence[dict],
                  regions: Sequence[DeviceRegion], busy: Callable[[], bool],
-                 emit: Callable[[str, dict], None], pin_plugged: bool = False):
+                 emit: Callable[[str, dict], None], pin_plugged: bool = False,
+                 guest_sizes: dict | None = None):
         self.devices: list[VirtioMemDevice] = []
         self.drivers: list[VirtioMemDriver] = []
         for spec, region in zip(specs, regions, strict=True):
@@ -51,7 +53,7 @@ class VirtioMem:
                                      spec["node"], spec["requested_size"], discard=discard, busy=busy,
                                      emit=emit, prealloc=spec["prealloc"], memdev=spec.get("memdev"),
                                      populate=pin if pin_plugged else None)
-            driver = VirtioMemDriver(env, kernel, device, region, kernel.hotplug)
+            driver = VirtioMemDriver(env, kernel, device, region, kernel.hotplug, **(guest_sizes or {}))
             self.devices.append(device)
             self.drivers.append(driver)
 

@@ -27,6 +27,7 @@ from labkit.viz.tables import Table
 
 # Okabe-Ito: bluish green, yellow, vermillion; grey for a refusal
 OUTCOME_COLOURS = {"works": "#009E73", "partial": "#F0E442", "frees nothing": "#D55E00", "refused": "#BBBBBB"}
+NOT_MODELLED = "#F4F4F4"
 LABELS = {s.key: s.label for s in SWITCHES}
 
 
@@ -52,6 +53,14 @@ class OutcomeMatrixView(Shown):
             rows["colour"].append(OUTCOME_COLOURS[c.outcome])
             rows["text"].append(c.text)
             rows["outcome"].append(c.outcome)
+        present = {(c.switch, c.mechanism) for c in self.cells}
+        for switch in switches:  # a combination the model does not model: a grey cell saying so
+            for m in mechanisms:
+                if (switch, m) not in present:
+                    for k, v in (("switch", switch), ("mechanism", m), ("label", "not modelled"),
+                                 ("colour", NOT_MODELLED), ("text", "not modelled"),
+                                 ("outcome", "not modelled")):
+                        rows[k].append(v)
         self.source = ColumnDataSource(rows)
         fig = figure(x_range=mechanisms, y_range=list(reversed(switches)), width=width,
                      height=46 * len(switches) + 70, toolbar_location=None,
@@ -85,7 +94,11 @@ def outcome_table(result: OpenProblemsResult) -> Table:
     for key in result.params.switches:
         row = [LABELS.get(key, key)]
         for m in mechanisms:
-            c = result.cell(key, m)
+            try:
+                c = result.cell(key, m)
+            except KeyError:
+                row.append("not modelled")
+                continue
             row.append(f"refused: {c.text}" if c.outcome == "refused" else
                        f"{c.outcome}: {c.value / (1 << 20):.0f} MiB")
         rows.append(row)
