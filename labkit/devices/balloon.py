@@ -177,7 +177,7 @@ class BalloonDevice:
         if self.inhibited() or len(pfns) == 0:
             return
         vm = self.host_vm
-        if any(b.page_pages > 1 for b in vm.blocks):
+        if vm.large_pages:
             pfns, dropped = inflate_discards(vm, pfns)
             self.partial_pages_dropped += dropped
         if len(pfns):  # balloon_inflate_page: one ram_block_discard_range per 4 KiB PFN

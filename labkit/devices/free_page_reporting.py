@@ -144,7 +144,7 @@ class ReportingVirtqueue:
         if dev.inhibited() or dev.config.poison_val:  # QEMU: skip_element, still acked
             self.skipped_requests += 1
             return 0
-        if any(b.page_pages > 1 for b in self.host_vm.blocks):  # hugetlbfs, 64 KiB host pages
+        if self.host_vm.large_pages:  # hugetlbfs, 64 KiB host pages
             aligned = report_aligned(self.host_vm, starts, orders)
             self.unaligned_entries += int(np.count_nonzero(~aligned))
             starts, orders = starts[aligned], orders[aligned]

@@ -78,6 +78,7 @@ class HostVM:
     log_lines: int = 0
     private_skipped: int = 0  # pages a discard left alone: private memory of a confidential guest
     _granular: bool = False  # some block faults in more than 4 KiB at once
+    large_pages: bool = False  # some block's host page is larger than 4 KiB (hugetlbfs, 64 KiB host)
     _unswappable: np.ndarray | None = None  # per page, when some memory can't be swapped
     _private: list[RamBlock] = field(default_factory=list)
     _warned: set = field(default_factory=set)
@@ -87,6 +88,7 @@ class HostVM:
         private memory. Pages outside every block (holes of the page index) stay 4 KiB anonymous."""
         self.blocks = list(blocks)
         self._granular = any(b.fault_pages > 1 for b in self.blocks)
+        self.large_pages = any(b.page_pages > 1 for b in self.blocks)
         self._private = [b for b in self.blocks if b.backing.guest_memfd]
         for b in self.blocks:
             if not b.backing.swappable:
@@ -222,8 +224,8 @@ class Host:
         if not self.discard_enabled or len(pfns) == 0:
             return 0
         flags = vm.mem.flags
-        first = next((b for b in vm.blocks if b.start <= int(pfns[0]) < b.end), None)
-        if vm.mem_locked and (first is None or not first.backing.fd_backed):
+        if vm.mem_locked and not any(b.backing.fd_backed for b in vm.blocks
+                                     if b.start <= int(pfns[0]) < b.end):
             # mm/madvise.c madvise_dontneed_free_valid_vma: VM_LOCKED -> -EINVAL (a file-backed
             # block is punched with fallocate first, which works: not modelled as a failure)
             chunk = chunk or len(pfns)
