@@ -27,6 +27,10 @@ The options are those of :func:`labkit.open`. What differs from the model:
 * time is wall-clock: ``advance(ms)`` really waits (polling QMP, host RSS and QEMU's health) and
   ``t_ms`` counts from the moment the guest shell was ready.
 * ``snapshot()`` raises: the page states of a real guest can't be read from outside.
+* the open problems' switches (docs/mechanisms.md §12) run where this machine can run them
+  (hugetlbfs backing when the huge page pool has the pages) and are refused before QEMU starts,
+  with the reason, where it can't (vfio-pci without an IOMMU group, SEV without /dev/sev,
+  sev-snp-guest and tdx-guest missing from this QEMU, 64 KiB pages): :mod:`labkit.backends.qemu.switches`.
 """
 
 from __future__ import annotations
