@@ -105,6 +105,13 @@ SECTIONS: dict[str, str] = {
     "11.2": 'What host RSS counts',
     "11.3": 'When the host may not discard',
     "11.4": 'What migration counts as RAM',
+    "12": 'The open problems as switches',
+    "12.1": 'Host page size and backing',
+    "12.2": 'Guest page size',
+    "12.3": 'Device assignment and locked memory',
+    "12.4": 'Confidential guests',
+    "12.5": 'Interface limits',
+    "12.6": 'What remains uncertain',
 }
 
 #: every anchor of docs/results.md -> what it names

@@ -54,3 +54,10 @@ def shown(value: Any, limit: int = 48) -> str:
         digits = str(abs(value))
         return f"{'-' if value < 0 else ''}{digits[:24]}...{digits[-8:]} ({len(digits)} digits)"
     return f"{text[:24]}...{text[-8:]} ({len(text)} characters)"
+class NotOnThisHost(ValueError):
+    """The live backend can't run this switch on this machine (no IOMMU group for vfio-pci, no
+    /dev/sev, no free huge pages, an arm64-only page size...); the text says why and what would."""
+
+
+class NotModelled(ValueError):
+    """A combination labkit's model does not model (QEMU would run it): the text says what and why."""

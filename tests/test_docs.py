@@ -254,9 +254,9 @@ def test_every_citation_and_docs_link_resolves_pending_areas():
 
 
 def test_citation_checker_catches_a_dead_section_and_anchor(tmp_path):
-    dead = "§" + "12.3"  # built here so that this file itself cites no dead section
-    assert citations(f"see §1.2 and § 8.10, also {dead}") == ["1.2", "8.10", "12.3"]
-    assert "12.3" not in docs.SECTIONS
+    dead = "§" + "99.3"  # built here so that this file itself cites no dead section
+    assert citations(f"see §1.2 and § 8.10, also {dead}") == ["1.2", "8.10", "99.3"]
+    assert "99.3" not in docs.SECTIONS
     missing = "[x](" + "../docs/nope.md#a)"
     links = doc_links("notebooks/x.ipynb", "[§1.2](../docs/mechanisms.md#s1.2) " + missing)
     assert links == [("docs/mechanisms.md", "s1.2"), ("docs/nope.md", "a")]
@@ -304,7 +304,7 @@ def test_link_and_inverse():
 
 
 @pytest.mark.parametrize("call, message", [
-    (lambda: docs.link("12.3", "notebooks"), "no section '12.3'"),
+    (lambda: docs.link("99.3", "notebooks"), "no section '99.3'"),
     (lambda: docs.link("1.2", "/abs/notebooks"), "relative to the repository root"),
     (lambda: docs.link("1.2", "../elsewhere"), "relative to the repository root"),
     (lambda: docs.section_of("1.2"), "not a section anchor"),

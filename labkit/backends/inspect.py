@@ -4,8 +4,9 @@ frozen snapshot of one mechanism, and ``vm.advance_until(event)`` moves time to 
 Snapshots (:data:`SNAPSHOTS`) are plain data copied out of the machine at one instant, so a view
 never holds a device: ``"balloon"`` (:class:`BalloonView`), ``"reporting"``, ``"hinting"``,
 ``"migration"`` (with one row per dirty-bitmap sync, what the migration view draws),
-``"virtio-mem"`` (devices, drivers' block states, the kernel's hot-plugged blocks), ``"virtio-pmem"``
-and ``"memory"`` (zones and the guest's counters). A field the backend cannot see is ``None``
+``"virtio-mem"`` (devices, drivers' block states, the kernel's hot-plugged blocks), ``"virtio-pmem"``,
+``"memory"`` (zones and the guest's counters) and ``"host"`` (RAM blocks, backing, pinning, QEMU's
+discard counters and stderr: the open problems' switches). A field the backend cannot see is ``None``
 (the live backend sees what QMP and the guest's /proc say; a replayed run what was recorded).
 
 ``advance_until(event, max_ms=60_000, **data)`` runs time until a QMP event named ``event``
@@ -188,9 +189,29 @@ class MemoryView:
     discarded_pages: int | None = None  # backed pages the host freed on discards (any mechanism)
 
 
+@dataclass(frozen=True)
+class HostView:
+    """The host side of one VM (docs/mechanisms.md §11-§12): its RAM blocks and how each is backed,
+    what is pinned, QEMU's RAM discard counters, its migration blockers and its stderr."""
+
+    blocks: tuple[dict, ...]  # name, start, end (PFNs), size, kind, page_size, thp, guest_memfd, rss
+    switches: dict  # vfio, confidential, mem_lock, host_page_size, guest_page_size (from the options)
+    rss_pages: int | None = None
+    pinned: str | None = None  # why all guest RAM stays in host memory ("" when it does not)
+    discard_disabled: bool | None = None  # ram_block_discard_is_disabled()
+    discard_counters: dict | None = None  # QEMU's four counters (required, disabled, ...)
+    migration_blockers: tuple[str, ...] | None = None
+    qemu_log: tuple[str, ...] = ()  # what QEMU printed (warnings, error_report lines)
+    qemu_log_lines: int | None = None
+    private_skipped_pages: int | None = None  # discards that left a confidential guest's private page
+    balloon_partial_pages_dropped: int | None = None  # PartiallyBalloonedPage given up on
+    report_unaligned_entries: int | None = None  # reported blocks QEMU ignored (host page alignment)
+    hugepages: dict | None = None  # live: this machine's huge page pools {size: {"total", "free"}}
+
+
 SNAPSHOTS = {"balloon": BalloonView, "reporting": ReportingView, "hinting": HintingView,
              "migration": MigrationView, "virtio-mem": VirtioMemView, "virtio-pmem": PmemView,
-             "memory": MemoryView}
+             "memory": MemoryView, "host": HostView}
 ARRAY_FIELDS = ("plugged_units", "block_states", "unmovable_units")
 
 
@@ -238,6 +259,6 @@ def unknown_mechanism(mechanism: str) -> ValueError:
     return ValueError(f"inspect() takes one of {list(SNAPSHOTS)}, got {mechanism!r}")
 
 
-__all__ = ["SNAPSHOTS", "TRACE_POINTS", "BalloonView", "HintingView", "MemoryView", "MigrationView",
-           "PmemView", "ReportingView", "VirtioMemDeviceView", "VirtioMemView", "as_dict", "check_wait",
-           "from_dict"]
+__all__ = ["SNAPSHOTS", "TRACE_POINTS", "BalloonView", "HintingView", "HostView", "MemoryView",
+           "MigrationView", "PmemView", "ReportingView", "VirtioMemDeviceView", "VirtioMemView", "as_dict",
+           "check_wait", "from_dict"]

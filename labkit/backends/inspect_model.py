@@ -15,6 +15,7 @@ from labkit.backends.inspect import (
     TRACE_POINTS,
     BalloonView,
     HintingView,
+    HostView,
     MemoryView,
     MigrationView,
     PmemView,
@@ -25,7 +26,7 @@ from labkit.backends.inspect import (
     unknown_mechanism,
 )
 from labkit.model.hotplug import UNMOVABLE_STATES
-from labkit.model.pages import PAGES_PER_MEMORY_BLOCK
+from labkit.model.pages import PAGES_PER_MEMORY_BLOCK, PageFlag
 from labkit.units import PAGE_SIZE
 
 
@@ -213,8 +214,37 @@ def _memory(vm: Any) -> MemoryView:
                       h.discarded_pages)
 
 
+BACKED = np.uint8(PageFlag.BACKED)
+
+
+def switches_of(options: Any) -> dict:
+    """The switches a VM was opened with, from its options (both backends)."""
+    c = options.confidential
+    return {"vfio": [d.host for d in options.vfio], "confidential": c.kind if c is not None else None,
+            "mem_lock": options.mem_lock, "host_page_size": options.host_page_size,
+            "guest_page_size": options.guest_page_size}
+
+
+def _host(vm: Any) -> HostView:
+    h = vm.kernel.host_vm
+    blocks = tuple({"name": b.name, "start": b.start, "end": b.end, "size": b.pages * PAGE_SIZE,
+                    "kind": b.backing.kind, "page_size": b.backing.page_size, "thp": b.backing.thp,
+                    "guest_memfd": b.backing.guest_memfd, "backing": b.backing.describe(),
+                    "rss": int(np.count_nonzero(h.mem.flags[b.start:b.end] & BACKED)) * PAGE_SIZE}
+                   for b in h.blocks)
+    d = h.ram_discard
+    counters = {"required": d.required, "coordinated_required": d.coordinated_required,
+                "disabled": d.disabled, "uncoordinated_disabled": d.uncoordinated_disabled}
+    dev = vm.balloon_device
+    return HostView(blocks, switches_of(vm.options), h.rss_pages, h.pinned,
+                    d.is_disabled() or not vm.host.discard_enabled, counters, tuple(vm.migration_blockers),
+                    tuple(h.log), h.log_lines, h.private_skipped,
+                    dev.partial_pages_dropped if dev is not None else None,
+                    vm.reporting.device.unaligned_entries if vm.reporting is not None else None)
+
+
 _BUILDERS = {"balloon": _balloon, "reporting": _reporting, "hinting": _hinting, "migration": _migration,
-             "virtio-mem": _virtio_mem, "virtio-pmem": _pmem, "memory": _memory}
+             "virtio-mem": _virtio_mem, "virtio-pmem": _pmem, "memory": _memory, "host": _host}
 
 
 assert set(PROBES) == set(TRACE_POINTS)  # the protocol's list and the model's probes agree

@@ -29,6 +29,7 @@ import simpy
 from labkit.backends.base import EventQueue, check_ms
 from labkit.backends.guest_ops import check as check_guest_op
 from labkit.backends.inspect_model import ModelInspection
+from labkit.backends.model_host import attach_host
 from labkit.backends.monitor import Monitor
 from labkit.backends.options import HostOptions, VmOptions, check_fits, parse_options
 from labkit.devices.balloon import BalloonDevice, BalloonDriver
@@ -41,6 +42,7 @@ from labkit.devices.virtio_pmem_vm import VirtioPmem
 from labkit.errors import QMPError
 from labkit.model.bootparams import parse_bootparams
 from labkit.model.buddy import buddyinfo
+from labkit.model.guest_pages import LARGE_PAGE_FACTS
 from labkit.model.host import Host
 from labkit.model.hotplug import MemoryHotplug, plan_layout, q35_device_memory_base
 from labkit.model.kernel import Kernel
@@ -88,13 +90,20 @@ class HostFootprint:
                 del self.cache.files[path]
 
 
+def guest_sizes(options: VmOptions) -> dict:
+    """virtio-mem's driver sizes of a guest with pages larger than 4 KiB (labkit.model.guest_pages)."""
+    facts = LARGE_PAGE_FACTS.get(options.guest_page_size)
+    return {} if facts is None else {"pageblock_bytes": facts["pageblock_bytes"],
+                                     "memory_block_bytes": facts["memory_block_bytes"]}
+
+
 def _host(options: VmOptions) -> Host:
     """The host: a shared one, or one with ``host`` options (by default twice the guest's RAM)."""
     if isinstance(options.host, Host):
         return options.host
     h: HostOptions = options.host
     ram = h.ram if h.ram is not None else 2 * (options.memory + sum(d.size for d in options.virtio_mem))
-    return Host(ram, h.swap, discard=h.discard, swapin_us=h.swapin_us)
+    return Host(ram, h.swap, discard=h.discard, swapin_us=h.swapin_us, thp=h.thp)
 
 
 class ModelBackend(ModelInspection):
@@ -147,9 +156,12 @@ class ModelBackend(ModelInspection):
         emit = self.event_queue.emit
         self.mem = GuestMemory(n_pages, boot_zones, hotplug_zones=hotplug_zones, block_pages=block_pages)
 
-        # the guest kernel and its boot: memblock reservations first, then the boot's allocations
+        # the guest kernel; the host's RAM blocks and what the switches do to them (before any
+        # device); then its boot: memblock reservations first, then the boot's allocations
         self.kernel = Kernel(self.mem, self.host, options.vm_name, clock=lambda: self.env.now,
                              params=self.params, phys_pfn=self._phys_pfn)
+        self.migration_blockers = attach_host(self.host, self.kernel.host_vm, options, self.regions,
+                                              self.host.thp)
         if self.regions:
             self.kernel.hotplug = MemoryHotplug(self.kernel, options.memhp_default_state,
                                                 regions=self.regions)
@@ -175,12 +187,14 @@ class ModelBackend(ModelInspection):
             self.balloon_device = BalloonDevice(self.env, self.host, self.kernel.host_vm, options.memory,
                                                 self.balloon_options, emit, self.wallclock)
             self.balloon = BalloonDriver(self.env, self.kernel, self.balloon_device,
-                                         options.model.balloon_request_ms)
+                                         options.model.balloon_request_ms,
+                                         pages_per_page=options.guest_page_size // PAGE_SIZE)
             if options.balloon.stats_polling_interval:  # -device ...,guest-stats-polling-interval=N
                 self.balloon_device.set_poll_interval(options.balloon.stats_polling_interval)
             if options.balloon.free_page_reporting:
                 self.reporting = FreePageReporting(self.env, self.kernel, self.host, self.balloon,
-                                                   self.balloon_device, options.cmdline)
+                                                   self.balloon_device, options.cmdline,
+                                                   guest_page_size=options.guest_page_size)
             if options.balloon.free_page_hint:
                 timing = HintTiming()
                 device = FreePageHintDevice(self.balloon_device, self.balloon, self.run_state)
@@ -192,7 +206,8 @@ class ModelBackend(ModelInspection):
         if options.virtio_mem:
             specs = [d.spec() | {"memdev": d.memdev} for d in options.virtio_mem]
             self.virtio_mem = VirtioMem(self.env, self.kernel, self.host, specs, self.regions,
-                                        lambda: self.run_state.migration_running, emit)
+                                        lambda: self.run_state.migration_running, emit,
+                                        pin_plugged=bool(options.vfio), guest_sizes=guest_sizes(options))
 
         # the guest's page cache writeback and virtio-blk, then virtio-pmem on the same host cache
         self.writeback = GuestWriteback(self.env, self.kernel, self.ops)

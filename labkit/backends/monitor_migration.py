@@ -152,6 +152,9 @@ def migrate(monitor: Any, args: dict) -> dict:
         raise QMPError("GenericError", f"virtio-pmem device {ids} cannot be migrated: QEMU registers "
                                        f"no vmstate for virtio-pmem (labkit blocks migrate; "
                                        f"docs/mechanisms.md §4.3)")
+    blockers = getattr(monitor.vm, "migration_blockers", ())
+    if blockers:  # migration_is_blocked: the blocker added last (migrate_add_blocker prepends)
+        raise QMPError("GenericError", blockers[-1])
     if transport == "fd":  # the model has no file descriptors passed with getfd
         desc = f"File descriptor named '{uri[3:]}' has not been found"
         migration.fail(desc)

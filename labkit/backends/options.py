@@ -58,6 +58,7 @@ from labkit.backends.options_keywords import (
     virtio_pmem_from_keywords,
 )
 from labkit.backends.options_qemu import from_command_line
+from labkit.backends.options_switches import Realize, check_large_guest, page_size_keyword
 from labkit.backends.qemu_cmdline import id_wellformed
 from labkit.errors import shown
 from labkit.model.hotplug import ONLINE_TYPES
@@ -93,7 +94,10 @@ def parse_options(backend: str = "model", **keywords: Any) -> VmOptions:
     if state not in ONLINE_TYPES:
         raise ValueError(f"memhp_default_state {state!r} is not one of {list(ONLINE_TYPES)}")
     cmdline, kernel_params = cmdline_from_keywords(keywords.get("cmdline"))
+    host_page_size = page_size_keyword(keywords.get("host_page_size"), "host_page_size")
+    guest_page_size = page_size_keyword(keywords.get("guest_page_size"), "guest_page_size")
     common = dict(backend=backend, seed=seed, vm_name=vm_name, memhp_default_state=state,
+                  host_page_size=host_page_size, guest_page_size=guest_page_size,
                   cmdline=cmdline, kernel_params=kernel_params,
                   model=model_from_keywords(keywords.get("model")),
                   qemu=qemu_from_keywords(keywords.get("qemu")),
@@ -101,7 +105,7 @@ def parse_options(backend: str = "model", **keywords: Any) -> VmOptions:
                   keywords=MappingProxyType(dict(keywords)))
     if keywords.get("qemu_args") is not None:
         opts = VmOptions(memory=0, maxmem=0, **common)
-        return _cpus(from_command_line(opts, keywords, limits), keywords)
+        return check_large_guest(_cpus(from_command_line(opts, keywords, limits), keywords))
     memory = keywords.get("memory", "4G")
     size = parse_size(memory, name="memory")
     check_memory(size, memory, limits)
@@ -111,21 +115,22 @@ def parse_options(backend: str = "model", **keywords: Any) -> VmOptions:
         raise ValueError(f"numa_nodes must be an int from 1 to {limits.max_numa_nodes} with at least "
                          f"128 MiB per node, got {numa_nodes} for {format_size(size)}")
     balloon = balloon_from_keywords(keywords.get("balloon"))
-    virtio_mem = virtio_mem_from_keywords(keywords.get("virtio_mem"), numa_nodes, backend)
+    virtio_mem, warnings = virtio_mem_from_keywords(keywords.get("virtio_mem"), numa_nodes, backend,
+                                                    Realize(host_page_size))
     virtio_pmem = virtio_pmem_from_keywords(keywords.get("virtio_pmem"), {d.id for d in virtio_mem})
     check_pmem_memmap(virtio_pmem, size)
-    backends = tuple(MemoryBackend(d.memdev, "memory-backend-ram", d.size, prealloc=d.prealloc)
-                     for d in virtio_mem) + tuple(
+    backends = tuple(MemoryBackend(d.memdev, "memory-backend-ram", d.size, prealloc=d.prealloc,
+                                   page_size=host_page_size) for d in virtio_mem) + tuple(
         MemoryBackend(d.memdev, "memory-backend-file", d.size, share=d.share, mem_path=d.path)
         for d in virtio_pmem)
     device_memory = sum(b.size for b in backends)
-    return _cpus(VmOptions(memory=size, maxmem=size + device_memory, smp=common["qemu"].smp,
+    return check_large_guest(_cpus(VmOptions(memory=size, maxmem=size + device_memory, smp=common["qemu"].smp,
                      node_sizes=equal_node_sizes(size, numa_nodes),
                      node_memdevs=tuple(f"ram{node}" for node in range(numa_nodes)),  # as the live backend
                      ram_memdev="ram0" if numa_nodes == 1 else "pc.ram",
                      balloon=balloon, iothreads=(balloon.iothread,) if balloon and balloon.iothread else (),
-                     memory_backends=backends, virtio_mem=virtio_mem, virtio_pmem=virtio_pmem, **common),
-                 keywords)
+                     memory_backends=backends, virtio_mem=virtio_mem, virtio_pmem=virtio_pmem,
+                     qemu_warnings=tuple(warnings), **common), keywords))
 
 
 def _cpus(opts: VmOptions, keywords: dict[str, Any]) -> VmOptions:

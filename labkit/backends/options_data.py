@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field
 from types import MappingProxyType
 from typing import Any
 
-from labkit.devices.virtio_mem import PROPERTY_DEFAULTS as VIRTIO_MEM_DEFAULTS
+from labkit.devices.virtio_mem import VIRTIO_MEM_DEFAULT_BLOCK_SIZE
 from labkit.model.bootparams import CHECKS as BOOT_CHECKS
 from labkit.model.bootparams import CMDLINE_DEFAULTS as BOOT_CMDLINE_DEFAULTS
 from labkit.model.host import Host
@@ -19,7 +19,8 @@ from labkit.units import MiB, TiB
 EPOCH = 1_767_225_600  # the model's wall clock at t=0 (2026-01-01 UTC), for event timestamps
 BYTES_PER_PAGE_NEEDED = 8  # the model's state + flags, plus transient masks while deriving free lists
 KEYWORDS = ("memory", "seed", "balloon", "host", "numa_nodes", "model", "cmdline", "vm_name",
-            "virtio_mem", "virtio_pmem", "memhp_default_state", "qemu_args")
+            "virtio_mem", "virtio_pmem", "memhp_default_state", "qemu_args", "host_page_size",
+            "guest_page_size")
 
 
 @dataclass(frozen=True)
@@ -54,7 +55,9 @@ class BalloonOptions:
 
 @dataclass(frozen=True)
 class MemoryBackend:
-    """A ``memory-backend-ram`` or ``memory-backend-file`` object (``/objects/<id>``)."""
+    """A ``memory-backend-ram``, ``-memfd`` or ``-file`` object (``/objects/<id>``). ``page_size`` is
+    the RAM block's page size QEMU will find (``qemu_ram_pagesize``): the host's base page, or the
+    huge page size of hugetlbfs (``hugetlb=on,hugetlbsize=...``, or a ``mem-path`` on hugetlbfs)."""
 
     id: str
     qom_type: str
@@ -66,6 +69,40 @@ class MemoryBackend:
     dump: bool = True
     reserve: bool = True
     policy: str = "default"
+    hugetlb: bool = False
+    hugetlbsize: int = 0
+    page_size: int = 4096
+
+    @property
+    def hugetlbfs(self) -> bool:
+        """Backed by hugetlbfs (memfd with hugetlb=on, or a file on a hugetlbfs mount)."""
+        return self.hugetlb
+
+
+@dataclass(frozen=True)
+class VfioOptions:
+    """A ``vfio-pci`` device (hw/vfio/pci.c): the host device it assigns (``host=DDDD:BB:DD.F``)."""
+
+    id: str | None
+    host: str
+    x_enable_migration: bool = False  # QEMU 7.2's experimental VFIO migration (off by default)
+
+
+@dataclass(frozen=True)
+class ConfidentialGuest:
+    """``-object sev-guest|sev-snp-guest|tdx-guest,id=...`` named by ``-machine
+    confidential-guest-support``. ``kind`` is "SEV", "SEV-ES" (SEV with policy bit 2), "SEV-SNP" or "TDX"."""
+
+    id: str
+    qom_type: str
+    kind: str
+    policy: int = 0
+
+    @property
+    def private_memory(self) -> bool:
+        """Private memory in KVM's guest_memfd (SEV-SNP, TDX; QEMU 9.1+) rather than pinned,
+        encrypted ordinary memory (SEV, SEV-ES)."""
+        return self.kind in ("SEV-SNP", "TDX")
 
 
 @dataclass(frozen=True)
@@ -77,7 +114,7 @@ class VirtioMemOptions:
     memdev: str
     node: int = 0
     requested_size: int = 0
-    block_size: int = VIRTIO_MEM_DEFAULTS["block_size"]
+    block_size: int = VIRTIO_MEM_DEFAULT_BLOCK_SIZE  # parse_options resolves QEMU's default from the memdev
     prealloc: bool = False
     unplugged_inaccessible: str = "on"
     dynamic_memslots: bool = False
@@ -104,12 +141,15 @@ class VirtioPmemOptions:
 
 @dataclass(frozen=True)
 class HostOptions:
-    """The model's host: RAM (None: twice the guest's), swap, discard (False: as under VFIO)."""
+    """The model's host: RAM (None: twice the guest's), swap, discard (False: no RAM of any VM is
+    ever discarded), THP (the host's ``transparent_hugepage/enabled`` is ``madvise`` or ``always``:
+    QEMU's anonymous guest RAM is then faulted in as 2 MiB huge pages where it can be)."""
 
     ram: int | None = None
     swap: int = 0
     discard: bool = True
     swapin_us: float = 100.0
+    thp: bool = False
 
 
 @dataclass(frozen=True)
@@ -172,6 +212,14 @@ class VmOptions:
     qemu: QemuKnobs = field(default_factory=QemuKnobs)
     qemu_args: tuple[str, ...] = ()  # the command line as given (the live backend passes it on)
     passthrough: tuple[tuple[str, ...], ...] = ()  # options labkit does not read (live only)
+    # the open problems' switches (docs/mechanisms.md §12): device assignment, confidential guests,
+    # locked memory, page sizes, and what QEMU printed while it realized the devices
+    vfio: tuple[VfioOptions, ...] = ()
+    confidential: ConfidentialGuest | None = None
+    mem_lock: bool = False
+    host_page_size: int = 4096
+    guest_page_size: int = 4096
+    qemu_warnings: tuple[str, ...] = ()
     from_line: frozenset[str] = frozenset()  # what qemu_args gave: "memory", "smp", "balloon", ...
     keywords: Mapping[str, Any] = field(default_factory=dict)  # labkit.open's arguments, as given
 

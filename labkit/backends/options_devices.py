@@ -26,6 +26,7 @@ from labkit.backends.options_keywords import (
     virtio_mem_from_keywords,
     virtio_pmem_from_keywords,
 )
+from labkit.backends.options_switches import Realize, vfio_device
 from labkit.backends.qemu_cmdline import CommandLine, Given, QemuOptionError, fail, property_value
 from labkit.devices.virtio_pmem import check_backing_file
 from labkit.units import PAGE_SIZE
@@ -40,6 +41,7 @@ DEVICE_PROPERTIES = {
                        "unplugged-inaccessible": "OnOffAuto", "dynamic-memslots": "bool",
                        "memaddr": "uint64"},
     "virtio-pmem-pci": {**_PCI, "memdev": "link<memory-backend>", "memaddr": "uint64"},
+    "vfio-pci": {**_PCI, "host": "str", "sysfsdev": "str", "x-enable-migration": "bool"},
 }
 DEVICE_ALIASES = {"virtio-balloon": "virtio-balloon-pci", "virtio-mem": "virtio-mem-pci",
                   "virtio-pmem": "virtio-pmem-pci"}  # qdev aliases on x86 (qdev-monitor.c)
@@ -48,9 +50,10 @@ def devices(opts: VmOptions, line: CommandLine, objects: dict, keywords: Mapping
              from_line: set) -> VmOptions:
     """The line's devices in order, with QEMU's realize-time checks."""
     backend, numa = opts.backend, len(opts.node_sizes) if line.numa else 1
+    machine = Realize(opts.host_page_size, opts.mem_lock, opts.confidential)
     ids: set[str] = set()
     busy: set[str] = set()
-    balloon, vmem, pmem = None, [], []
+    balloon, vmem, pmem, vfio, warnings = None, [], [], [], []
     space_used, maxmem = 0, opts.maxmem if line.memory is not None else None
     for given in line.devices:
         driver, props = _driver(given, backend)
@@ -66,6 +69,12 @@ def devices(opts: VmOptions, line: CommandLine, objects: dict, keywords: Mapping
             if balloon is not None:
                 raise fail(where, "Only one balloon device is supported")
             balloon = _balloon(given, props, objects)
+            continue
+        if driver == "vfio-pci":
+            try:
+                vfio.append(vfio_device(props))
+            except ValueError as e:
+                raise fail(where, str(e)) from None
             continue
         memdev = props.get("memdev")
         if memdev is None:
@@ -88,7 +97,9 @@ def devices(opts: VmOptions, line: CommandLine, objects: dict, keywords: Mapping
         busy.add(memdev)
         try:
             if driver == "virtio-mem-pci":
-                vmem.append(_virtio_mem(props, backing, numa, backend))
+                device, said = _virtio_mem(props, backing, numa, backend, machine)
+                vmem.append(device)
+                warnings += said
             else:
                 pmem.append(_virtio_pmem(props, backing, backend))
         except ValueError as e:
@@ -99,6 +110,7 @@ def devices(opts: VmOptions, line: CommandLine, objects: dict, keywords: Mapping
         from_line.add("virtio_mem")
     if pmem:
         from_line.add("virtio_pmem")
+    opts = dataclasses.replace(opts, vfio=tuple(vfio), qemu_warnings=opts.qemu_warnings + tuple(warnings))
     return _with_keyword_devices(opts, balloon, tuple(vmem), tuple(pmem), objects, keywords, maxmem,
                                  space_used, frozenset(from_line))
 
@@ -144,10 +156,12 @@ def _balloon(given: Given, props: dict, objects: dict) -> BalloonOptions:
     return balloon
 
 
-def _virtio_mem(props: dict, backing: MemoryBackend, numa: int, backend: str) -> VirtioMemOptions:
-    if backend == "model" and backing.qom_type != "memory-backend-ram":
-        raise ValueError(f"labkit's model backs virtio-mem with memory-backend-ram only, got "
-                         f"{backing.qom_type} '{backing.id}'")
+def _virtio_mem(props: dict, backing: MemoryBackend, numa: int, backend: str,
+                machine: Realize) -> tuple[VirtioMemOptions, list[str]]:
+    if backend == "model" and backing.qom_type == "memory-backend-file" and not backing.hugetlbfs:
+        raise ValueError(f"labkit's model backs virtio-mem with memory-backend-ram, memory-backend-memfd "
+                         f"or a memory-backend-file on hugetlbfs, got a file at {backing.mem_path!r} "
+                         f"for '{backing.id}'")
     device = VirtioMemOptions(
         id=props.get("id"), size=backing.size, memdev=backing.id, node=props.get("node", 0),
         requested_size=props.get("requested-size", 0),
@@ -155,8 +169,7 @@ def _virtio_mem(props: dict, backing: MemoryBackend, numa: int, backend: str) ->
         prealloc=props.get("prealloc", False),
         unplugged_inaccessible=props.get("unplugged-inaccessible", "on"),
         dynamic_memslots=props.get("dynamic-memslots", False), memaddr=props.get("memaddr"))
-    check_virtio_mem(device, numa, backend)
-    return device
+    return check_virtio_mem(device, numa, backend, machine, "block-size" in props, backing.page_size)
 
 
 def _virtio_pmem(props: dict, backing: MemoryBackend, backend: str) -> VirtioPmemOptions:
@@ -181,12 +194,15 @@ def _with_keyword_devices(opts: VmOptions, balloon, vmem, pmem, objects: dict, k
     if "balloon" not in from_line and keywords.get("balloon") is not None:
         balloon = balloon_from_keywords(keywords["balloon"])
     if not vmem:
-        vmem = virtio_mem_from_keywords(keywords.get("virtio_mem"), len(opts.node_sizes), opts.backend)
+        vmem, said = virtio_mem_from_keywords(keywords.get("virtio_mem"), len(opts.node_sizes), opts.backend,
+                                              Realize(opts.host_page_size, opts.mem_lock, opts.confidential))
+        opts = dataclasses.replace(opts, qemu_warnings=opts.qemu_warnings + tuple(said))
     if not pmem:
         taken = {d.id for d in vmem}
         pmem = virtio_pmem_from_keywords(keywords.get("virtio_pmem"), taken)
     check_pmem_memmap(pmem, opts.memory)
-    labkit_backends = tuple(MemoryBackend(d.memdev, "memory-backend-ram", d.size, prealloc=d.prealloc)
+    labkit_backends = tuple(MemoryBackend(d.memdev, "memory-backend-ram", d.size, prealloc=d.prealloc,
+                                          page_size=opts.host_page_size)
                             for d in vmem if d.memdev not in objects) + tuple(
         MemoryBackend(d.memdev, "memory-backend-file", d.size, share=d.share, mem_path=d.path)
         for d in pmem if d.memdev not in objects)

@@ -27,6 +27,7 @@ from labkit.backends.options_data import (
     VirtioMemOptions,
     VirtioPmemOptions,
 )
+from labkit.backends.options_switches import Realize, realize_discard, realize_virtio_mem
 from labkit.backends.qemu_cmdline import check_id, parse_bool
 from labkit.devices.balloon import PROPERTY_DEFAULTS as BALLOON_DEFAULTS
 from labkit.devices.virtio_mem import PROPERTY_DEFAULTS as VIRTIO_MEM_DEFAULTS
@@ -71,12 +72,18 @@ def equal_node_sizes(memory: int, numa_nodes: int) -> tuple[int, ...]:
     return (per_node,) * (numa_nodes - 1) + (memory - per_node * (numa_nodes - 1),)
 
 
-def check_virtio_mem(d: VirtioMemOptions, numa_nodes: int, backend: str) -> None:
-    """virtio_mem_device_realize's checks, in QEMU's order and words (plus the model's block rule)."""
-    check_block_size(d.block_size)
+def check_virtio_mem(d: VirtioMemOptions, numa_nodes: int, backend: str, machine: Realize | None = None,
+                     block_given: bool = True,
+                     page_size: int = PAGE_SIZE) -> tuple[VirtioMemOptions, list[str]]:
+    """virtio_mem_device_realize's checks, in QEMU's order and words (plus the model's block rule):
+    the device with QEMU's default block size when none was given (from its memory backend's
+    ``page_size``), and the warnings QEMU prints."""
+    if block_given:
+        check_block_size(d.block_size)
     if numa_nodes and d.node >= numa_nodes:
         raise ValueError(f"'node' property has value '{d.node}', which exceedsthe number of numa "
                          f"nodes: {numa_nodes}")
+    d, warnings = realize_virtio_mem(d, block_given, page_size, machine or Realize())
     if d.size % d.block_size:
         raise ValueError(f"'memdev' property memdev size has to be multiples of'block-size' "
                          f"(0x{d.block_size:x})")
@@ -88,6 +95,8 @@ def check_virtio_mem(d: VirtioMemOptions, numa_nodes: int, backend: str) -> None
     if backend == "model" and d.size % (128 * MiB):
         raise ValueError(f"virtio-mem device {d.id!r}: its memory backend size must be a multiple of "
                          f"128 MiB (a Linux memory block) in this model, got {format_size(d.size)}")
+    realize_discard(machine or Realize())
+    return d, warnings
 
 
 def check_pmem_memmap(devices: tuple[VirtioPmemOptions, ...], memory: int) -> None:
@@ -184,7 +193,8 @@ def host_from_keywords(host: Any, backend: str) -> HostOptions | Host:
                          f"{shown(h['swap'])}")
     result = HostOptions(ram, swap, _bool("host", "discard", h["discard"]),
                          _number("host swapin_us", h["swapin_us"], 0, high=MAX_SWAPIN_US,
-                                 unit="microseconds a swapped-out page takes to come back"))
+                                 unit="microseconds a swapped-out page takes to come back"),
+                         _bool("host", "thp", h["thp"]))
     if backend == "qemu" and result != HostOptions():
         warnings.warn("host options describe the model's host; the live backend runs on this "
                       "machine's real host, so they are ignored", stacklevel=4)
@@ -247,14 +257,18 @@ def cmdline_from_keywords(cmdline: Any) -> tuple[Mapping[str, Any], str]:
     return MappingProxyType(parse_bootparams(given).cmdline_keys()), " ".join(kernel_arguments(given))
 
 
-def virtio_mem_from_keywords(specs: Any, numa_nodes: int, backend: str) -> tuple[VirtioMemOptions, ...]:
+def virtio_mem_from_keywords(specs: Any, numa_nodes: int, backend: str,
+                             machine: Realize | None = None) -> tuple[tuple[VirtioMemOptions, ...],
+                                                                      list[str]]:
     """``virtio_mem=[{"id", "size", "node", "requested_size", "block_size", ...}]``: each device on
-    its own ``memory-backend-ram`` of ``size``, called ``mem-<id>``."""
+    its own ``memory-backend-ram`` of ``size``, called ``mem-<id>``; with the warnings QEMU prints
+    while it realizes them."""
+    machine = machine or Realize()
     if specs is None:
-        return ()
+        return (), []
     if not isinstance(specs, list | tuple):
         raise TypeError(f"virtio_mem must be a list of dicts, got {specs!r}")
-    out, ids = [], set()
+    out, ids, warnings = [], set(), []
     for i, spec in enumerate(specs):
         where = f"virtio_mem[{i}]"
         if not isinstance(spec, dict):
@@ -265,8 +279,9 @@ def virtio_mem_from_keywords(specs: Any, numa_nodes: int, backend: str) -> tuple
         ids.add(_id(where, opts["id"]))
         if opts["size"] is None:
             raise ValueError(f"{where} needs 'size' (the memory backend's size)")
+        block_given = opts["block_size"] is not None
         sizes = {key: parse_size(opts[key], name=key.replace("_", "-"))
-                 for key in ("size", "requested_size", "block_size")}
+                 for key in ("size", "requested_size", "block_size") if opts[key] is not None}
         if sizes["size"] <= 0 or sizes["requested_size"] < 0:
             raise ValueError(f"{where}: size must be > 0 and requested-size >= 0, got "
                              f"{spec.get('size')!r}, {spec.get('requested_size')!r}")
@@ -290,9 +305,11 @@ def virtio_mem_from_keywords(specs: Any, numa_nodes: int, backend: str) -> tuple
             prealloc=_bool(where, "prealloc", opts["prealloc"]),
             dynamic_memslots=_bool(where, "dynamic_memslots", opts["dynamic_memslots"]),
             unplugged_inaccessible=opts["unplugged_inaccessible"], **sizes)
-        check_virtio_mem(device, numa_nodes, backend)
+        device, said = check_virtio_mem(device, numa_nodes, backend, machine, block_given,
+                                        machine.host_page_size)
+        warnings += said
         out.append(device)
-    return tuple(out)
+    return tuple(out), warnings
 
 
 def virtio_pmem_from_keywords(specs: Any, taken: set) -> tuple[VirtioPmemOptions, ...]:

@@ -33,9 +33,14 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
-from labkit.backends.options_data import CMDLINE_DEFAULTS, Limits, MemoryBackend, VmOptions
+from labkit.backends.options_data import CMDLINE_DEFAULTS, ConfidentialGuest, Limits, MemoryBackend, VmOptions
 from labkit.backends.options_devices import devices
 from labkit.backends.options_keywords import check_memory, cmdline_from_keywords
+from labkit.backends.options_switches import (
+    CONFIDENTIAL_PROPERTIES,
+    backend_page_size,
+    confidential_guest,
+)
 from labkit.backends.qemu_cmdline import (
     CommandLine,
     QemuOptionError,
@@ -53,11 +58,14 @@ _MEMORY_BACKEND = {"id": "id", "size": "size", "share": "bool", "prealloc": "boo
                    "prealloc-threads": "uint32", "x-use-canonical-path-for-ramblock-id": "bool"}
 OBJECT_PROPERTIES = {
     "memory-backend-ram": _MEMORY_BACKEND,
+    "memory-backend-memfd": {**_MEMORY_BACKEND, "hugetlb": "bool", "hugetlbsize": "size", "seal": "bool"},
     "memory-backend-file": {**_MEMORY_BACKEND, "mem-path": "str", "align": "size", "pmem": "bool",
                             "discard-data": "bool", "readonly": "bool", "offset": "size"},
     "iothread": {"id": "id", "poll-max-ns": "int64", "poll-grow": "int64", "poll-shrink": "int64",
                  "aio-max-batch": "int64"},
+    **CONFIDENTIAL_PROPERTIES,
 }
+SHARED_BY_DEFAULT = ("memory-backend-memfd",)  # hostmem-memfd.c instance_init: share = true
 # options the live backend sets itself (its guest kernel, consoles, QMP, accelerator)
 LIVE_OWNED = ("-kernel", "-initrd", "-append", "-bios", "-accel", "-enable-kvm", "-no-kvm", "-serial",
               "-nodefaults", "-no-user-config", "-display", "-nographic", "-name", "-no-reboot",
@@ -74,14 +82,16 @@ def from_command_line(base: VmOptions, keywords: Mapping[str, Any], limits: Limi
         if on_line and given is not None and (keyword != "qemu" or "smp" in given):
             raise ValueError(f"{keyword}= and {option} in qemu_args both say the same thing: give it once")
     passthrough = _passthrough(line, backend)
-    objects = _objects(line, backend)
+    guests: dict[str, ConfidentialGuest] = {}
+    objects = _objects(line, backend, base.host_page_size, guests)
     from_line = set()
     memory, maxmem, slots = _memory(line, keywords, limits)
     if line.memory is not None:
         from_line.add("memory")
-    ram_memdev = "pc.ram"
+    ram_memdev, confidential = "pc.ram", None
     if line.machine:
         ram_memdev = _machine(line.machine, objects, backend, memory, line.memory is not None) or ram_memdev
+        confidential = _confidential(line.machine, guests)
         if line.memory is None and ram_memdev != "pc.ram":
             memory = objects[ram_memdev].size
     given = line.memory.get("size", "128M") if line.memory else keywords.get("memory", "4G")
@@ -96,7 +106,8 @@ def from_command_line(base: VmOptions, keywords: Mapping[str, Any], limits: Limi
     opts = dataclasses.replace(
         base, memory=memory, maxmem=maxmem, smp=smp, node_sizes=node_sizes, node_memdevs=node_memdevs,
         ram_memdev=ram_memdev, iothreads=tuple(k for k, o in objects.items() if o is None),
-        qemu_args=line.args, passthrough=tuple(passthrough))
+        qemu_args=line.args, passthrough=tuple(passthrough), confidential=confidential,
+        mem_lock=_mem_lock(line.overcommit))
     if line.append is not None:
         opts = _append(opts, line.append, keywords)
     return devices(opts, line, objects, keywords, slots, from_line)
@@ -150,8 +161,10 @@ def _passthrough(line: CommandLine, backend: str) -> list[tuple[str, ...]]:
     return line.passthrough
 
 
-def _objects(line: CommandLine, backend: str) -> dict[str, MemoryBackend | None]:
-    """Memory backends by id (None for an iothread), in the line's order."""
+def _objects(line: CommandLine, backend: str, host_page_size: int,
+             guests: dict[str, ConfidentialGuest]) -> dict[str, MemoryBackend | None]:
+    """Memory backends by id (None for an iothread), in the line's order; confidential-guest
+    objects go to ``guests``."""
     objects: dict[str, MemoryBackend | None] = {}
     for given in line.objects:
         props, where = given.props, given.where
@@ -174,21 +187,31 @@ def _objects(line: CommandLine, backend: str) -> dict[str, MemoryBackend | None]
                 raise fail(where, f"Invalid parameter '{name}'")
             values[name] = property_value(where, name, known[name], raw, "object")
         object_id = values["id"]
-        if object_id in objects:
+        if object_id in objects or object_id in guests:
             raise fail(where, f"Duplicate ID '{object_id}' for object")
         if qom_type == "iothread":
             objects[object_id] = None
+            continue
+        if qom_type in CONFIDENTIAL_PROPERTIES:
+            guests[object_id] = confidential_guest(qom_type, values)
             continue
         for required in ("size",) + (("mem-path",) if qom_type == "memory-backend-file" else ()):
             if required not in values:
                 raise fail(where, f"Parameter '{required}' is missing")
         if values["size"] == 0:
             raise fail("", f"property 'size' of {qom_type} doesn't take value '0'")
+        if values.get("hugetlbsize") == 0:
+            raise fail(where, f"Property '{qom_type}.hugetlbsize' doesn't take value '0'")
+        try:
+            hugetlb, page_size = backend_page_size(qom_type, values, host_page_size)
+        except ValueError as e:
+            raise fail("", str(e)) from None
         objects[object_id] = MemoryBackend(
-            object_id, qom_type, values["size"], share=values.get("share", False),
+            object_id, qom_type, values["size"], share=values.get("share", qom_type in SHARED_BY_DEFAULT),
             mem_path=values.get("mem-path"), prealloc=values.get("prealloc", False),
             merge=values.get("merge", True), dump=values.get("dump", True),
-            reserve=values.get("reserve", True), policy=values.get("policy", "default"))
+            reserve=values.get("reserve", True), policy=values.get("policy", "default"),
+            hugetlb=hugetlb, hugetlbsize=values.get("hugetlbsize", 0), page_size=page_size)
     return objects
 
 
@@ -223,7 +246,7 @@ def _machine(props: dict, objects: dict, backend: str, memory: int, memory_given
     for name in props:
         if name == "accel" and backend == "qemu":
             raise fail(where, "labkit's live backend sets the accelerator itself; use qemu={'accel': ...}")
-        if name not in ("type", "memory-backend") and backend == "model":
+        if name not in ("type", "memory-backend", "confidential-guest-support") and backend == "model":
             raise fail(where, f"labkit's model does not model machine property '{name}'; with "
                                f"backend='qemu' QEMU reads it")
     ram = props.get("memory-backend")
@@ -234,6 +257,25 @@ def _machine(props: dict, objects: dict, backend: str, memory: int, memory_given
     if memory_given and objects[ram].size != memory:
         raise fail("", "Machine memory size does not match the size of the memory backend")
     return ram
+
+
+def _confidential(props: dict, guests: dict[str, ConfidentialGuest]) -> ConfidentialGuest | None:
+    """``-machine confidential-guest-support=ID``: a link to a confidential-guest object."""
+    name = props.get("confidential-guest-support")
+    if name is None:
+        return None
+    if name not in guests:
+        raise fail("-machine confidential-guest-support=" + str(name), f"Device '{name}' not found")
+    return guests[name]
+
+
+def _mem_lock(props: dict) -> bool:
+    """``-overcommit mem-lock=on|off[,cpu-pm=on|off]`` (softmmu/vl.c, QEMU 7.2)."""
+    for name, value in props.items():
+        if name not in ("mem-lock", "cpu-pm"):
+            raise fail("-overcommit", f"Invalid parameter '{name}'")
+        property_value("-overcommit", name, "bool", value, "device")
+    return property_value("-overcommit", "mem-lock", "bool", props.get("mem-lock", "off"), "device")
 
 
 def _numa(line: CommandLine, objects: dict, memory: int, ram_memdev: str,

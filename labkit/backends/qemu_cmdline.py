@@ -234,7 +234,7 @@ def property_value(where: str, name: str, kind: str, raw: Any, context: str) -> 
 class Option:
     """One QEMU option that takes an argument: where it is kept and its implied key."""
 
-    kept_as: str  # CommandLine field: "memory", "smp", "machine", "objects", "devices", "numa"
+    kept_as: str  # CommandLine field: "memory", "smp", "machine", "objects", "devices", "numa", ...
     implied: str | None
 
 
@@ -248,6 +248,7 @@ OPTIONS = {
     "-device": Option("devices", "driver"),
     "-numa": Option("numa", "type"),
     "-append": Option("append", None),  # the guest kernel's command line (a plain string)
+    "-overcommit": Option("overcommit", None),  # mem-lock=on|off, cpu-pm=on|off
 }
 # options that take no argument (the others take one), to split the passthrough correctly
 FLAGS = frozenset({"-S", "-nodefaults", "-no-user-config", "-no-reboot", "-no-shutdown", "-nographic",
@@ -271,6 +272,7 @@ class CommandLine:
     memory_where: str = ""
     smp: dict | None = None
     machine: dict = field(default_factory=dict)  # -machine/-M merged, later keys win
+    overcommit: dict = field(default_factory=dict)  # -overcommit merged, later keys win
     objects: list[Given] = field(default_factory=list)
     devices: list[Given] = field(default_factory=list)
     numa: list[Given] = field(default_factory=list)
@@ -338,8 +340,8 @@ def parse_command_line(qemu_args: str | Sequence[str]) -> CommandLine:
             line.memory, line.memory_where = props, where
         elif known.kept_as == "smp":
             line.smp = props
-        elif known.kept_as == "machine":
-            line.machine.update(props)
+        elif known.kept_as in ("machine", "overcommit"):
+            getattr(line, known.kept_as).update(props)
         else:
             getattr(line, known.kept_as).append(Given(where, props))
         i += 2

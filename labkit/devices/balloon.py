@@ -38,7 +38,9 @@ from dataclasses import dataclass
 import numpy as np
 import simpy
 
+from labkit.devices.balloon_host import inflate_discards
 from labkit.devices.properties import QomProperty
+from labkit.model.guest_pages import alloc_groups
 from labkit.model.host import Host, HostVM
 from labkit.model.kernel import Kernel
 from labkit.model.pages import PageState
@@ -124,7 +126,9 @@ class BalloonDevice:
         self.inflate_requests = 0
         self.deflate_requests = 0
         self.discarded_pages = 0
-        self.zeroed_pages = 0
+        self.zeroed_pages = 0  # of the discarded pages, those only init_on_alloc had written
+        self.wanted_pages = 0  # (vm_ram_size - target) >> 12 before the u32 truncation
+        self.partial_pages_dropped = 0  # host pages QEMU's per-request tracking gave up on
 
     @property
     def features(self) -> set[int]:
@@ -142,16 +146,22 @@ class BalloonDevice:
 
     # --- QMP side -----------------------------------------------------------------------------
     def to_target(self, target: int) -> None:
-        """virtio_balloon_to_target: clamp to vm_ram_size, set num_pages, notify config."""
+        """virtio_balloon_to_target: clamp to vm_ram_size, set num_pages, notify config.
+
+        ``num_pages`` is a ``uint32_t`` (include/hw/virtio/virtio-balloon.h) and the right side a
+        64-bit ``ram_addr_t``: a balloon of 2^32 pages (16 TiB) or more is truncated modulo 2^32,
+        without a word (docs/mechanisms.md §12.5). ``wanted_pages`` keeps what was asked for."""
         target = min(target, self.vm_ram_size)
         if target:
-            self.config.num_pages = (self.vm_ram_size - target) >> VIRTIO_BALLOON_PFN_SHIFT
+            self.wanted_pages = (self.vm_ram_size - target) >> VIRTIO_BALLOON_PFN_SHIFT
+            self.config.num_pages = self.wanted_pages & UINT32_MAX
             if self.driver is not None:
                 self.driver.config_changed()
 
     def logical_actual(self) -> int:
-        """query-balloon's ``actual``: vm_ram_size minus the balloon, in bytes."""
-        return self.vm_ram_size - (self.config.actual << VIRTIO_BALLOON_PFN_SHIFT)
+        """query-balloon's ``actual``: vm_ram_size minus the balloon, in bytes (``actual`` is a u32:
+        ``virtio_balloon_stat`` can never show a balloon of 16 TiB or more)."""
+        return self.vm_ram_size - ((self.config.actual & UINT32_MAX) << VIRTIO_BALLOON_PFN_SHIFT)
 
     def logical_target(self) -> int:
         return self.vm_ram_size - (self.config.num_pages << VIRTIO_BALLOON_PFN_SHIFT)
@@ -165,17 +175,26 @@ class BalloonDevice:
 
     # --- virtqueues ---------------------------------------------------------------------------
     def inhibited(self) -> bool:
-        """virtio_balloon_inhibited: RAM discard disabled (VFIO), incoming postcopy, snapshot."""
-        return not self.host.discard_enabled
+        """virtio_balloon_inhibited: RAM discard disabled (``ram_block_discard_is_disabled``: a
+        vfio-pci device, an SEV guest; or the model's host-wide ``discard=False``). Incoming postcopy
+        and background snapshots, the other two reasons, are not modelled."""
+        return not self.host.discard_enabled or self.host_vm.ram_discard.is_disabled()
 
     def handle_inflate(self, pfns: np.ndarray) -> None:
-        """balloon_inflate_page for each PFN: discard the 4 KiB backing page."""
+        """virtio_balloon_handle_output on the inflate queue: one request (one virtqueue element)
+        of 4 KiB PFNs, each through ``balloon_inflate_page`` (see :func:`inflate_discards`)."""
         self.inflate_requests += 1
-        if not self.inhibited():
-            zeroed = self.host_vm.discarded_zeroed
-            self.discarded_pages += self.host.discard(self.host_vm, pfns)
+        if self.inhibited() or len(pfns) == 0:
+            return
+        vm = self.host_vm
+        if vm.large_pages:
+            pfns, dropped = inflate_discards(vm, pfns)
+            self.partial_pages_dropped += dropped
+        if len(pfns):  # balloon_inflate_page: one ram_block_discard_range per 4 KiB PFN
+            zeroed = vm.discarded_zeroed
+            self.discarded_pages += self.host.discard(vm, pfns, chunk=1)
             # pages backed only because init_on_alloc zeroed them: discarding them returns nothing
-            self.zeroed_pages += self.host_vm.discarded_zeroed - zeroed
+            self.zeroed_pages += vm.discarded_zeroed - zeroed
 
     def handle_deflate(self, pfns: np.ndarray) -> None:
         """balloon_deflate_page: only MADV_WILLNEED; nothing is repopulated."""
@@ -229,11 +248,14 @@ class BalloonDriver:
     """Linux's virtio_balloon driver: the work item chasing ``num_pages``, OOM notifier, stats."""
 
     def __init__(self, env: simpy.Environment, kernel: Kernel, device: BalloonDevice,
-                 request_ms: float):
+                 request_ms: float, pages_per_page: int = VIRTIO_BALLOON_PAGES_PER_PAGE):
         self.env = env
         self.kernel = kernel
         self.device = device
         self.request_ms = request_ms
+        # VIRTIO_BALLOON_PAGES_PER_PAGE: 4 KiB balloon PFNs per guest page (16 on a 64 KiB arm64
+        # guest, labkit.model.guest_pages); every count below is in 4 KiB balloon pages
+        self.pages_per_page = pages_per_page
         self.features = set(device.features)
         self.num_pages = 0  # vb->num_pages: pages the balloon holds
         self._pages = np.zeros(1024, dtype=np.int64)  # the balloon page list (a LIFO stack)
@@ -287,8 +309,10 @@ class BalloonDriver:
             self._wake.succeed()
 
     def towards_target(self) -> int:
-        target = -(-self.device.config.num_pages // VIRTIO_BALLOON_PAGES_PER_PAGE) * (
-            VIRTIO_BALLOON_PAGES_PER_PAGE)
+        """towards_target: num_pages aligned *up* to a whole guest page ("to avoid inflating and
+        deflating balloon endlessly"), minus what the balloon holds."""
+        per = self.pages_per_page
+        target = -(-self.device.config.num_pages // per) * per
         return target - self.num_pages
 
     def _work(self):
@@ -316,12 +340,17 @@ class BalloonDriver:
     def _fill(self, num: int):
         """fill_balloon: allocate up to 256 pages one by one, tell the host, count them."""
         num = min(num, VIRTIO_BALLOON_ARRAY_PFNS_MAX)
-        pfns = self.kernel.alloc_pages(num, PageState.BALLOON, movable=True, noretry=True)
+        if self.pages_per_page == 1:
+            pfns = self.kernel.alloc_pages(num, PageState.BALLOON, movable=True, noretry=True)
+        else:  # whole guest pages, each named by pages_per_page PFNs; the driver pops them LIFO
+            per = self.pages_per_page
+            pfns = alloc_groups(self.kernel, num // per, per, PageState.BALLOON)
+            pfns = pfns.reshape(-1, per)[::-1].ravel()
         if len(pfns) < num:
             self.out_of_puff += 1
             if self._ratelimited():
                 self.kernel.log(f"virtio_balloon virtio0: Out of puff! Can't get "
-                                f"{VIRTIO_BALLOON_PAGES_PER_PAGE} pages")
+                                f"{self.pages_per_page} pages")
             self.in_flight = pfns  # allocated, on the local list, not yet on the balloon list
             yield self.env.timeout(OUT_OF_PUFF_SLEEP_MS)
             self.in_flight = NO_PAGES
@@ -420,7 +449,7 @@ class BalloonDriver:
         self._release(pfns)
         self.oom_deflated_pages += len(pfns)
         self._update_balloon_size(None)
-        return len(pfns) // VIRTIO_BALLOON_PAGES_PER_PAGE
+        return len(pfns) // self.pages_per_page
 
     # --- stats --------------------------------------------------------------------------------
     def collect_stats(self) -> dict[int, int]:

@@ -20,8 +20,10 @@ is :mod:`labkit.model.page_reporting`; this module is the virtio glue around it,
 * **QEMU** (hw/virtio/virtio-balloon.c ``virtio_balloon_handle_report``): each entry is discarded with
   ``ram_block_discard_range`` (host RSS falls by the pages that were backed), **unless** discards are
   inhibited (RAM discard disabled as under VFIO, incoming postcopy, background snapshot) or
-  ``poison_val != 0``: then the request is acked and nothing is freed. Entries are 2 MiB-aligned
-  guest blocks, so the RAMBlock alignment check always passes with 4 KiB host pages.
+  ``poison_val != 0``: then the request is acked and nothing is freed. An entry whose offset or size
+  is not a multiple of the RAM block's page size is ignored, silently: 2 MiB-aligned guest blocks
+  pass on 4 KiB, 64 KiB and 2 MiB host pages, never on 1 GiB hugetlbfs pages
+  (:func:`labkit.devices.balloon_host.report_aligned`).
 * **Refaults**: a reported block the guest reuses was discarded, so its first write faults in a
   zero-filled page on the host (``host.touch`` counts them as zero-fill faults). labkit counts the
   faults reporting caused, ``refaulted_pages``: written pages that a report had taken away from the
@@ -53,6 +55,7 @@ from labkit.devices.balloon import (
     BalloonDevice,
     BalloonDriver,
 )
+from labkit.devices.balloon_host import report_aligned
 from labkit.model.block_scan import expand_blocks
 from labkit.model.host import Host, HostVM
 from labkit.model.kernel import Kernel
@@ -101,6 +104,21 @@ def negotiate(offered: set[int], cmdline: dict) -> tuple[set[int], int | None]:
     return features, 0 if init_on_free else int.from_bytes(bytes([PAGE_POISON]) * 4, "little")
 
 
+def large_page_reporting_order(guest_page_size: int) -> int:
+    """The reporting order, in the model's 4 KiB pages, of a guest with ``guest_page_size`` pages:
+    virtballoon_probe sets ``pr_dev_info.order = 5`` on arm64 with 64 KiB pages (2 MiB; Linux 5.14+),
+    because the default ``pageblock_order`` there is 13 (512 MiB) and no block that large is free
+    often enough (drivers/virtio/virtio_balloon.c; docs/mechanisms.md §12.2).
+
+    >>> large_page_reporting_order(64 << 10)   # order 5 of 64 KiB = order 9 of 4 KiB = 2 MiB
+    9
+    """
+    from labkit.model.guest_pages import LARGE_PAGE_FACTS
+
+    order = LARGE_PAGE_FACTS[guest_page_size]["reporting_driver_order"]
+    return order + (guest_page_size // PAGE_SIZE).bit_length() - 1
+
+
 class ReportingVirtqueue:
     """The reporting vq between the driver and QEMU's ``virtio_balloon_handle_report``."""
 
@@ -112,6 +130,7 @@ class ReportingVirtqueue:
         self.request_ms = REPORT_REQUEST_MS
         self.requests = 0
         self.skipped_requests = 0  # acked without discarding (inhibited, or poison_val != 0)
+        self.unaligned_entries = 0  # blocks QEMU ignored: not aligned to the RAM block's page size
         self.discarded_pages = 0
         # pages whose host memory (RAM or swap) a report discarded, until the guest reuses them
         self.taken = np.zeros(host_vm.mem.n_pages, dtype=bool)
@@ -125,10 +144,14 @@ class ReportingVirtqueue:
         if dev.inhibited() or dev.config.poison_val:  # QEMU: skip_element, still acked
             self.skipped_requests += 1
             return 0
+        if self.host_vm.large_pages:  # hugetlbfs, 64 KiB host pages
+            aligned = report_aligned(self.host_vm, starts, orders)
+            self.unaligned_entries += int(np.count_nonzero(~aligned))
+            starts, orders = starts[aligned], orders[aligned]
         for order in np.unique(orders):
             pfns = expand_blocks(starts[orders == order], int(order))
             self.taken[pfns[(self.host_vm.mem.flags[pfns] & TOUCHED) != 0]] = True
-            self.discarded_pages += self.host.discard(self.host_vm, pfns)
+            self.discarded_pages += self.host.discard(self.host_vm, pfns, chunk=1 << int(order))
         return 0
 
 
@@ -141,7 +164,7 @@ class FreePageReporting:
     """
 
     def __init__(self, env: simpy.Environment, kernel: Kernel, host: Host, driver: BalloonDriver,
-                 balloon_device: BalloonDevice, cmdline: Mapping[str, Any]):
+                 balloon_device: BalloonDevice, cmdline: Mapping[str, Any], guest_page_size: int = PAGE_SIZE):
         self.env = env
         self.kernel = kernel
         self.offered = set(balloon_device.features)
@@ -153,6 +176,8 @@ class FreePageReporting:
         self.negotiated = VIRTIO_BALLOON_F_REPORTING in features
         self.device = ReportingVirtqueue(host, kernel.host_vm, balloon_device)
         self.order = resolve_reporting_order(cmdline.get("page_reporting.page_reporting_order", -1))
+        if guest_page_size != PAGE_SIZE:  # the driver's order for arm64 64 KiB pages (virtballoon_probe)
+            self.order = large_page_reporting_order(guest_page_size)
         self.core: PageReporting | None = None
         self._pending: list[np.ndarray] = []  # reused pages a report took from the host, unwritten
         self._refaulted = 0

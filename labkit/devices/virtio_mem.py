@@ -69,12 +69,36 @@ PROPERTY_DEFAULTS = {
     "size": None,  # the memory backend's size (memory-backend-ram,size=...)
     "node": 0,
     "requested_size": 0,
-    "block_size": VIRTIO_MEM_DEFAULT_BLOCK_SIZE,
+    "block_size": None,  # not set: QEMU's default from the memory backend (default_block_size)
     "prealloc": False,
     "unplugged_inaccessible": "on",
     "dynamic_memslots": False,
     "memaddr": None,  # assigned by the machine when not given
 }
+
+
+def thp_size(host_page_size: int = 4096) -> int:
+    """``virtio_mem_thp_size``: the host's THP size as QEMU reads it from
+    /sys/kernel/mm/transparent_hugepage/hpage_pmd_size (2 MiB on a 4 KiB host, 512 MiB on an arm64
+    64 KiB host; QEMU's fallbacks in ``virtio_mem_default_thp_size`` are the same)."""
+    from labkit.model.backing import THP_SIZE
+
+    return THP_SIZE[host_page_size]
+
+
+def default_block_size(page_size: int, host_page_size: int = 4096) -> int:
+    """``virtio_mem_default_block_size``: the THP size when the memory backend uses the host's
+    base pages ("We can have hugetlbfs with a page size smaller than the THP size"), else the
+    backend's (huge) page size, at least ``VIRTIO_MEM_MIN_BLOCK_SIZE``.
+
+    >>> [default_block_size(p) >> 20 for p in (4096, 2 << 20, 1 << 30)]
+    [2, 2, 1024]
+    >>> default_block_size(64 << 10, 64 << 10) >> 20   # arm64 with 64 KiB pages, no hugetlbfs
+    512
+    """
+    if page_size == host_page_size:
+        return max(page_size, thp_size(host_page_size))
+    return max(page_size, VIRTIO_MEM_MIN_BLOCK_SIZE)
 
 
 def check_block_size(value: int) -> None:
@@ -105,7 +129,7 @@ class VirtioMemDevice:
                  requested_size: int, *, discard: Callable[[int, int], int],
                  busy: Callable[[], bool], emit: Callable[[str, dict], None],
                  config_changed: Callable[[], None] | None = None, prealloc: bool = False,
-                 memdev: str | None = None):
+                 memdev: str | None = None, populate: Callable[[int, int], None] | None = None):
         check_block_size(block_size)
         for name, value in (("requested-size", requested_size), ("memaddr", addr)):
             if value % block_size:
@@ -124,6 +148,8 @@ class VirtioMemDevice:
         self.prealloc = prealloc
         self.unplugged_inaccessible = "on"  # the property as given (the machine sets it); QEMU 8.1+'s default
         self._discard = discard  # (gpa offset in the region, size) -> backed bytes freed
+        # (offset, size): a RamDiscardListener populates plugged memory (VFIO's DMA map pins it)
+        self._populate = populate
         self._busy = busy
         self._emit = emit
         self.config_changed = config_changed  # the guest driver's config interrupt
@@ -224,8 +250,10 @@ class VirtioMemDevice:
             return Response.ERROR
         if self._busy():
             return Response.BUSY
-        if not plug:
+        if not plug:  # listeners (VFIO) unmap first (notify_discard), then the range is discarded
             self._discard(addr - self.config.addr, size)
+        elif self._populate is not None:
+            self._populate(addr - self.config.addr, size)
         self.bitmap[self._bits(addr, size)] = plug
         self.config.plugged_size += size if plug else -size
         self._size_changed()

@@ -72,15 +72,20 @@ class VirtioMemDriver:
 
     def __init__(self, env: simpy.Environment, kernel, device: VirtioMemDevice,
                  region: DeviceRegion, hotplug: MemoryHotplug, timing: Timing = TIMING,
-                 unplug_online: bool = True):
+                 unplug_online: bool = True, pageblock_bytes: int = PAGE_SIZE << PAGEBLOCK_ORDER,
+                 memory_block_bytes: int | None = None):
         self.env, self.kernel, self.device, self.region = env, kernel, device, region
         self.hotplug, self.timing, self.unplug_online = hotplug, timing, unplug_online
         self.node = region.node
         self.pages_per_mb = hotplug.block_pages  # memory_block_size_bytes() of this guest
         self.memory_block_bytes = self.pages_per_mb * PAGE_SIZE
-        self.sb_size = max(PAGE_SIZE << PAGEBLOCK_ORDER, device.block_size)
-        self.bbm = self.sb_size >= self.memory_block_bytes
-        self.unit_pages = (max(device.block_size, self.memory_block_bytes) if self.bbm else
+        # virtio_mem_init_hotplug: the subblock is at least a pageblock (512 MiB on a 64 KiB arm64
+        # guest, whose memory block is 512 MiB too: big block mode there; ``memory_block_bytes``
+        # gives that guest's block, the model's own blocks stay x86's)
+        guest_block = memory_block_bytes or self.memory_block_bytes
+        self.sb_size = max(pageblock_bytes, device.block_size)
+        self.bbm = self.sb_size >= guest_block
+        self.unit_pages = (max(device.block_size, guest_block) if self.bbm else
                            self.sb_size) // PAGE_SIZE  # a big block, or a subblock
         self.unit_bytes = self.unit_pages * PAGE_SIZE
         self.first_mb = region.start // self.pages_per_mb

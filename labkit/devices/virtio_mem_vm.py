@@ -30,11 +30,13 @@ class VirtioMem:
     """All virtio-mem devices of one VM (``vm.virtio_mem``): ``devices`` (QEMU) and ``drivers``
     (Linux), one per ``specs`` entry (device properties, sizes in bytes, ``memdev`` the backend's
     id) on its ``regions`` entry. ``busy`` is QEMU's ``migration_is_running``; ``emit`` sends QMP
-    events."""
+    events; ``pin_plugged``: a vfio-pci device DMA-maps (pins) each block as it is plugged;
+    ``guest_sizes``: the guest's pageblock and memory block when its pages are not 4 KiB."""
 
     def __init__(self, env: simpy.Environment, kernel: Kernel, host: Host, specs: Sequence[dict],
                  regions: Sequence[DeviceRegion], busy: Callable[[], bool],
-                 emit: Callable[[str, dict], None]):
+                 emit: Callable[[str, dict], None], pin_plugged: bool = False,
+                 guest_sizes: dict | None = None):
         self.devices: list[VirtioMemDevice] = []
         self.drivers: list[VirtioMemDriver] = []
         for spec, region in zip(specs, regions, strict=True):
@@ -45,11 +47,16 @@ class VirtioMem:
                 # the balloon's discards (host discard=False)
                 return host.discard(kernel.host_vm, pfns, coordinated=True)
 
+            def pin(offset: int, size: int, region=region) -> None:
+                a = region.start + offset // PAGE_SIZE  # VFIO's listener DMA-maps a plugged block
+                host.touch(kernel.host_vm, np.arange(a, a + size // PAGE_SIZE, dtype=np.int64))
+
             device = VirtioMemDevice(spec["id"], region.memaddr, spec["size"], spec["block_size"],
                                      spec["node"], spec["requested_size"], discard=discard, busy=busy,
-                                     emit=emit, prealloc=spec["prealloc"], memdev=spec.get("memdev"))
+                                     emit=emit, prealloc=spec["prealloc"], memdev=spec.get("memdev"),
+                                     populate=pin if pin_plugged else None)
             device.unplugged_inaccessible = spec.get("unplugged_inaccessible", "on")
-            driver = VirtioMemDriver(env, kernel, device, region, kernel.hotplug)
+            driver = VirtioMemDriver(env, kernel, device, region, kernel.hotplug, **(guest_sizes or {}))
             self.devices.append(device)
             self.drivers.append(driver)
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from labkit.errors import HostOutOfMemory
+from labkit.model.backing import LOG_MAX, RamBlock, RamDiscard, expand_faults, note_partial_unmap
 from labkit.model.pages import GuestMemory, PageFlag
 from labkit.units import PAGE_SHIFT, format_size
 
@@ -70,6 +71,49 @@ class HostVM:
     discarded_zeroed: int = 0  # of those, pages the guest had only zeroed (init_on_alloc) first
     dirty_logging: bool = False
     counters: dict = field(default_factory=dict)
+    # the host side of the switches (labkit.model.backing): RAM blocks and their page sizes, QEMU's
+    # RAM discard counters, why all RAM is pinned ("" if it is not), QEMU's stderr
+    blocks: list[RamBlock] = field(default_factory=list)
+    ram_discard: RamDiscard = field(default_factory=RamDiscard)
+    pinned: str = ""
+    mem_locked: bool = False  # -overcommit mem-lock=on: MADV_DONTNEED fails with EINVAL
+    log: list[str] = field(default_factory=list)
+    log_lines: int = 0
+    private_skipped: int = 0  # pages a discard left alone: private memory of a confidential guest
+    _granular: bool = False  # some block faults in more than 4 KiB at once
+    large_pages: bool = False  # some block's host page is larger than 4 KiB (hugetlbfs, 64 KiB host)
+    _unswappable: np.ndarray | None = None  # per page, when some memory can't be swapped
+    _private: list[RamBlock] = field(default_factory=list)
+    _warned: set = field(default_factory=set)
+
+    def set_blocks(self, blocks: list[RamBlock]) -> None:
+        """The VM's RAM blocks (QEMU creates them before any device): page sizes, THP, hugetlbfs,
+        private memory. Pages outside every block (holes of the page index) stay 4 KiB anonymous."""
+        self.blocks = list(blocks)
+        self._granular = any(b.fault_pages > 1 for b in self.blocks)
+        self.large_pages = any(b.page_pages > 1 for b in self.blocks)
+        self._private = [b for b in self.blocks if b.backing.guest_memfd]
+        for b in self.blocks:
+            if not b.backing.swappable:
+                self.set_unswappable(b.start, b.end)
+
+    def set_unswappable(self, start: int = 0, end: int | None = None) -> None:
+        """Pages [start, end) can't be swapped by the host (hugetlbfs, pinned, locked, private)."""
+        if self._unswappable is None:
+            self._unswappable = np.zeros(self.mem.n_pages, dtype=bool)
+        self._unswappable[start:self.mem.n_pages if end is None else end] = True
+
+    def report(self, text: str) -> None:
+        """A line on QEMU's stderr (``error_report``/``warn_report``): kept up to LOG_MAX lines."""
+        self.log_lines += 1
+        if len(self.log) < LOG_MAX:
+            self.log.append(text)
+
+    def warn_once(self, key: str, text: str) -> None:
+        """``warn_report_once``: the first time only."""
+        if key not in self._warned:
+            self._warned.add(key)
+            self.report(f"qemu-system-x86_64: warning: {text}")
 
     @property
     def rss_pages(self) -> int:
@@ -83,13 +127,16 @@ class HostVM:
 class Host:
     """A host with ``ram`` bytes for guest memory and ``swap`` bytes of swap.
 
-    ``discard=False`` models a host where RAM discard is disabled, as when a vfio-pci device is
-    assigned (``ram_block_uncoordinated_discard_disable``): QEMU still acks balloon and reporting
-    requests, but frees nothing (hw/virtio/virtio-balloon.c ``virtio_balloon_inhibited``);
-    virtio-mem's coordinated discards still free memory (:meth:`discard`).
+    ``discard=False`` is the model's host-wide switch for uncoordinated discards: the balloon's and
+    free page reporting's RAM is never discarded (QEMU still acks their requests,
+    hw/virtio/virtio-balloon.c ``virtio_balloon_inhibited``), while virtio-mem's coordinated
+    discards still free memory (:meth:`discard`). The per-VM switches QEMU itself has (a vfio-pci
+    device, a confidential guest, ``mem-lock``) live on each :class:`HostVM` (``ram_discard``,
+    ``pinned``), set from the VM's command line.
     """
 
-    def __init__(self, ram: int, swap: int = 0, *, discard: bool = True, swapin_us: float = 100.0):
+    def __init__(self, ram: int, swap: int = 0, *, discard: bool = True, swapin_us: float = 100.0,
+                 thp: bool = False):
         if ram <= 0:
             raise ValueError(f"host ram must be positive, got {ram}")
         if swap < 0:
@@ -98,6 +145,7 @@ class Host:
         self.swap = swap
         self.discard_enabled = discard
         self.swapin_us = swapin_us
+        self.thp = thp  # transparent_hugepage/enabled is madvise or always (QEMU madvises guest RAM)
         self.vms: list[HostVM] = []
         self._hand_vm = 0
         self._hand_pfn = 0
@@ -143,6 +191,9 @@ class Host:
         if n == 0:
             return
         flags = vm.mem.flags
+        if vm._granular:  # pages larger than 4 KiB, or THP: a fault backs the whole page
+            pfns = expand_faults(vm.blocks, flags, np.asarray(pfns, dtype=np.int64), BACKED)
+            n, run_start = len(pfns), None
         # one ascending run (most of a process's memory is): work on a view, no gather or scatter
         ranged = run_start is not None or (
             n >= RANGE_MIN and int(pfns[-1]) - int(pfns[0]) == n - 1 and ascending_run(pfns))
@@ -175,16 +226,47 @@ class Host:
         if not ranged:
             flags[pfns] = f
 
-    def discard(self, vm: HostVM, pfns: np.ndarray, *, coordinated: bool = False) -> int:
+    def discard(self, vm: HostVM, pfns: np.ndarray, chunk: int | None = None, *,
+                coordinated: bool = False) -> int:
         """``ram_block_discard_range`` on ``pfns``: returns how many backed pages were freed.
 
-        ``discard=False`` on the host stands for VFIO, which disables only *uncoordinated*
-        discards (the balloon, free page reporting); a ``coordinated`` discard (virtio-mem, whose
-        RamDiscardManager tells VFIO to unmap first: ``ram_block_coordinated_discard_require`` in
-        hw/virtio/virtio-mem.c) still frees the memory."""
+        ``pfns`` covers whole host pages of their RAM blocks (the devices check alignment as QEMU's
+        callers do); ``chunk``: pages per ``ram_block_discard_range`` call (the balloon makes one per
+        4 KiB page; None: one call). Locked anonymous memory (``-overcommit mem-lock=on``) is not
+        freed: ``MADV_DONTNEED`` fails with EINVAL and QEMU reports each call. Private memory of a
+        confidential guest is not freed either (QEMU discards the shared mapping; the page lives in
+        guest_memfd).
+
+        The host-wide ``discard=False`` disables only *uncoordinated* discards (the balloon, free
+        page reporting); a ``coordinated`` discard (virtio-mem, whose RamDiscardManager tells VFIO
+        to unmap first: ``ram_block_coordinated_discard_require`` in hw/virtio/virtio-mem.c) still
+        frees the memory."""
         if (not self.discard_enabled and not coordinated) or len(pfns) == 0:
             return 0
         flags = vm.mem.flags
+        if vm.mem_locked and not any(b.backing.fd_backed for b in vm.blocks
+                                     if b.start <= int(pfns[0]) < b.end):
+            # mm/madvise.c madvise_dontneed_free_valid_vma: VM_LOCKED -> -EINVAL (a file-backed
+            # block is punched with fallocate first, which works: not modelled as a failure)
+            chunk = chunk or len(pfns)
+            firsts = pfns[::chunk][:max(0, LOG_MAX - len(vm.log))]
+            for pfn in firsts.tolist():
+                block = next((b for b in vm.blocks if b.start <= pfn < b.end), None)
+                name, base = (block.name or "pc.ram", block.start) if block is not None else ("pc.ram", 0)
+                vm.report(f"qemu-system-x86_64: ram_block_discard_range: Failed to discard range "
+                          f"{name}:{(pfn - base) << PAGE_SHIFT:x} +{chunk << PAGE_SHIFT:x} (-22)")
+            vm.log_lines += -(-len(pfns) // chunk) - len(firsts)
+            return 0
+        if vm._private:
+            keep = np.zeros(len(pfns), dtype=bool)
+            for b in vm._private:
+                keep |= (pfns >= b.start) & (pfns < b.end)
+            vm.private_skipped += int(np.count_nonzero(keep))
+            pfns = pfns[~keep]
+            if len(pfns) == 0:
+                return 0
+        if vm._granular:
+            note_partial_unmap(vm.blocks, flags, pfns, BACKED)
         f = flags[pfns]
         held = np.bincount(f & (BACKED | SWAPPED | ZEROED), minlength=71)  # one pass for all counts
         backed = int(held[BACKED] + held[BACKED | SWAPPED] + held[BACKED | ZEROED])
@@ -231,6 +313,8 @@ class Host:
             end = min(start + CLOCK_WINDOW, vm.mem.n_pages)
             window = vm.mem.flags[start:end]
             backed = (window & BACKED) != 0
+            if vm._unswappable is not None:  # hugetlbfs, pinned or private pages stay
+                backed &= ~vm._unswappable[start:end]
             referenced = backed & ((window & REFERENCED) != 0)
             candidates = np.flatnonzero(backed & ~referenced)
             take = candidates[:need]
@@ -243,6 +327,8 @@ class Host:
                 window[referenced] &= ~REFERENCED
                 self._hand_pfn = end
             pfns = take + start
+            if vm._granular and len(pfns):
+                note_partial_unmap(vm.blocks, vm.mem.flags, pfns, BACKED)
             vm.mem.flags[pfns] = (vm.mem.flags[pfns] & ~BACKED) | SWAPPED
             vm.mem.backed_pages -= len(pfns)
             vm.mem.swapped_pages += len(pfns)

@@ -192,20 +192,34 @@ def _wait(vm: Any, read, target: int, limit_ms: float, poll_ms: float) -> float:
 
 
 def resize_speed(backend: str = "model", *, boot: int | str = 512 * MiB, size: int | str = 256 * MiB,
-                 poll_ms: float = 20.0, limit_ms: float = 60_000.0) -> dict[str, Any]:
+                 used: int | str | None = None, poll_ms: float = 20.0,
+                 limit_ms: float = 60_000.0) -> dict[str, Any]:
     """Remove and give back ``size`` with the balloon (inflate, deflate) and with virtio-mem (unplug,
     plug into ZONE_MOVABLE), each on a fresh VM; the time until QEMU's view reached the target
     (``query-balloon`` actual, ``qom-get size``), in the backend's ms (simulated on the model, wall on
-    a live guest, so a live result is ``measured``)."""
+    a live guest, so a live result is ``measured``).
+
+    Then the same removal again with ``used`` bytes of the guest's data in memory (``*_used_ms``):
+    the balloon takes free pages around the data; virtio-mem's plugged blocks hold the data
+    (movable allocations fill ZONE_MOVABLE first), so ``alloc_contig_range`` must migrate every used
+    page out before a block can go (§5.5). ``used`` defaults to three quarters of ``size``; 0 skips it."""
     boot, size = parse_size(boot, name="boot"), parse_size(size, name="size")
+    used = size * 3 // 4 if used is None else parse_size(used, name="used")
+    if used >= size:
+        raise ValueError(f"used ({format_size(used)}) must be smaller than size ({format_size(size)}): the "
+                         f"data must fit in the device's memory and leave the guest room to take it")
     out: dict[str, Any] = {"label": MEASURED if backend != "model" else MODELLED, "backend": backend,
-                           "boot": boot, "size": size, "poll_ms": poll_ms}
+                           "boot": boot, "size": size, "used": used, "poll_ms": poll_ms}
     with labkit.open(backend=backend, memory=boot + size, seed=0, balloon={}) as vm:
         actual = lambda: int(vm.qmp("query-balloon")["actual"])  # noqa: E731
         vm.qmp("balloon", value=boot)
         out["balloon_inflate_ms"] = _wait(vm, actual, boot, limit_ms, poll_ms)
         vm.qmp("balloon", value=boot + size)
         out["balloon_deflate_ms"] = _wait(vm, actual, boot + size, limit_ms, poll_ms)
+        if used:
+            vm.guest("alloc", size=used)
+            vm.qmp("balloon", value=boot)
+            out["balloon_inflate_used_ms"] = _wait(vm, actual, boot, limit_ms, poll_ms)
         out["accel"] = getattr(vm, "accel", None)  # live: kvm or tcg (the model has none)
     with labkit.open(backend=backend, memory=boot, seed=0, balloon=False,
                      memhp_default_state="online_movable",
@@ -217,8 +231,17 @@ def resize_speed(backend: str = "model", *, boot: int | str = 512 * MiB, size: i
         vm.qmp("qom-set", path="vm0", property="requested-size", value=0)
         out["virtio_mem_unplug_ms"] = _wait(vm, plugged, 0, limit_ms, poll_ms)
         out["virtio_mem_block_size"] = int(vm.qmp("qom-get", path="vm0", property="block-size"))
+        if used:
+            vm.qmp("qom-set", path="vm0", property="requested-size", value=size)
+            _wait(vm, plugged, size, limit_ms, poll_ms)
+            vm.advance(1000)
+            vm.guest("alloc", size=used)  # lands in the plugged ZONE_MOVABLE blocks first
+            vm.qmp("qom-set", path="vm0", property="requested-size", value=0)
+            out["virtio_mem_unplug_used_ms"] = _wait(vm, plugged, 0, limit_ms, poll_ms)
     out["remove_ratio"] = out["virtio_mem_unplug_ms"] / out["balloon_inflate_ms"]
     out["add_ratio"] = out["virtio_mem_plug_ms"] / out["balloon_deflate_ms"]
+    if used:
+        out["remove_used_ratio"] = out["virtio_mem_unplug_used_ms"] / out["balloon_inflate_used_ms"]
     return out
 
 
@@ -241,11 +264,12 @@ def recorded_resize_speed(path: str | Path = RECORDED_RESIZE) -> dict[str, Any]:
     """The recorded live runs' medians (label ``measured``) and the facts of the machine."""
     doc = json.loads(Path(path).read_text(encoding="utf-8"))
     keys = ("balloon_inflate_ms", "balloon_deflate_ms", "virtio_mem_plug_ms", "virtio_mem_unplug_ms",
-            "remove_ratio", "add_ratio")
-    out = {k: float(np.median([r[k] for r in doc["runs"]])) for k in keys}
+            "remove_ratio", "add_ratio", "balloon_inflate_used_ms", "virtio_mem_unplug_used_ms",
+            "remove_used_ratio")
+    out = {k: float(np.median([r[k] for r in doc["runs"]])) for k in keys if all(k in r for r in doc["runs"])}
     first = doc["runs"][0]
     return out | {"label": MEASURED, "runs": len(doc["runs"]), "size": first["size"],
-                  "boot": first["boot"], "facts": doc["facts"]}
+                  "boot": first["boot"], "used": first.get("used", 0), "facts": doc["facts"]}
 
 
 def cost_table(rows: list[tuple[str, float | str, str]]) -> str:

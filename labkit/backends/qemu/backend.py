@@ -27,6 +27,10 @@ The options are those of :func:`labkit.open`. What differs from the model:
 * time is wall-clock: ``advance(ms)`` really waits (polling QMP, host RSS and QEMU's health) and
   ``t_ms`` counts from the moment the guest shell was ready.
 * ``snapshot()`` raises: the page states of a real guest can't be read from outside.
+* the open problems' switches (docs/mechanisms.md §12) run where this machine can run them
+  (hugetlbfs backing when the huge page pool has the pages) and are refused before QEMU starts,
+  with the reason, where it can't (vfio-pci without an IOMMU group, SEV without /dev/sev,
+  sev-snp-guest and tdx-guest missing from this QEMU, 64 KiB pages): :mod:`labkit.backends.qemu.switches`.
 """
 
 from __future__ import annotations
@@ -62,7 +66,8 @@ from labkit.backends.qemu.process import (
 )
 from labkit.backends.qemu.qmp import ConnectError, QMPConnection, QMPConnectionLost, migration_sample
 from labkit.backends.qemu.serial import GuestDied, GuestTimeout, SerialShell
-from labkit.errors import GuestError
+from labkit.backends.qemu.switches import refusal as switch_refusal
+from labkit.errors import GuestError, NotOnThisHost
 from labkit.units import format_size
 
 log = logging.getLogger("labkit.qemu")
@@ -110,6 +115,9 @@ class QemuBackend(LiveInspection):
         self.node_sizes = list(options.node_sizes) + [d["size"] for d in self.virtio_mem_specs]
         self.open_options = dict(options.keywords) | {"backend": "qemu"}
         check_requirements()
+        why = switch_refusal(options)  # the open problems' switches this machine can't run
+        if why is not None:
+            raise NotOnThisHost(why)
         self.image: GuestImage = build_guest_image(knobs.kernel)
         self.closed = False
         self._parts: dict = {}

@@ -16,7 +16,7 @@ reported separately as ``qemu_rss``, ``qemu_rss_anon``, ``qemu_rss_file``.
 ... Rss:                   4 kB
 ... '''
 >>> guest_ram_usage(smaps, [1 << 30])
-{'rss': 209715200, 'swap': 0, 'mappings': 1}
+{'rss': 209715200, 'swap': 0, 'mappings': 1, 'hugetlb': 0}
 """
 
 from __future__ import annotations
@@ -31,32 +31,50 @@ _HEADER = re.compile(r"^([0-9a-f]+)-([0-9a-f]+) (\S{4}) \S+ \S+ (\d+)\s*(.*)$")
 
 def guest_ram_usage(smaps: str, node_sizes: list[int]) -> dict[str, int]:
     """Sum Rss and Swap (bytes) over the mappings that hold guest RAM: private anonymous ``rw-p``
-    mappings whose size is within :data:`ALIGNMENT_SLACK` above one of ``node_sizes`` (each node
-    claims one mapping, largest first)."""
-    mappings = []  # (size, rss, swap)
+    mappings, memfd mappings (``/memfd:...``: a ``memory-backend-memfd``) and hugetlbfs mappings
+    (``KernelPageSize`` above 4 KiB), whose size is within :data:`ALIGNMENT_SLACK` above one of
+    ``node_sizes`` (each node claims one mapping, largest first). Huge pages are not in ``Rss``:
+    their ``Shared_Hugetlb`` and ``Private_Hugetlb`` are added (Documentation/filesystems/proc.rst).
+
+    >>> text = '''7f0000000000-7f0040000000 rw-s 00000000 00:0f 9    /memfd:memory-backend-memfd (deleted)
+    ... Size:            1048576 kB
+    ... KernelPageSize:     2048 kB
+    ... Rss:                   0 kB
+    ... Shared_Hugetlb:    16384 kB
+    ... Private_Hugetlb:       0 kB
+    ... '''
+    >>> guest_ram_usage(text, [1 << 30])
+    {'rss': 16777216, 'swap': 0, 'mappings': 1, 'hugetlb': 16777216}
+    """
+    mappings = []  # [size, rss, swap, hugetlb, kernel page size, guest-RAM-like]
     current = None
     for line in smaps.splitlines():
         header = _HEADER.match(line)
         if header:
             start, end, perms, inode, path = header.groups()
             anon = inode == "0" and (path == "" or path.startswith("[anon"))
-            current = [int(end, 16) - int(start, 16), 0, 0] if perms == "rw-p" and anon else None
-            if current is not None:
-                mappings.append(current)
+            current = [int(end, 16) - int(start, 16), 0, 0, 0, 4 * KiB,
+                       (perms == "rw-p" and anon) or (perms[:2] == "rw" and path.startswith("/memfd:"))]
+            mappings.append(current)
         elif current is not None:
             key, _, value = line.partition(":")
             if key == "Rss":
                 current[1] = int(value.split()[0]) * KiB
             elif key == "Swap":
                 current[2] = int(value.split()[0]) * KiB
-    rss = swap = found = 0
-    pool = sorted(mappings, key=lambda m: -m[0])
+            elif key in ("Shared_Hugetlb", "Private_Hugetlb"):
+                current[3] += int(value.split()[0]) * KiB
+            elif key == "KernelPageSize":
+                current[4] = int(value.split()[0]) * KiB
+    rss = swap = found = hugetlb = 0
+    pool = sorted((m for m in mappings if m[5] or m[4] > 4 * KiB), key=lambda m: -m[0])
     for size in sorted(node_sizes, reverse=True):
         match = next((m for m in pool if size <= m[0] <= size + ALIGNMENT_SLACK), None)
         if match is not None:
             pool.remove(match)
-            rss, swap, found = rss + match[1], swap + match[2], found + 1
-    return {"rss": rss, "swap": swap, "mappings": found}
+            rss, swap, found = rss + match[1] + match[3], swap + match[2], found + 1
+            hugetlb += match[3]
+    return {"rss": rss, "swap": swap, "mappings": found, "hugetlb": hugetlb}
 
 
 def process_status(status: str) -> dict[str, int]:
@@ -76,7 +94,8 @@ def read_host_memory(pid: int, node_sizes: list[int]) -> dict[str, int]:
     with open(f"/proc/{pid}/status") as f:
         status = process_status(f.read())
     return {"guest_ram_rss": ram["rss"], "guest_ram_swap": ram["swap"],
-            "guest_ram_mappings": ram["mappings"], "qemu_rss": status.get("VmRSS", 0),
+            "guest_ram_mappings": ram["mappings"], "guest_ram_hugetlb": ram["hugetlb"],
+            "qemu_rss": status.get("VmRSS", 0),
             "qemu_rss_anon": status.get("RssAnon", 0), "qemu_rss_file": status.get("RssFile", 0),
             "qemu_swap": status.get("VmSwap", 0)}
 

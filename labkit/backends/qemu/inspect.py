@@ -17,12 +17,16 @@ from labkit.backends.inspect import (
     SNAPSHOTS,
     TRACE_POINTS,
     BalloonView,
+    HostView,
     MigrationView,
     VirtioMemDeviceView,
     VirtioMemView,
     check_wait,
     unknown_mechanism,
 )
+from labkit.backends.inspect_model import switches_of
+from labkit.backends.model_host import backing_of
+from labkit.backends.qemu.switches import hugepage_pools
 
 
 class LiveInspection:
@@ -50,9 +54,30 @@ class LiveInspection:
                                  throttle_pct=info.get("cpu-throttle-percentage", 0))
         if mechanism == "virtio-mem":
             return self._inspect_virtio_mem()
+        if mechanism == "host":
+            return self._inspect_host()
         raise NotImplementedError(f"the live backend can't see {mechanism!r} from outside the guest; "
-                                  f"it inspects 'balloon', 'migration' and 'virtio-mem' (use sample() "
-                                  f"for totals, or the model for the inside)")
+                                  f"it inspects 'balloon', 'migration', 'virtio-mem' and 'host' (use "
+                                  f"sample() for totals, or the model for the inside)")
+
+    def _inspect_host(self) -> HostView:
+        """The RAM blocks as the options give them, this machine's huge page pools, QEMU's RSS of
+        guest RAM and QEMU's stderr (its warnings and error reports)."""
+        o = self.options
+        backends = {b.id: b for b in o.memory_backends}
+        names = [(n or o.ram_memdev, size) for n, size in zip(o.node_memdevs, o.node_sizes, strict=False)]
+        names += [(d.memdev, d.size) for d in o.virtio_mem]
+        blocks = []
+        for name, size in names:
+            b = backing_of(backends.get(name), o, bool(self.knobs["thp"]))
+            blocks.append({"name": name, "start": None, "end": None, "size": size, "kind": b.kind,
+                           "page_size": b.page_size, "thp": b.thp, "guest_memfd": b.guest_memfd,
+                           "backing": b.describe(), "rss": None})
+        log = tuple(line for line in self.process.stderr_tail(8000).splitlines()
+                    if line.strip() and "QEMU waiting for connection" not in line)
+        return HostView(tuple(blocks), switches_of(o), self.host_memory()["guest_ram_rss"] // 4096,
+                        qemu_log=log, qemu_log_lines=len(log),
+                        hugepages={size: dict(pool) for size, pool in hugepage_pools().items()})
 
     def _inspect_virtio_mem(self) -> VirtioMemView:
         devices = [d["data"] for d in self.qmp("query-memory-devices") if d["type"] == "virtio-mem"]
