@@ -36,6 +36,7 @@ from __future__ import annotations
 import hashlib
 import math
 import numbers
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -272,7 +273,13 @@ class Exercise:
         counts as not right, unless ``missing_ok`` (for notebooks that must run before the
         student answers): then a note is printed and the right parts are reported. A malformed
         answer (unknown key, a string for a number...) raises ``TypeError`` or ``ValueError``
-        naming it, before anything runs, whatever ``strict``."""
+        naming it, before anything runs, whatever ``strict``.
+
+        Under nbgrader's autograder or validator (``NBGRADER_EXECUTION`` is set in the kernel's
+        environment) ``strict`` is forced on and an unanswered part is wrong too: a test cell must
+        raise, or an empty submission would score full marks."""
+        if os.environ.get("NBGRADER_EXECUTION"):  # nbgrader 0.9: converters/autograde.py, validator.py
+            strict, missing_ok = True, False
         given = {p.name: p.coerce(v) for p, v in zip(self.parts, self._answers(answer).values(),
                                                        strict=True)}
         who = f"{self.name} ({self.student}, seed {self.seed})"
