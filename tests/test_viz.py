@@ -375,7 +375,9 @@ def test_explorer_is_a_widget_with_bokeh_models(explorer):
     from jupyter_bokeh.widgets import BokehModel
     assert isinstance(explorer, ipywidgets.VBox)
     models = [w for w in explorer.plots.children if isinstance(w, BokehModel)]
-    assert [m._model for m in models] == [explorer.page_map.figure, explorer.timeseries.layout]
+    # one widget for both plots: a step's changes go to the browser as one message set
+    assert models == [explorer.live]
+    assert explorer.live._model.children == [explorer.page_map.figure, explorer.timeseries.layout]
     assert explorer.slider.max == 2048 and explorer.slider.value == 2048
     used = explorer.vm.sample()
     assert explorer.slider.min == -(-(used["memtotal"] - used["memavailable"]) // MiB)
@@ -385,8 +387,7 @@ def test_explorer_is_a_widget_with_bokeh_models(explorer):
 def test_slider_sets_the_balloon_target_and_plots_get_new_data(explorer):
     vm = explorer.vm
     sent = []
-    explorer.page_map.widget().send = lambda content, buffers=None: sent.append(content)
-    explorer.timeseries.widget().send = lambda content, buffers=None: sent.append(content)
+    explorer.live.send = lambda content, buffers=None: sent.append(content)
     image_before = explorer.page_map.image.copy()
     explorer.slider.value = 1536
     assert vm.sample()["balloon_target"] == 1536 * MiB

@@ -16,7 +16,7 @@ import labkit
 from labkit.model.pages import PageState
 from labkit.units import MiB
 from labkit.viz import palette
-from labkit.viz.changes import any_reduce, describe, outline, signed_size, step_readout, transitions
+from labkit.viz.changes import box_cover, describe, outline_data, signed_size, step_readout, transitions
 from labkit.viz.explorer import explore
 from labkit.viz.pagemap import page_map
 
@@ -49,65 +49,100 @@ def test_signed_sizes_and_the_readout():
     assert describe(moves).endswith("1 more pages in 1 other moves")
 
 
-def test_outline_rings_changed_cells_and_any_reduce_keeps_one_page():
-    mask = np.zeros((8, 1024), dtype=bool)
-    mask[3, 517] = True  # one page among 1024 per cell
-    reduced = any_reduce(mask, 64)
-    assert reduced.shape == (8, 16) and reduced[3, 8] and reduced.sum() == 1
-    ring = outline(reduced, width=1)
-    assert ring[3, 8] == 0 and ring[2:5, 7:10].sum() == 8 and ring.sum() == 8
+def test_box_cover_is_exact_when_few_and_coarse_but_complete_when_many():
+    rng = np.random.default_rng(1)
+    mask = np.zeros((64, 200), dtype=bool)
+    mask[3, 17] = True                      # one cell
+    mask[10:20, 40:90] = True               # a block: one box, not 10 row runs
+    mask[30, 150:200] = mask[31, 0:20] = True  # a run wrapping to the next row: two boxes
+    boxes = box_cover(mask)
+    covered = np.zeros_like(mask)
+    for c0, c1, r0, r1 in boxes:
+        covered[r0:r1, c0:c1] = True
+    assert np.array_equal(covered, mask) and len(boxes) == 4
+    scattered = rng.random((300, 400)) < 0.05  # ~6000 isolated cells
+    boxes = box_cover(scattered, max_boxes=200)
+    assert len(boxes) <= 200
+    covered = np.zeros_like(scattered)
+    for c0, c1, r0, r1 in boxes:
+        covered[r0:r1, c0:c1] = True
+    assert covered[scattered].all()  # coarser, but every changed cell is inside a box
+    assert box_cover(np.zeros((5, 5), bool)).shape == (0, 4)
+    with pytest.raises(ValueError, match="2-D mask"):
+        box_cover(np.zeros(5, bool))
+    data = outline_data(np.array([[0, 4, 1, 2]]), pad_x=0.5, pad_y=0.25)
+    assert data == {"left": [-0.5], "right": [4.5], "top": [0.75], "bottom": [2.25]}
 
 
 def test_one_balloon_request_is_outlined_said_and_zoomable():
     with labkit.open(memory="4G", seed=0) as vm:
         pm = page_map(vm.snapshot(), width=400, height=320, legend="below")
-        assert pm.halo.sum() == 0
+        assert len(pm.outline_source.data["left"]) == 0
         vm.qmp("balloon", value=4096 * MiB - MiB)
         assert vm.step()
         pm.update(vm.snapshot())
-        # 256 pages free -> balloon (fill_balloon's batch), and nothing else moved
+        # a 1 MiB balloon: one fill_balloon batch of 256 pages, free -> balloon, nothing else
         assert pm.last_moves == [("free", "balloon", 256)]
         assert pm.changed_pages == 256
         col0, col1, row0, row1 = pm.changed_region()
         assert (col1 - col0) * (row1 - row0) >= 256
-        halo = pm.halo
-        assert halo.any() and halo.shape == pm.image.shape
-        # the outline sits around the cells that changed: those cells now show the balloon
-        rows, cols = np.nonzero(halo)
-        near = pm.image[max(0, rows.min() - 1):rows.max() + 2, max(0, cols.min() - 1):cols.max() + 2]
-        assert (near == palette.G_BALLOON).any()
+        boxes = pm.outline_boxes
+        assert 1 <= len(boxes) <= 4
+        # an OUTLINE: the rectangles surround the changed pages (a stroke just outside them, no
+        # fill), and the cells inside show what the pages became: the balloon
+        changed = np.flatnonzero(pm.grid._state == PageState.BALLOON)
+        rows, cols = np.divmod(changed, pm.row_pages)
+        for r, c in zip(rows, cols, strict=True):
+            assert ((boxes[:, 0] < c) & (c < boxes[:, 1]) & (boxes[:, 2] < r) & (r < boxes[:, 3])).any()
+        inside = pm.image[rows, cols // pm.cell]
+        assert (inside == palette.G_BALLOON).all()
+        glyph = next(r.glyph for r in pm.figure.renderers if r.data_source is pm.outline_source)
+        assert glyph.fill_alpha == 0 and glyph.line_color == palette.CHANGED_COLOR
         assert pm.zoom_to_change()
         x0, x1 = pm.figure.x_range.start, pm.figure.x_range.end
         y1, y0 = pm.figure.y_range.start, pm.figure.y_range.end  # rows grow downwards
         assert x0 <= col0 and col1 <= x1 and y0 <= row0 and row1 <= y1
         assert y1 - y0 < pm.rows / 4  # zoomed in on the rows the request touched
-        pm.update(vm.snapshot())  # the same snapshot again: nothing changed, no outline change
-        assert pm.changed_pages == 256
+        # zoomed: the outline follows, its stroke still 1.5 screen pixels outside the cells
+        assert len(pm.outline_boxes) == len(boxes) and (np.diff(pm.outline_boxes[:, 2:]) < 1.2).all()
+        pm.update(vm.snapshot())  # the same snapshot again: nothing changed since, no outline
+        assert pm.changed_pages == 0 and pm.last_moves == [] and len(pm.outline_boxes) == 0
 
 
 def test_explorer_step_readout_and_step_to_change():
+    """The readout of a Step is true: the acknowledged request moved actual by at most 256 pages
+    (VIRTIO_BALLOON_ARRAY_PFNS_MAX, §1.2), and the pages the driver already took for the next
+    request (fill_balloon runs again at once while the target is unmet) are said apart, so that
+    "acknowledged + already sent" is exactly what the page map shows moving."""
     ex = explore(memory="1G", seed=0)
     try:
         ex.step()
         assert "nothing to do" in ex.change_html.value  # at its target: says so
         ex.slider.value = ex.slider.max - 4  # 4 MiB: four requests of 256 pages
         rss = ex.vm.sample()["host_rss"]
+        events = ex.live.sent_events
         assert ex.step() and ex.requests == 1
+        assert ex.live.sent_messages > 0 and ex.live.sent_events > events
         text = ex.change_html.value
-        # when request 1 is acked the driver has already taken the next batch of 256 pages off
-        # the free lists (fill_balloon runs again at once while the target is unmet)
         moved = ex.page_map.last_moves
-        assert len(moved) == 1 and moved[0][:2] == ("free", "balloon") and moved[0][2] in (256, 512)
-        assert text.startswith(f"<b>request 1: {moved[0][2]} pages free → balloon, host RSS −")
-        assert 0 < rss - ex.vm.sample()["host_rss"] <= moved[0][2] * 4096
+        assert moved == [("free", "balloon", 512)]
+        assert text.startswith("<b>request 1: 256 pages into the balloon, acknowledged (actual −1.0 MiB); "
+                               "256 more already sent · map: 512 pages free → balloon · host RSS −")
+        assert 0 < rss - ex.vm.sample()["host_rss"] <= 512 * 4096
+        assert ex.vm.sample()["balloon_size"] == 512 * 4096  # what the readout calls "already sent"
         n = ex.step_to_change()
         assert n == 1 and ex.requests == 2  # one request already changes the 1 GiB overview
+        assert ex.last_readout.startswith("request 2: 256 pages into the balloon, acknowledged")
         assert ex.zoom_to_change()
-        ex.tick()
-        assert "ms: " in ex.change_html.value
         while ex.step():
             pass
         assert ex.vm.qmp("query-balloon")["actual"] == (1024 - 4) * MiB
+        # the last request: acknowledged, nothing more sent, nothing new on the map
+        assert ex.last_readout.startswith("request 4: 256 pages into the balloon, acknowledged (actual "
+                                          "−1.0 MiB) · map: no page changed state")
+        assert len(ex.page_map.outline_source.data["left"]) == 0  # no change, no outline
+        ex.tick()
+        assert ex.last_readout.startswith("100 ms: no request acknowledged · map: no page changed")
         assert ex.step_to_change() == 1  # nothing to do: one (empty) step, then stop
     finally:
         ex.vm.close()

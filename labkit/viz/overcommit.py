@@ -128,8 +128,8 @@ class OvercommitView(widgets.VBox):
                                                description="t (s)", continuous_update=False,
                                                layout=widgets.Layout(width="520px"))
         self.why_html = widgets.HTML()
-        from jupyter_bokeh.widgets import BokehModel
-        self.bokeh = BokehModel(column(*self.figures))
+        from labkit.viz.shown import LiveBokeh
+        self.bokeh = LiveBokeh(column(*self.figures))
         super().__init__(children=[self.policy_buttons, self.vm_buttons, self.time_slider, self.bokeh,
                                    self.why_html])
         for control in (self.policy_buttons, self.vm_buttons):

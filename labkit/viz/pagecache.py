@@ -150,10 +150,10 @@ class CopiesExplorer:
     def widget(self):
         if self._widget is None:
             import ipywidgets as widgets
-            from jupyter_bokeh.widgets import BokehModel
+            from labkit.viz.shown import LiveBokeh
 
             self._widget = widgets.VBox([widgets.HBox([self.slider, self.status_html]),
-                                         BokehModel(self.figure)])
+                                         LiveBokeh(self.figure)])
         return self._widget
 
     def _repr_mimebundle_(self, **kwargs: Any):
@@ -219,7 +219,7 @@ class WritebackStepper:
         """Buttons "advance 5 s" and "crash the host", the status line and both figures."""
         if self._widget is None:
             import ipywidgets as widgets
-            from jupyter_bokeh.widgets import BokehModel
+            from labkit.viz.shown import LiveBokeh
 
             step = widgets.Button(description=f"advance {self.step_ms / 1000:g} s")
             crash = widgets.Button(description="crash the host", button_style="danger")
@@ -229,7 +229,7 @@ class WritebackStepper:
             crash.on_click(guarded(self, lambda _: self.crash()))
             self.step_button, self.crash_button = step, crash
             self._widget = widgets.VBox([widgets.HBox([step, crash, self._status]),
-                                         BokehModel(column(self.bar_figure, self.map_figure))])
+                                         LiveBokeh(column(self.bar_figure, self.map_figure))])
         return self._widget
 
     def _repr_mimebundle_(self, **kwargs: Any):
