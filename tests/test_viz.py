@@ -420,7 +420,7 @@ def test_step_moves_balloon_actual_by_at_most_256_pages(explorer):
 def test_play_ticks_and_speed(explorer):
     vm = explorer.vm
     explorer.speed.value = 10.0
-    explorer.play.value += 1  # what the frontend's Play timer does
+    explorer.tick()  # what Play does, once every play_interval_ms (the kernel's own timer)
     assert vm.sample()["t_ms"] == 10.0
     explorer.tick()
     assert vm.sample()["t_ms"] == 20.0
@@ -525,8 +525,9 @@ def test_errors_in_widget_callbacks_show_in_the_status_line(explorer):
     def broken(command, **arguments):
         raise labkit.QMPError("GenericError", "Parameter 'target' expects a size")
     explorer.vm.qmp = broken  # what a failing backend call looks like from a slider drag
-    explorer.play.playing = True
+    explorer.play.value = True
+    assert explorer.play.description == "Pause"
     explorer.slider.value = 1000
     assert isinstance(explorer.error, labkit.QMPError)
     assert "QMPError" in explorer.status_html.value and "expects a size" in explorer.status_html.value
-    assert explorer.play.playing is False
+    assert explorer.playing is False and explorer.play.description == "Play"

@@ -28,21 +28,24 @@ from labkit.units import format_size
 STATE_NAMES = tuple(s.name.lower().replace("_", " ") for s in PageState)
 
 
-def transitions(old_state: np.ndarray, new_state: np.ndarray) -> list[tuple[str, str, int]]:
+def transitions(old_state: np.ndarray, new_state: np.ndarray,
+                names: tuple[str, ...] | list[str] = STATE_NAMES) -> list[tuple[str, str, int]]:
     """``(from, to, pages)`` for every pair of states some page moved between, most pages first.
 
-    ``old_state`` and ``new_state`` are the uint8 ``state`` arrays of two snapshots of one guest."""
+    ``old_state`` and ``new_state`` are the uint8 ``state`` arrays of two snapshots of one guest (or
+    any two arrays of codes into ``names``: the page map passes its display categories)."""
     old_state, new_state = np.asarray(old_state), np.asarray(new_state)
     if old_state.shape != new_state.shape:
         raise ValueError(f"two snapshots of different guests: {old_state.shape} vs {new_state.shape} pages")
     moved = np.flatnonzero(old_state != new_state)
     if len(moved) == 0:
         return []
-    pairs = old_state[moved].astype(np.int64) * N_STATES + new_state[moved]
-    counts = np.bincount(pairs, minlength=N_STATES * N_STATES)
+    k = max(len(names), N_STATES)
+    pairs = old_state[moved].astype(np.int64) * k + new_state[moved]
+    counts = np.bincount(pairs, minlength=k * k)
     found = np.flatnonzero(counts)
     found = found[np.argsort(-counts[found], kind="stable")]
-    return [(STATE_NAMES[k // N_STATES], STATE_NAMES[k % N_STATES], int(counts[k])) for k in found]
+    return [(names[c // k], names[c % k], int(counts[c])) for c in found]
 
 
 def describe(moves: list[tuple[str, str, int]], most: int = 3) -> str:

@@ -90,7 +90,7 @@ class Explorer(SteppingControls, widgets.VBox):
     """
 
     def __init__(self, vm: Any = None, *, factory: Callable[[], Any] | None = None,
-                 tick_ms: float = 100.0, view: str = "guest", play_interval_ms: int = 200,
+                 tick_ms: float = 100.0, view: str = "guest", play_interval_ms: int = 100,
                  **options: Any):
         if vm is None and factory is None:
             if not options:
@@ -197,7 +197,7 @@ class Explorer(SteppingControls, widgets.VBox):
 
     def reset(self) -> None:
         """Re-open the VM with the same arguments (``factory()``); the plots start over."""
-        self.play.playing = False
+        self.stop()
         old = self.vm
         self.vm = self.factory()
         if self.owns_vm:

@@ -73,8 +73,8 @@ class PageGrid:
 
     Attributes: ``n_pages``, ``row_pages``, ``rows``, ``overview_cell``, ``view``, ``counts`` (pages
     per category), ``window`` (``(col0, col1, row0, row1)`` drawn, None for the overview),
-    ``changed`` (flat indices of the pages the last update changed, or None), ``last_moves`` and
-    ``changed_pages``.
+    ``changed`` (flat indices of the pages whose category the last update changed, or None),
+    ``last_moves`` (those moves, by category name) and ``changed_pages``.
     """
 
     def __init__(self, snapshot: dict, view: str = "guest", max_cols: int = MAX_CELLS,
@@ -123,34 +123,41 @@ class PageGrid:
 
     def update(self, snapshot: dict) -> bool:
         """Take a new snapshot of the same guest (or of another one: then nothing counts as
-        changed); returns whether the picture changed (pages, or an outline to clear). Few
-        changed pages (at most 1/8 of the guest) are classified again alone, with only their
-        overview cells downsampled again. With no page changed, nothing counts as changed."""
+        changed); returns whether the picture changed (pages, or an outline to clear).
+
+        A page counts as changed when its category in this view changed (what the picture shows:
+        a free page that became reported in the guest view, a page the host stopped backing in the
+        host view), and ``last_moves`` names those moves by category. Few changed pages (at most
+        1/8 of the guest) are classified again alone, with only their overview cells downsampled
+        again."""
         state, flags = _arrays(snapshot)
         if len(state) != self.n_pages:
             self.load(snapshot)
             self.changed, self.last_moves, self.changed_pages = None, [], 0
             return True
         self.t_ms = snapshot.get("t_ms")
-        moved = np.flatnonzero((state != self._state) | (flags != self._flags))
-        if len(moved) == 0:  # nothing changed since the last update: no outline, no moves
-            had_outline = self.changed is not None
-            self.changed, self.last_moves, self.changed_pages = None, [], 0
+        touched = np.flatnonzero((state != self._state) | (flags != self._flags))
+        old = self._cats.reshape(-1)[touched]
+        new = palette.classify(state[touched], flags[touched], self.view)
+        shown = new != old
+        had_outline = self.changed is not None
+        self.changed = touched[shown] if shown.any() else None
+        self.changed_pages = int(shown.sum())
+        self.last_moves = transitions(old[shown], new[shown], palette.names(self.view))
+        if len(touched) == 0:
             return had_outline
-        self.last_moves = transitions(self._state[moved], state[moved])
-        self.changed_pages = len(moved)
-        self.changed = moved
-        if len(moved) * 8 > self.n_pages:
+        if len(touched) * 8 > self.n_pages:
             self.load(snapshot)
         else:
-            self._state[moved], self._flags[moved] = state[moved], flags[moved]
-            self._reclassify(moved)
-        return True
+            self._state[touched], self._flags[touched] = state[touched], flags[touched]
+            self._reclassify(touched, new)
+        return bool(shown.any()) or had_outline
 
-    def _reclassify(self, pages: np.ndarray) -> None:
+    def _reclassify(self, pages: np.ndarray, new: np.ndarray) -> None:
+        """Give ``pages`` (flat indices) their new categories ``new`` and downsample again the
+        overview cells holding them."""
         cats = self._cats.reshape(-1)  # a view: assignments land in self._cats
         old = cats[pages]
-        new = palette.classify(self._state[pages], self._flags[pages], self.view)
         k = len(self.counts)
         self.counts = self.counts + np.bincount(new, minlength=k) - np.bincount(old, minlength=k)
         cats[pages] = new

@@ -14,11 +14,14 @@ that redraws on every Step or Play tick:
   explorer made ~20 comm messages, which the Jupyter server forwards and the browser decodes one by
   one. Inside ``with live.batch():`` the changes are collected and sent as ONE ``PATCH-DOC``
   holding all of them (Bokeh's ``PATCH-DOC`` takes a list of events; BokehJS applies them in order).
-* **No echo.** After it applies a patch, jupyter_bokeh's BokehView sends the change events the
+* **Less echo.** After it applies a patch, jupyter_bokeh's BokehView sends the change events the
   patch raised back to the kernel (its ``_pending_events``), so every streamed row came back as a
   ``ColumnsStreamed`` event that ``BokehModel._sync_model`` streamed into the source a second time.
   The kernel's own data changes (``ColumnsStreamed``, ``ColumnsPatched``, a new ``data``) are
   dropped here; range changes and Bokeh events (``RangesUpdate``: zooming) still come through.
+  The echo cannot be stopped at its source (jupyter_bokeh's JavaScript), but ``combine_events``
+  makes the browser hold its messages while the kernel is busy and keep only the newest per model
+  attribute, so a Play run's echo stays a trickle.
 
 >>> from bokeh.plotting import figure
 >>> live = LiveBokeh(figure())
@@ -36,7 +39,9 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from typing import Any
 
-from bokeh.protocol import Protocol
+from bokeh.core.serialization import Serializer
+from bokeh.document.json import PatchJson
+from bokeh.protocol.messages.patch_doc import patch_doc
 from jupyter_bokeh.widgets import BokehModel
 
 # events the browser echoes back after applying the kernel's own patch: never from a user here
@@ -53,6 +58,10 @@ class LiveBokeh(BokehModel):
         self._held: list | None = None
         self.sent_messages = 0
         self.sent_events = 0
+        # the browser queues its messages to the kernel while the kernel is busy and keeps only the
+        # newest per model attribute (jupyter_bokeh's combine_events): the echo of a Play run's
+        # frames stays a trickle instead of one message per changed model per frame
+        kwargs.setdefault("combine_events", True)
         super().__init__(model, **kwargs)
 
     @contextmanager
@@ -78,7 +87,7 @@ class LiveBokeh(BokehModel):
             self._send_events([event])
 
     def _send_events(self, events: list) -> None:
-        msg = Protocol().create("PATCH-DOC", events)
+        msg = inline_patch(events)
         parts: list[tuple[dict, list]] = [({"msg": "patch", "payload": msg.header_json}, []),
                                           ({"msg": "patch", "payload": msg.metadata_json}, []),
                                           ({"msg": "patch", "payload": msg.content_json}, [])]
@@ -96,6 +105,17 @@ class LiveBokeh(BokehModel):
             return  # the browser's echo of a change the kernel made: applying it again would
             # stream the same rows twice
         super()._sync_model(model, content, buffers)
+
+
+def inline_patch(events: list) -> patch_doc:
+    """Bokeh's ``PATCH-DOC`` message for ``events`` (one document's), as ``PATCH-DOC.create`` makes
+    it but with numpy arrays inside the JSON (base64) instead of as binary buffers: a buffer costs
+    two more comm messages, and the arrays a frame sends (an image patch) are a few KiB."""
+    doc = events[0].document
+    serializer = Serializer(references=doc.models.synced_references, deferred=False)
+    content = PatchJson(events=serializer.encode(events))
+    doc.models.flush_synced(lambda model: not serializer.has_ref(model))
+    return patch_doc(patch_doc.create_header(), {}, content)
 
 
 @contextmanager
