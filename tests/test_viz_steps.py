@@ -14,7 +14,7 @@ import pytest
 
 import labkit
 from labkit.model.pages import PageState
-from labkit.units import MiB
+from labkit.units import MiB, format_size
 from labkit.viz import palette
 from labkit.viz.changes import box_cover, describe, outline_data, signed_size, step_readout, transitions
 from labkit.viz.explorer import explore
@@ -171,3 +171,164 @@ def test_incremental_update_draws_what_a_fresh_map_draws(n_changed):
         shown = palette.classify(state, flags, view) != palette.classify(new_state, new_flags, view)
         assert pm.changed_pages == int(shown.sum()) and set(pm.grid.changed) == set(np.flatnonzero(shown))
         assert sum(n for *_, n in pm.last_moves) == pm.changed_pages
+
+
+# --- Play runs in the kernel ---------------------------------------------------------------------
+def test_play_ticks_on_the_kernels_event_loop_and_stops(monkeypatch):
+    """Play is a toggle: while it is on, the event loop the explorer runs in (the kernel's, in a
+    notebook) calls tick() every play_interval_ms, with no message from the browser per frame; it
+    stops when pressed again, after MAX_PLAY_TICKS, and at the first error (shown in the widget)."""
+    import asyncio
+
+    from labkit.viz import controls
+
+    ex = explore(memory="1G", seed=0, tick_ms=10.0, play_interval_ms=10)
+
+    async def play_for(seconds: float) -> None:
+        ex.play.value = True
+        await asyncio.sleep(seconds)
+        ex.play.value = False
+
+    try:
+        asyncio.run(play_for(0.3))
+        ticks = ex.play_ticks
+        assert ticks >= 3 and ex.vm.sample()["t_ms"] == pytest.approx(10.0 * ticks)
+        assert ex.play.description == "Play"
+        asyncio.run(asyncio.sleep(0.05))  # paused: nothing ticks any more
+        assert ex.vm.sample()["t_ms"] == pytest.approx(10.0 * ticks)
+        monkeypatch.setattr(controls, "MAX_PLAY_TICKS", 2)
+        asyncio.run(play_for(0.2))
+        assert ex.play_ticks == 2 and not ex.playing  # stopped by itself
+        ex.play.value = True  # outside an event loop (a script): nothing ticks by itself
+        assert ex.play_ticks == 0 and ex._play_timer is None
+        ex.play.value = False
+    finally:
+        ex.vm.close()
+
+    async def play_closed() -> None:
+        ex.play.value = True
+        await asyncio.sleep(0.1)
+
+    asyncio.run(play_closed())  # the VM is closed: the first tick fails, Play stops, the error shows
+    assert not ex.playing and isinstance(ex.error, RuntimeError) and "closed" in ex.status_html.value
+
+
+# --- what each stepper says is what happened -------------------------------------------------------
+def test_migration_readout_says_the_hinting_round_and_what_was_sent():
+    """02's explorer: the first tick of a hinting migration. The guest hands QEMU free blocks of
+    order 10 (4 MiB, 1024 pages; §2.2) and QEMU clears their bits from the dirty bitmap; the
+    readout's numbers are the page map's and query-migrate's."""
+    from labkit.viz.migration_explorer import MigrationExplorer
+
+    hint = {"free_page_hint": True, "iothread": "iothread0"}
+    ex = MigrationExplorer(factory=lambda: labkit.open(memory="1G", seed=0, balloon=hint),
+                           migrate="tcp:127.0.0.1:4444", tick_ms=1, sample_ms=1)
+    try:
+        facts = [ex._facts]
+        ex.tick = (lambda tick: lambda: (facts.append(ex._facts), tick())[1])(ex.tick)
+        n = ex.step_to_change()  # 1 ms ticks until the map changes: the round's hinted blocks
+        before, after, text = facts[-1], ex._facts, ex.last_readout
+        assert 1 <= n <= 10
+        held = ex.status["held_blocks"]
+        assert held > 0 and f"the guest holds {held} blocks of 4 MiB" in text
+        assert ex.page_map.last_moves == [("free", "hinted", held * 1024)]
+        assert f"map: {held * 1024} pages free → hinted" in text
+        assert "QEMU REQUESTED → START" in text  # QEMU saw its command ID come back (§2.1)
+        assert after["hinted"] == before["hinted"] and "cleared" not in text  # not read yet
+        while ex._facts["hinted"] == 0:  # QEMU's I/O thread reads the hints: bits leave the bitmap
+            ex.step()
+        before, after, text = facts[-1], ex._facts, ex.last_readout
+        cleared = after["hinted"] - before["hinted"]
+        assert 0 < cleared <= held * 1024 and f"QEMU cleared {cleared} pages from the bitmap" in text
+        sent = after["normal"] - before["normal"], after["zero"] - before["zero"]
+        assert f"({sent[0]} normal pages, {sent[1]} zero pages)" in text
+        assert f"sent {format_size(after['transferred'] - before['transferred'])}" in text
+        assert ex.step_to_change() >= 1  # later ticks send pages, then DONE frees the blocks
+        while ex.vm.qmp("query-migrate")["status"] != "completed":
+            ex.step()
+        assert "hinting" in ex.last_readout or "stop-and-copy" in ex.last_readout
+    finally:
+        ex.vm.close()
+
+
+def test_reporting_readout_matches_the_counters_and_the_map():
+    """03's explorer: a pass reports free blocks of order >= 9 (2 MiB) in batches of at most 32
+    (PAGE_REPORTING_CAPACITY, §3.3); the pages it reported turn "free (reported)" on the map, and
+    the readout's MiB are sample()'s reported_bytes."""
+    from labkit.viz.reporting import ReportingExplorer
+
+    vm = labkit.open(memory="1G", seed=0, balloon={"free_page_reporting": True})
+    vm.advance(30_000)
+    ex = ReportingExplorer(vm, job_mib=256)
+    try:
+        ex.run_job(256)
+        assert ex.last_readout.startswith("a 256 MiB job ran and exited")
+        before = ex.facts()
+        assert ex.step_to_change() == 2
+        after = ex.facts()
+        reported = after["reported_bytes"] - before["reported_bytes"]
+        reports = after["reports"] - before["reports"]
+        assert reported > 0 and reported <= reports * 32 * 4 * MiB
+        moves = dict(((a, b), n) for a, b, n in ex.page_map.last_moves)
+        assert moves[("free", "free (reported)")] * 4096 == reported
+        assert f"{reports} reports; free and reported {signed_size(reported)}" in ex.last_readout
+        assert len(ex.page_map.outline_boxes) >= 1
+    finally:
+        vm.close()
+
+
+def test_virtio_mem_readout_and_outline_of_one_unplugged_subblock():
+    """05's explorer: below a whole block, the driver unplugs one 2 MiB subblock per request
+    (§5.5): one UNPLUG request, one grid cell plugged -> unplugged, outlined."""
+    from labkit.viz.memblocks import MOVABLE, UNPLUGGED
+    from labkit.viz.memblocks_explorer import explore_virtio_mem
+
+    ex = explore_virtio_mem(memory="1G", seed=0, balloon=False, memhp_default_state="online_movable",
+                            virtio_mem=[{"id": "vm0", "size": "1G"}])
+    try:
+        ex.slider.value = 128
+        ex.tick()
+        ex.slider.value = 126
+        assert ex.step()
+        text = ex.last_readout
+        assert text.startswith("step (+") and "1 UNPLUG request" in text
+        assert "plugged 128 MiB → 126 MiB" in text
+        assert ex.grid.last_moves == [("plugged, online ZONE_MOVABLE", "unplugged", 1)]
+        (x0, x1, y0, y1), = ex.grid.outline_boxes
+        assert x0 < 63 < x1 and y0 < 0.5 < y1  # the top subblock of block 0 (from the top, §5.5)
+        assert ex.grid.image[0, 63] == UNPLUGGED and ex.grid.image[0, 62] == MOVABLE
+        assert ex.step_to_change() == 1 and "no driver event" in ex.last_readout  # done: no event
+    finally:
+        ex.vm.close()
+
+
+def test_writeback_stepper_outlines_and_says_what_the_flusher_and_the_crash_did(tmp_path):
+    """04's stepper: host page cache pages dirty for dirty_expire_centisecs (30 s) are written by
+    the flusher that wakes every dirty_writeback_centisecs (5 s; mm/page-writeback.c), so 32 MiB
+    written at t = 0 turn clean at the 35 s step; a crash then loses what is still dirty."""
+    from labkit.model.host import Host
+    from labkit.units import GiB, PAGE_SIZE
+    from labkit.viz.pagecache import WritebackStepper
+
+    image = tmp_path / "disk.img"
+    with open(image, "wb") as f:
+        f.truncate(1 << 30)
+    spec = [{"id": "vpmem0", "path": str(image), "size": "1G"}]
+    with labkit.open(memory="1G", seed=0, host=Host(8 * GiB), model={"boot": "minimal"},
+                     virtio_pmem=spec) as vm:
+        vm.guest("pmem_write", device="vpmem0", offset=0, size="32M")
+        stepper = WritebackStepper(vm, vm.virtio_pmem.devices[0].file, pages=64 * MiB // PAGE_SIZE)
+        stepper.widget()
+        assert stepper.step_to_change() == 7 and vm.now_ms == 35_000
+        assert stepper.last_moves == [("dirty (not on disk)", "clean (cached)", 256)]
+        assert "in the host page cache 32 → 0 MiB" in stepper.last_readout
+        assert "256 cells (32 MiB) dirty (not on disk) → clean (cached)" in stepper.last_readout
+        (x0, x1, _, _), = [tuple(b) for b in np.array(
+            [stepper.outline_source.data[k] for k in ("left", "right", "top", "bottom")]).T]
+        assert x0 < 0 and 256 < x1 < 258  # around the first 256 cells (128 KiB each)
+        vm.guest("pmem_write", device="vpmem0", offset=32 * MiB, size="16M")
+        stepper.refresh("a 16 MiB write")
+        assert stepper.last_readout.startswith("a 16 MiB write: ") and "16 MiB" in stepper.last_readout
+        stepper.crash()
+        assert stepper.last_readout.startswith("host crash at t = 35 s: 16 MiB that was dirty")
+        assert ("dirty (not on disk)", "lost in crash", 128) in stepper.last_moves
