@@ -43,7 +43,10 @@ from typing import Any
 
 import numpy as np
 
+from labkit import docs
+
 KINDS = ("int", "float", "bool")
+DOCS_FROM = "notebooks/exercises"  # where the exercise notebooks are: the prompt's links start there
 MISSING_NOTE = "✎ write your answer in the cell above (replace None), then run this cell again."
 
 
@@ -188,6 +191,7 @@ class Exercise:
         self.student = student
         self.seed = seed
         self.params = dict(params)
+        self.docs_from = DOCS_FROM  # the folder the prompt is shown in (its § links are relative)
         self._outcome: tuple[dict, dict] | None = None
 
     @property
@@ -224,6 +228,8 @@ class Exercise:
             lines.append(f"* `{p.name}`: {p.label} ({p.kind}{unit}{tol})")
         if len(self.parts) > 1:
             lines.append("\nas a dict: `{" + ", ".join(f'"{p.name}": ...' for p in self.parts) + "}`.")
+        lines += ["", "The mechanism: " + " · ".join(docs.link(s, self.docs_from) for s in self.spec.sections)
+                  + " (labkit's reference)."]
         return "\n".join(lines)
 
     def _repr_markdown_(self) -> str:
@@ -245,11 +251,12 @@ class Exercise:
         return {p.name: expected[p.name] for p in self.parts}
 
     def explain(self) -> str:
-        """The worked solution with this variant's numbers."""
+        """The worked solution with this variant's numbers, and where its § citations are."""
         facts, expected = self._run()
         if self.spec.explain is None:
             return "\n".join(f"{p.name} = {expected[p.name]!r}" for p in self.parts)
-        return self.spec.explain(self.params, facts, expected)
+        text = self.spec.explain(self.params, facts, expected)
+        return text + references(text)
 
     def _answers(self, answer: Any) -> dict[str, Any]:
         names = [p.name for p in self.parts]
@@ -308,7 +315,9 @@ class Exercise:
 
     @staticmethod
     def _fail(message: str, strict: bool, result: Result) -> Result:
-        """Raise ``AssertionError(message)`` (strict) or print it after a cross."""
+        """Raise ``AssertionError(message)`` (strict) or print it after a cross; a hint's §
+        citations are followed by where they are in the repository."""
+        message += references(message)
         if strict:
             raise AssertionError(message)
         print(f"✗ {message}")
@@ -326,6 +335,20 @@ class Exercise:
             if part.tolerance_text:
                 verdict += f" (by more than {part.tolerance_text})"
         return f"  {part.name}: {given!r} {verdict}. Hint: {hint}"
+
+
+def references(text: str) -> str:
+    """For printed text (hints, worked solutions): a last line naming the file and anchor of each §
+    the text cites, e.g. "\n  (§1.2 is docs/mechanisms.md#s1.2)"; empty if it cites none.
+
+    >>> print(references("each request moves 256 pages (§1.2); see also §1.7.").strip())
+    (§1.2 is docs/mechanisms.md#s1.2, §1.7 is docs/mechanisms.md#s1.7 in labkit's repository)
+    """
+    cited = list(dict.fromkeys(docs.CITATION.findall(text)))
+    if not cited:
+        return ""
+    where = ", ".join(f"§{n} is {docs.DOCS_DIR}/{docs.MECHANISMS}#{docs.anchor(n)}" for n in cited)
+    return f"\n  ({where} in labkit's repository)"
 
 
 def near(given: float, value: float, rel: float = 0.02, abs_: float = 0.5) -> bool:
