@@ -5,10 +5,12 @@
     labkit meminfo --memory 4G                the model guest's /proc/meminfo and /proc/buddyinfo
     labkit --version
 
-Subcommands live in a registry, :data:`COMMANDS`: ``@command("name", help=..., arguments=...)``
-registers a function that takes the parsed arguments and returns an exit code. A name with a space
-(``"guest build"``) makes a group (``labkit guest build``). Commands defined in other modules
-register the same way once the module is listed in :data:`COMMAND_MODULES`.
+Subcommands live in one table, :data:`COMMANDS`: ``@command("name", help=..., arguments=...)``
+adds a function that takes the parsed arguments and returns an exit code. A name with a space
+(``"guest build"``) makes a group (``labkit guest build``). The live backend's commands
+(:mod:`labkit.backends.qemu.commands`) and the VM commands ``labkit run`` and ``labkit serve``
+(:mod:`labkit.backends.vm_commands`) are listed in their modules as data and join the table when
+:func:`main` runs (they import heavier modules than the CLI needs to start).
 
 Sizes are parsed here, at the edge, with QEMU's suffixes (``4G`` is 4 GiB). Bad input never shows a
 traceback: a malformed option exits 2 with argparse's usage line; a value the model refuses exits 1
@@ -24,7 +26,6 @@ Node 0, zone   Normal ...
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import secrets
@@ -37,9 +38,9 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import labkit
+from labkit.cli_args import positive_ms, project_root, size
 from labkit.errors import GuestError, HostOutOfMemory, QMPError
 from labkit.units import MiB, parse_size
 
@@ -62,9 +63,6 @@ class Command:
 
 
 COMMANDS: dict[str, Command] = {}
-COMMAND_MODULES: tuple[str, ...] = (  # more commands, registered on import
-    "labkit.backends.qemu.commands", "labkit.scenarios.matrix_cli", "labkit.grading.cli",
-    "labkit.regress.cli")
 
 
 def command(name: str, *, help: str,
@@ -78,24 +76,6 @@ def command(name: str, *, help: str,
     return register
 
 
-def size(text: str) -> str:
-    """argparse type: a size such as ``4G`` or ``512M`` (checked here, parsed where it is used)."""
-    try:
-        parse_size(text, name="value")
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-    return text
-
-
-def positive_ms(text: str) -> float:
-    """argparse type: milliseconds of simulated time, > 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a time in milliseconds > 0, e.g. 3000")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -118,10 +98,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _more_commands() -> None:
+    """The commands other modules declare in their ``CLI_COMMANDS`` tables (live backend, VMs, grading,
+    regression, the matrix)."""
+    from labkit.backends.qemu.commands import CLI_COMMANDS as live
+    from labkit.backends.vm_commands import CLI_COMMANDS as vms
+    from labkit.grading.cli import CLI_COMMANDS as grading
+    from labkit.regress.cli import CLI_COMMANDS as regress
+    from labkit.scenarios.matrix_cli import CLI_COMMANDS as matrix
+
+    for name, help_text, run, arguments in live + vms + grading + regress + matrix:
+        if name not in COMMANDS:
+            COMMANDS[name] = Command(name, help_text, run, arguments)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``labkit`` with ``argv`` (default: the command line) and return the exit code."""
-    for module in COMMAND_MODULES:
-        importlib.import_module(module)
+    _more_commands()
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -286,13 +279,6 @@ def _lab_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=None,
                         help=f"port on 127.0.0.1 (default {DEFAULT_LAB_PORT}, or a free one if taken)")
 
-
-def project_root() -> Path:
-    """The checkout that holds notebooks/: the one above the package if it does, else the cwd."""
-    for candidate in (Path(__file__).resolve().parent.parent, Path.cwd()):
-        if (candidate / "notebooks").is_dir():
-            return candidate
-    return Path.cwd()
 
 
 def _port_free(port: int) -> bool:

@@ -109,11 +109,12 @@ def test_unknown_backend_is_refused():
 
 def test_guest_too_large_for_this_machine_is_refused_before_allocating(monkeypatch):
     import labkit.backends.model as model
+    import labkit.backends.options_keywords as options
 
     class Tiny:
         available = 64 << 20
 
-    monkeypatch.setattr(model.psutil, "virtual_memory", lambda: Tiny)
+    monkeypatch.setattr(options.psutil, "virtual_memory", lambda: Tiny)
     allocated = []
     monkeypatch.setattr(model.GuestMemory, "__init__", lambda *a, **k: allocated.append(a))
     with pytest.raises(ValueError, match="only 64 MiB is available"):

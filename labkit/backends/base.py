@@ -2,8 +2,10 @@
 
 A backend speaks QMP (``qmp(command, **arguments)`` returns what QEMU returns and raises
 :class:`~labkit.errors.QMPError` with QEMU's class and text), runs workload steps in the guest
-(``guest(op, ...)``), reads ``/proc/meminfo`` (``meminfo()``), moves time (``advance(ms)``), and
-returns one row of metrics (``sample()``). ``events()`` lists the QMP events so far.
+(``guest(op, ...)``), reads ``/proc/meminfo`` (``meminfo()``), moves time (``advance(ms)``, or
+``advance_until(event)`` to the next event), returns one row of metrics (``sample()``) and a frozen
+snapshot of one mechanism (``inspect(mechanism)``, :mod:`labkit.backends.inspect`). ``events()``
+lists the QMP events so far. The model, the live QEMU and a replayed recording all provide it.
 """
 
 from __future__ import annotations
@@ -20,6 +22,19 @@ SAMPLE_KEYS = (
     "balloon_target", "balloon_size", "host_rss", "host_swap", "host_free", "oom_kills",
 )
 
+# the columns each mechanism adds to sample() (the model adds migration's and virtio-pmem's always,
+# the others when the VM has the mechanism); the live backend adds LIVE_SAMPLE_KEYS
+MECHANISM_SAMPLE_KEYS = {
+    "reporting": ("reported_bytes", "reporting_passes", "reporting_reports", "reporting_discarded_bytes",
+                  "reporting_refaulted_bytes"),
+    "hinting": ("hinted",),
+    "migration": ("migration_active", "migration_transferred", "migration_remaining",
+                  "migration_threshold", "migration_syncs", "migration_throttle"),
+    "virtio-mem": ("virtio_mem_plugged", "virtio_mem_requested"),
+    "virtio-pmem": ("host_page_cache", "host_page_cache_dirty", "guest_dirty", "pmem_size", "pmem_memmap"),
+}
+LIVE_SAMPLE_KEYS = ("qemu_rss", "qemu_rss_anon", "qemu_rss_file")
+
 # monitor/monitor.c monitor_qapi_event_conf: events QEMU rate-limits, and the key of each limit
 THROTTLED_EVENTS_MS = {"BALLOON_CHANGE": 1000, "MEMORY_DEVICE_SIZE_CHANGE": 1000}
 
@@ -34,6 +49,8 @@ class Backend(Protocol):
     def advance(self, ms: float) -> None: ...
     def sample(self) -> dict[str, float]: ...
     def events(self) -> list[dict]: ...
+    def inspect(self, mechanism: str) -> Any: ...
+    def advance_until(self, event: str, max_ms: float = ..., **data: Any) -> dict | None: ...
     def close(self) -> None: ...
 
 

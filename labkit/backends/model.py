@@ -1,5 +1,13 @@
 """ModelBackend: the numpy page model and its devices on simulated time, speaking QMP.
 
+``ModelBackend.__init__`` assembles the machine where a reader looks for it, in QEMU's order, each
+part a typed attribute built from explicit arguments: memory (page arrays, zones, NUMA nodes,
+device regions, the host) -> the guest kernel -> its boot -> virtio-balloon (+ free page reporting,
++ free page hinting) -> virtio-mem -> the guest's writeback and virtio-blk -> virtio-pmem -> the
+migration engine (and the workloads that dirty memory for it) -> the monitor. The options come
+checked from :func:`labkit.backends.options.parse_options`; the QMP commands are the monitor's one
+table (:mod:`labkit.backends.monitor`); the guest ops are the one table of :meth:`_guest_ops`.
+
 >>> from labkit.backends.model import ModelBackend
 >>> vm = ModelBackend(memory="1G", seed=0)
 >>> _ = vm.qmp("balloon", value=512 << 20)
@@ -10,224 +18,162 @@
 
 from __future__ import annotations
 
-import importlib
+from collections.abc import Callable
+from dataclasses import asdict
 from typing import Any
 
 import numpy as np
-import psutil
 import simpy
 
-from labkit.backends.base import EventQueue, check_arguments
-from labkit.backends.qom import QomObject, QomTree
-from labkit.devices.balloon import PROPERTY_DEFAULTS, BalloonDevice, BalloonDriver
-from labkit.devices.virtio_mem import PROPERTY_DEFAULTS as VIRTIO_MEM_PROPERTIES
-from labkit.devices.virtio_mem import check_block_size
-from labkit.devices.virtio_pmem import validate_specs as validate_virtio_pmem
+from labkit.backends.base import EventQueue
+from labkit.backends.inspect_model import ModelInspection
+from labkit.backends.monitor import Monitor
+from labkit.backends.options import HostOptions, VmOptions, check_fits, parse_options
+from labkit.devices.balloon import BalloonDevice, BalloonDriver
+from labkit.devices.free_page_hinting import FreePageHintDevice, FreePageHinting, HintTiming
+from labkit.devices.free_page_hinting_guest import FreePageHintDriver
+from labkit.devices.free_page_reporting import FreePageReporting
+from labkit.devices.virtio_blk import VirtioBlk
+from labkit.devices.virtio_mem_vm import VirtioMem
+from labkit.devices.virtio_pmem_vm import VirtioPmem
 from labkit.errors import QMPError
 from labkit.model.buddy import buddyinfo
 from labkit.model.host import Host
-from labkit.model.hotplug import ONLINE_TYPES, MemoryHotplug, plan_layout
+from labkit.model.hotplug import MemoryHotplug, plan_layout, q35_device_memory_base
 from labkit.model.kernel import Kernel
-from labkit.model.pages import PAGES_PER_MEMORY_BLOCK, GuestMemory, PageState, Zone
+from labkit.model.migration import MigrationState
+from labkit.model.migration_workloads import Workloads
+from labkit.model.pages import GuestMemory, PageState, Zone
+from labkit.model.runstate import RunState
 from labkit.model.workloads import BootProfile, GuestOps, boot
-from labkit.units import GiB, MiB, PAGE_SIZE, TiB, format_size, parse_size
+from labkit.model.writeback import GuestWriteback
+from labkit.units import PAGE_SIZE, format_size, parse_size
 
-MODEL_DEFAULTS = {
-    "balloon_request_ms": 0.5,  # one inflate/deflate round trip of 256 PFNs (assumed; KVM-like)
-    "boot": "default",  # BootProfile: "default" (a small cloud guest) or "minimal" (busybox)
-    "epoch": 1_767_225_600,  # wall clock at t=0 (2026-01-01 UTC), for event timestamps
-}
-HOST_DEFAULTS = {"ram": None, "swap": 0, "discard": True, "swapin_us": 100.0}
-BYTES_PER_PAGE_NEEDED = 8  # state + flags, plus transient masks while deriving free lists
-GUEST_OPS = ("alloc", "touch", "read", "free", "drop_caches", "sync", "handles")
-# guest kernel command-line parameters the model honours (Documentation/admin-guide/kernel-parameters)
-VIRTIO_MEM_DEFAULTS = {k: v for k, v in VIRTIO_MEM_PROPERTIES.items()}
-CMDLINE_DEFAULTS = {
-    "memory_hotplug.online_policy": "contig-zones",  # or "auto-movable" (mm/memory_hotplug.c)
-    "page_poison": 0,  # CONFIG_PAGE_POISONING's page_poison=1: poison pages on free
-    "init_on_free": 0,  # zero pages on free
-    "page_reporting.page_reporting_order": -1,  # -1: pageblock_order (mm/page_reporting.c)
-}
-CMDLINE_CHECKS = {
-    "memory_hotplug.online_policy": (lambda v: v in ("contig-zones", "auto-movable"),
-                                     "accepted: 'contig-zones' or 'auto-movable'"),
-    "page_poison": (lambda v: v in (0, 1), "accepted: 0 or 1"),
-    "init_on_free": (lambda v: v in (0, 1), "accepted: 0 or 1"),
-    "page_reporting.page_reporting_order": (
-        lambda v: isinstance(v, int) and -1 <= v <= 10, "accepted: -1 (default) or 0..10"),
-}
-# Mechanisms that attach themselves to a VM when its options ask for them: each module has
-# attach(backend) -> object | None, called once the kernel and the balloon exist.
-ATTACHMENTS = (
-    ("reporting", "labkit.devices.free_page_reporting"),
-    ("hinting", "labkit.devices.free_page_hinting"),
-    ("migration", "labkit.model.migration"),
-    ("virtio_mem", "labkit.devices.virtio_mem_qmp"),
-    ("virtio_pmem", "labkit.devices.virtio_pmem"),
-)
+KERNEL_OPS = ("alloc", "touch", "read", "free", "drop_caches", "handles")
 
 
-def _virtio_mem_specs(specs: list[dict] | None, numa_nodes: int) -> list[dict]:
-    """Validate virtio-mem device options (QEMU property names with underscores) with QEMU's
-    texts; sizes become bytes."""
-    out, ids = [], set()
-    for i, spec in enumerate(specs or []):
-        if not isinstance(spec, dict):
-            raise TypeError(f"virtio_mem[{i}] must be a dict of device properties, got {spec!r}")
-        opts = _merge(f"virtio_mem[{i}]", spec, VIRTIO_MEM_DEFAULTS)
-        if not opts["id"] or opts["id"] in ids:
-            raise ValueError(f"virtio_mem[{i}] needs a unique 'id', got {opts['id']!r}")
-        ids.add(opts["id"])
-        if opts["size"] is None:
-            raise ValueError(f"virtio_mem[{i}] needs 'size' (the memory backend's size)")
-        for key in ("size", "requested_size", "block_size"):
-            opts[key] = parse_size(opts[key], name=key.replace("_", "-"))
-        if opts["size"] <= 0 or opts["requested_size"] < 0:
-            raise ValueError(f"virtio_mem[{i}]: size must be > 0 and requested-size >= 0, got "
-                             f"{spec.get('size')!r}, {spec.get('requested_size')!r}")
-        check_block_size(opts["block_size"])
-        node = opts["node"]
-        if not isinstance(node, int) or isinstance(node, bool) or not 0 <= node < numa_nodes:
-            raise ValueError(f"'node' property has value '{node}', which exceedsthe number of "
-                             f"numa nodes: {numa_nodes}")
-        if opts["size"] % opts["block_size"]:
-            raise ValueError(f"'memdev' property memdev size has to be multiples of'block-size' "
-                             f"(0x{opts['block_size']:x})")
-        if opts["requested_size"] % opts["block_size"]:
-            raise ValueError(f"'requested-size' property has to be multiples of 'block-size' "
-                             f"(0x{opts['block_size']:x})")
-        if opts["requested_size"] > opts["size"]:
-            raise ValueError(f"'requested-size' cannot exceed the memory backend size"
-                             f"(0x{opts['size']:x})")
-        if opts["size"] % (128 * MiB):
-            raise ValueError(f"virtio_mem[{i}] size must be a multiple of 128 MiB (a Linux memory "
-                             f"block) in this model, got {spec.get('size')!r}")
-        out.append(opts)
-    return out
+def _host(options: VmOptions) -> Host:
+    """The host: a shared one, or one with ``host`` options (by default twice the guest's RAM)."""
+    if isinstance(options.host, Host):
+        return options.host
+    h: HostOptions = options.host
+    ram = h.ram if h.ram is not None else 2 * (options.memory + sum(d.size for d in options.virtio_mem))
+    return Host(ram, h.swap, discard=h.discard, swapin_us=h.swapin_us)
 
 
-def _merge(name: str, given: dict | None, defaults: dict) -> dict:
-    given = dict(given or {})
-    unknown = sorted(set(given) - set(defaults))
-    if unknown:
-        raise ValueError(f"unknown {name} option(s) {unknown}; accepted: {sorted(defaults)}")
-    return {**defaults, **given}
-
-
-def _check_fits(memory: int) -> None:
-    need = memory // PAGE_SIZE * BYTES_PER_PAGE_NEEDED
-    available = psutil.virtual_memory().available
-    if need > available:
-        raise ValueError(
-            f"memory {format_size(memory)} needs about {format_size(need)} of this machine's RAM "
-            f"for its page arrays, but only {format_size(available)} is available")
-
-
-class ModelBackend:
-    """A simulated VM. See :func:`labkit.open` for the arguments."""
+class ModelBackend(ModelInspection):
+    """A simulated VM. ``ModelBackend(**labkit.open options)`` or ``ModelBackend(vm_options)``."""
 
     name = "model"
 
-    def __init__(self, memory: int | str = "4G", seed: int = 0, balloon: dict | bool | None = None,
-                 host: dict | Host | None = None, numa_nodes: int = 1, model: dict | None = None,
-                 cmdline: dict | None = None, vm_name: str = "vm0",
-                 virtio_mem: list[dict] | None = None, memhp_default_state: str = "offline",
-                 virtio_pmem: list[dict] | None = None):
-        size = parse_size(memory, name="memory")
-        if size < 64 * MiB or size % MiB:
-            raise ValueError(f"memory must be a whole number of MiB, at least 64 MiB, got {memory!r}")
-        if size > 16 * TiB:
-            raise ValueError(f"memory must be at most 16 TiB, got {memory!r}")
-        if not isinstance(numa_nodes, int) or isinstance(numa_nodes, bool) or not (
-                1 <= numa_nodes <= 64) or size < numa_nodes * 128 * MiB:
-            raise ValueError(f"numa_nodes must be an int from 1 to 64 with at least 128 MiB per "
-                             f"node, got {numa_nodes!r} for {format_size(size)}")
-        if not isinstance(seed, int) or isinstance(seed, bool):
-            raise TypeError(f"seed must be an int, got {seed!r}")
-        knobs = _merge("model", model, MODEL_DEFAULTS)
-        self.cmdline = _merge("cmdline", cmdline, CMDLINE_DEFAULTS)
-        for key, check in CMDLINE_CHECKS.items():
-            if not check[0](self.cmdline[key]):
-                raise ValueError(f"cmdline {key}={self.cmdline[key]!r}: {check[1]}")
-        if knobs["boot"] not in ("default", "minimal"):
-            raise ValueError(f"model boot {knobs['boot']!r} is not one of ['default', 'minimal']")
-        if balloon is True or balloon is None:
-            balloon = {}
-        balloon_opts = None if balloon is False else _merge("balloon", balloon, PROPERTY_DEFAULTS)
-        if balloon_opts and balloon_opts["free_page_hint"] and not balloon_opts["iothread"]:
-            raise ValueError("'free-page-hint' requires 'iothread' to be set")
-        self.virtio_mem_specs = _virtio_mem_specs(virtio_mem, numa_nodes)
-        self.virtio_pmem_specs = validate_virtio_pmem(virtio_pmem, [s["id"] for s in self.virtio_mem_specs],
-                                                      memory=size)
-        if memhp_default_state not in ONLINE_TYPES:
-            raise ValueError(f"memhp_default_state {memhp_default_state!r} is not one of "
-                             f"{list(ONLINE_TYPES)}")
-        boot_pages = size // PAGE_SIZE
-        boot_zones = self._zones(boot_pages, numa_nodes)
-        n_pages, hotplug_zones, self.regions = plan_layout(boot_pages, boot_zones,
-                                                           self.virtio_mem_specs)
-        _check_fits(n_pages * PAGE_SIZE)
-        if isinstance(host, Host):
-            self.host = host
-        else:  # by default the host has twice what the guest could ever be given
-            h = _merge("host", host, HOST_DEFAULTS)
-            guest_max = size + sum(spec["size"] for spec in self.virtio_mem_specs)
-            ram = parse_size(h["ram"], name="host ram") if h["ram"] is not None else 2 * guest_max
-            swap = parse_size(h["swap"], name="host swap")
-            if ram <= 0 or swap < 0:
-                raise ValueError(f"host ram must be > 0 and swap >= 0, got {h['ram']!r}, {h['swap']!r}")
-            self.host = Host(ram, swap, discard=bool(h["discard"]), swapin_us=float(h["swapin_us"]))
+    def __init__(self, options: VmOptions | None = None, /, **keywords: Any):
+        if options is None:
+            options = parse_options("model", **keywords)
+        elif keywords:
+            raise TypeError(f"pass VmOptions or keywords, not both (got {sorted(keywords)})")
+        self.options = options
+        self.memory, self.seed = options.memory, options.seed
+        self.knobs = asdict(options.model)
+        self.cmdline = dict(options.cmdline)
+        self.open_options = dict(options.keywords)  # how to open it again (Reset buttons, re-runs)
 
-        self.memory = size
-        self.seed = seed
-        self.knobs = knobs
+        # memory: the page arrays, zones per NUMA node, device regions after boot RAM; the host
+        boot_pages = options.memory // PAGE_SIZE
+        boot_zones = self._zones(options.node_sizes)
+        n_pages, hotplug_zones, self.regions = plan_layout(
+            boot_pages, boot_zones, [d.spec() for d in options.virtio_mem])
+        check_fits(n_pages)
+        self.host = _host(options)
         self.env = simpy.Environment()
-        self._events = EventQueue(self.env, self.wallclock)
+        self.run_state = RunState(self.env)
+        self.event_queue = EventQueue(self.env, self.wallclock)
+        emit = self.event_queue.emit
         self.mem = GuestMemory(n_pages, boot_zones, hotplug_zones=hotplug_zones)
-        self.kernel = Kernel(self.mem, self.host, vm_name, clock=lambda: self.env.now)
+
+        # the guest kernel and its boot
+        self.kernel = Kernel(self.mem, self.host, options.vm_name, clock=lambda: self.env.now)
         if self.regions:
-            self.kernel.hotplug = MemoryHotplug(
-                self.kernel, memhp_default_state, self.cmdline["memory_hotplug.online_policy"])
-        profile = BootProfile() if knobs["boot"] == "default" else BootProfile.minimal()
-        boot(self.kernel, np.random.default_rng(seed), profile)
+            self.kernel.hotplug = MemoryHotplug(self.kernel, options.memhp_default_state,
+                                                options.cmdline["memory_hotplug.online_policy"])
+        profile = BootProfile() if options.model.boot == "default" else BootProfile.minimal()
+        boot(self.kernel, np.random.default_rng(options.seed), profile)
         self.ops = GuestOps(self.kernel)
-        self.qom = QomTree()
-        self._qmp_handlers = {name: getattr(self, fn) for name, fn in self._QMP.items()}
-        self.sample_hooks: list = []  # callables returning extra sample() fields
+
+        # virtio-balloon, and what rides on it: free page reporting and free page hinting
         self.balloon_device: BalloonDevice | None = None
         self.balloon: BalloonDriver | None = None
-        if balloon_opts is not None:
-            self.balloon_device = BalloonDevice(self.env, self.host, self.kernel.host_vm, size,
-                                                balloon_opts, self._events.emit, self.wallclock)
+        self.reporting: FreePageReporting | None = None
+        self.hinting: FreePageHinting | None = None
+        self.balloon_options = options.balloon.properties() if options.balloon is not None else None
+        if options.balloon is not None:
+            self.balloon_device = BalloonDevice(self.env, self.host, self.kernel.host_vm, options.memory,
+                                                self.balloon_options, emit, self.wallclock)
             self.balloon = BalloonDriver(self.env, self.kernel, self.balloon_device,
-                                         knobs["balloon_request_ms"])
-            self._attach_balloon_qom(self.balloon_device)
-        self.balloon_options = balloon_opts
-        self.guest_ops = {op: None for op in GUEST_OPS}
-        for attr, module in ATTACHMENTS:
-            setattr(self, attr, importlib.import_module(module).attach(self))
-        # the arguments this VM was opened with (for Reset buttons and re-runs)
-        self.open_options = {
-            "memory": memory, "seed": seed, "balloon": balloon, "host": host,
-            "numa_nodes": numa_nodes, "model": model, "cmdline": cmdline, "vm_name": vm_name,
-            "virtio_mem": virtio_mem, "memhp_default_state": memhp_default_state,
-            "virtio_pmem": virtio_pmem,
-        }
+                                         options.model.balloon_request_ms)
+            if options.balloon.free_page_reporting:
+                self.reporting = FreePageReporting(self.env, self.kernel, self.host, self.balloon,
+                                                   self.balloon_device, options.cmdline)
+            if options.balloon.free_page_hint:
+                timing = HintTiming()
+                device = FreePageHintDevice(self.balloon_device, self.balloon, self.run_state)
+                driver = FreePageHintDriver(self.env, self.kernel, device, timing, self.run_state)
+                self.hinting = FreePageHinting(device, driver, timing)
+
+        # virtio-mem: devices on their regions, Linux's driver on each
+        self.virtio_mem: VirtioMem | None = None
+        if options.virtio_mem:
+            specs = [d.spec() | {"memdev": d.memdev} for d in options.virtio_mem]
+            self.virtio_mem = VirtioMem(self.env, self.kernel, self.host, specs, self.regions,
+                                        lambda: self.run_state.migration_running, emit)
+
+        # the guest's page cache writeback and virtio-blk, then virtio-pmem on the same host cache
+        self.writeback = GuestWriteback(self.env, self.kernel, self.ops)
+        self.blk = VirtioBlk(self.env, self.kernel, self.host, self.writeback, self.ops)
+        memaddr_base = max([q35_device_memory_base(options.memory)] +
+                           [r.memaddr + r.pages * PAGE_SIZE for r in self.regions])
+        self.virtio_pmem = VirtioPmem(self.env, self.kernel, self.host, self.writeback, self.blk,
+                                      memaddr_base, options.vm_name)
+        for d in options.virtio_pmem:
+            self.virtio_pmem.plug(d.spec(), d.memdev)
+
+        # pre-copy migration, and the guest workloads that keep memory dirty for it
+        self.migration = MigrationState(self.env, self.kernel, self.run_state, emit,
+                                        init_on_free=bool(options.cmdline["init_on_free"]))
+        self.migration.link.link_bandwidth = options.model.migration_link_bandwidth
+        self.workloads = Workloads(self.env, self.kernel, self.ops, self.migration, options.seed)
+
+        self.monitor = Monitor(self, options)
+        self.guest_ops = self._guest_ops()
         self.closed = False
 
     @staticmethod
-    def _zones(n_pages: int, numa_nodes: int) -> list[Zone]:
-        per_node = n_pages // numa_nodes // PAGES_PER_MEMORY_BLOCK * PAGES_PER_MEMORY_BLOCK
+    def _zones(node_sizes: tuple[int, ...]) -> list[Zone]:
         zones, start = [], 0
-        for node in range(numa_nodes):
-            end = n_pages if node == numa_nodes - 1 else start + per_node
-            zones.append(Zone("Normal", node, start, end))
-            start = end
+        for node, size in enumerate(node_sizes):
+            zones.append(Zone("Normal", node, start, start + size // PAGE_SIZE))
+            start += size // PAGE_SIZE
         return zones
+
+    def _guest_ops(self) -> dict[str, Callable[..., Any]]:
+        """Every guest op by name: the kernel's, the disks' and pmem's, the dirtying workloads'."""
+        pmem, workloads = self.virtio_pmem, self.workloads
+        ops: dict[str, Callable[..., Any]] = {
+            "alloc": self._alloc, "touch": self._touch, "read": self._read, "free": self.ops.free,
+            "drop_caches": self.ops.drop_caches, "sync": self.writeback.sync, "handles": self._handles,
+            "sysctl": self.writeback.set_sysctl, "blk_read": self.blk.read, "blk_write": self.blk.write,
+            "pmem_read": pmem.read, "pmem_write": pmem.write, "pmem_flush": pmem.flush,
+            "pmem_mmap": pmem.mmap, "pmem_devices": pmem.guest_devices,
+            "writer": workloads.writer, "writer_stop": workloads.writer_stop,
+            "kernel_build": workloads.kernel_build, "kernel_build_stop": workloads.kernel_build_stop,
+        }
+        if self.virtio_mem is not None:
+            ops |= {"memory_blocks": self.virtio_mem.memory_blocks,
+                    "online_memory": self.virtio_mem.online_memory}
+        return ops
 
     # --- time ---------------------------------------------------------------------------------
     def wallclock(self) -> float:
-        return self.knobs["epoch"] + self.env.now / 1000.0
+        return self.options.model.epoch + self.env.now / 1000.0
 
     @property
     def now_ms(self) -> float:
@@ -263,104 +209,40 @@ class ModelBackend:
     def qmp(self, command: str, **arguments: Any) -> Any:
         """Run a QMP command as QEMU would; raise QMPError with QEMU's class and text."""
         self._check_open()
-        handler = self._qmp_handlers.get(command)
-        if handler is None:
-            raise QMPError("CommandNotFound", f"The command {command} has not been found")
-        return handler(**arguments)
+        return self.monitor.execute(command, arguments)
 
-    def _need_balloon(self) -> BalloonDevice:
-        if self.balloon_device is None:
-            raise QMPError("DeviceNotActive", "No balloon device has been activated")
-        return self.balloon_device
-
-    def _qmp_balloon(self, **args: Any) -> dict:
-        check_arguments(args, {"value": int}, {})
-        device = self._need_balloon()
-        if args["value"] <= 0:
-            raise QMPError("GenericError", "Parameter 'target' expects a size")
-        device.to_target(args["value"])
-        return {}
-
-    def _qmp_query_balloon(self, **args: Any) -> dict:
-        check_arguments(args, {}, {})
-        return {"actual": self._need_balloon().logical_actual()}
-
-    def register_guest_op(self, name: str, handler) -> None:
-        """Add a guest workload op (e.g. a background writer) that ``guest(name, ...)`` runs."""
-        self.guest_ops[name] = handler
-
-    def register_qmp(self, name: str, handler) -> None:
-        """Add a QMP command (devices and engines call this when they attach)."""
-        self._qmp_handlers[name] = handler
-
-    def _qmp_qom_get(self, **args: Any) -> Any:
-        check_arguments(args, {"path": str, "property": str}, {})
-        return self.qom.resolve(args["path"]).get(args["property"])
-
-    def _qmp_qom_set(self, **args: Any) -> dict:
-        check_arguments(args, {"path": str, "property": str, "value": object}, {})
-        self.qom.resolve(args["path"]).set(args["property"], args["value"])
-        return {}
-
-    def _qmp_qom_list(self, **args: Any) -> list:
-        check_arguments(args, {"path": str}, {})
-        return self.qom.resolve(args["path"]).list()
-
-    def _attach_balloon_qom(self, dev: BalloonDevice) -> None:
-        """virtio-balloon-pci at /machine/peripheral/<id>, its virtio-backend child, their
-        properties (the PCI proxy aliases guest-stats and guest-stats-polling-interval)."""
-        base = f"/machine/peripheral/{dev.id}"
-        for path, typename, aliases in ((base, "virtio-balloon-pci", (dev.id,)),
-                                        (f"{base}/virtio-backend", "virtio-balloon-device", ())):
-            obj = self.qom.add(QomObject(path, typename, aliases))
-            obj.add("guest-stats", "any", dev.guest_stats)
-            obj.add("guest-stats-polling-interval", "int", lambda: dev.stats_poll_interval,
-                    dev.set_poll_interval)
-            for prop in ("deflate-on-oom", "free-page-hint", "free-page-reporting", "page-poison"):
-                obj.add(prop, "bool", lambda p=prop: bool(dev.options[p.replace("-", "_")]))
-
-    def _qmp_query_status(self, **args: Any) -> dict:
-        check_arguments(args, {}, {})
-        return {"status": "running", "singlestep": False, "running": True}
-
-    def _qmp_query_commands(self, **args: Any) -> list:
-        check_arguments(args, {}, {})
-        return [{"name": name} for name in sorted(self._qmp_handlers)]
-
-    _QMP = {
-        "balloon": "_qmp_balloon",
-        "query-balloon": "_qmp_query_balloon",
-        "qom-get": "_qmp_qom_get",
-        "qom-set": "_qmp_qom_set",
-        "qom-list": "_qmp_qom_list",
-        "query-status": "_qmp_query_status",
-        "query-commands": "_qmp_query_commands",
-    }
+    def hmp(self, command_line: str) -> str:
+        """An HMP line through ``human-monitor-command`` (QEMU's text, ``\\r\\n`` line ends)."""
+        return self.qmp("human-monitor-command", **{"command-line": command_line})
 
     # --- guest --------------------------------------------------------------------------------
     def guest(self, op: str, **arguments: Any) -> Any:
-        """Run a workload step in the guest: alloc, touch, read, free, drop_caches, sync, handles."""
+        """Run a workload step in the guest: alloc, touch, read, free, drop_caches, sync, handles,
+        and the ops of the VM's devices (see :meth:`_guest_ops`)."""
         self._check_open()
         if op not in self.guest_ops:
             raise ValueError(f"guest op {op!r} is not one of {list(self.guest_ops)}")
-        if self.guest_ops[op] is not None:
+        if op not in KERNEL_OPS:
             return self.guest_ops[op](**arguments)
-        ops = self.ops
         try:
-            if op == "alloc":
-                size = parse_size(arguments.pop("size"), name="size")
-                return ops.alloc(size, **arguments)
-            if op in ("touch", "read"):
-                return ops.touch(arguments.pop("handle"), write=op == "touch", **arguments)
-            if op == "free":
-                return ops.free(**arguments)
-            if op == "handles":
-                return [{"handle": h.id, "kind": h.kind, "name": h.name, "alive": h.alive,
-                         "size": h.size, "resident": len(h.pages) * PAGE_SIZE}
-                        for h in self.kernel.handles.values() if h.kind != "kernel"]
-            return getattr(ops, op)(**arguments)
+            return self.guest_ops[op](**arguments)
         except KeyError as e:
             raise TypeError(f"guest op {op!r} needs argument {e.args[0]!r}") from None
+
+    def _alloc(self, **arguments: Any) -> int:
+        size = parse_size(arguments.pop("size"), name="size")
+        return self.ops.alloc(size, **arguments)
+
+    def _touch(self, **arguments: Any) -> Any:
+        return self.ops.touch(arguments.pop("handle"), write=True, **arguments)
+
+    def _read(self, **arguments: Any) -> Any:
+        return self.ops.touch(arguments.pop("handle"), write=False, **arguments)
+
+    def _handles(self) -> list[dict]:
+        return [{"handle": h.id, "kind": h.kind, "name": h.name, "alive": h.alive,
+                 "size": h.size, "resident": len(h.pages) * PAGE_SIZE}
+                for h in self.kernel.handles.values() if h.kind != "kernel"]
 
     def meminfo(self) -> dict[str, int]:
         self._check_open()
@@ -383,7 +265,8 @@ class ModelBackend:
 
     # --- observation --------------------------------------------------------------------------
     def sample(self) -> dict[str, float]:
-        """One row of metrics, all sizes in bytes.
+        """One row of metrics, all sizes in bytes: the base keys of
+        :data:`labkit.backends.base.SAMPLE_KEYS`, then each mechanism's columns.
 
         ``balloon_actual`` / ``balloon_target`` are logical VM sizes as QEMU reports them;
         ``balloon_size`` is the memory the driver holds (vb->num_pages plus a request being
@@ -392,7 +275,7 @@ class ModelBackend:
         self._check_open()
         info = self.kernel.meminfo()
         dev = self.balloon_device
-        return {
+        row = {
             "t_ms": float(self.env.now),
             "memtotal": info["MemTotal"] * 1024,
             "memfree": info["MemFree"] * 1024,
@@ -406,7 +289,15 @@ class ModelBackend:
             "host_swap": self.kernel.host_vm.swap_pages * PAGE_SIZE,
             "host_free": self.host.free_pages * PAGE_SIZE,
             "oom_kills": self.kernel.vmstat.oom_kill,
-        } | {k: v for hook in self.sample_hooks for k, v in hook().items()}
+        }
+        if self.reporting is not None:
+            row |= self.reporting.sample()
+        if self.hinting is not None:
+            row |= self.hinting.sample()
+        row |= self.migration.sample()
+        if self.virtio_mem is not None:
+            row |= self.virtio_mem.sample()
+        return row | self.virtio_pmem.sample()
 
     def snapshot(self) -> dict:
         """Copies of the page state and flag arrays, with the zone layout, for the page map."""
@@ -415,7 +306,7 @@ class ModelBackend:
                 "zones": [(z.name, z.node, z.start, z.end) for z in self.mem.zones]}
 
     def events(self) -> list[dict]:
-        return list(self._events.delivered)
+        return list(self.event_queue.delivered)
 
     # --- lifetime -----------------------------------------------------------------------------
     def _check_open(self) -> None:
@@ -425,6 +316,7 @@ class ModelBackend:
     def close(self) -> None:
         if not self.closed:
             self.host.detach(self.kernel.host_vm)
+            self.virtio_pmem.closed = True
             self.closed = True
 
     def __enter__(self) -> ModelBackend:
@@ -438,4 +330,4 @@ class ModelBackend:
                 f"host ram {format_size(self.host.ram)}>")
 
 
-assert GiB  # sizes in docstrings
+__all__ = ["ModelBackend", "QMPError"]

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 import simpy
 
+from labkit.devices.properties import QomProperty
 from labkit.model.host import Host, HostVM
 from labkit.model.kernel import Kernel
 from labkit.model.pages import PageState
@@ -394,3 +395,20 @@ class BalloonDriver:
     def stats_request(self) -> None:
         """stats_request -> update_balloon_stats_func: refill the buffer and send it back."""
         self.device.receive_stats(self.collect_stats())
+
+
+# QOM: the PCI proxy at /machine/peripheral/<id> and its virtio-backend child show the same
+# properties (the proxy aliases them); the feature bits are qdev properties, fixed once realized
+QOM_TYPE = "virtio-balloon-pci"
+QOM_VIRTIO_TYPE = "virtio-balloon-device"
+def _feature(name: str) -> QomProperty:
+    key = name.replace("-", "_")
+    return QomProperty(name, "bool", lambda d: bool(d.options[key]), static=True)
+
+
+QOM_PROPERTIES = (
+    QomProperty("guest-stats", "any", BalloonDevice.guest_stats),
+    QomProperty("guest-stats-polling-interval", "int", lambda d: d.stats_poll_interval,
+                BalloonDevice.set_poll_interval),
+    *(_feature(name) for name in ("deflate-on-oom", "free-page-hint", "free-page-reporting", "page-poison")),
+)

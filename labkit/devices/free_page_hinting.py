@@ -32,7 +32,7 @@ hw/virtio/virtio-balloon.c, QEMU 7.x-9.x):
   (``get_free_page_and_send``). QEMU gives the free page vq ``VIRTQUEUE_MAX_SIZE`` entries (1024,
   confirmed in docs/mechanisms.md §1.1; modelled as 1024).
 * **Host.** Each hinted block is ``qemu_guest_free_page_hint``: its bits leave the migration dirty
-  bitmap and the dirty count (:meth:`labkit.model.migration.MigrationState.free_page_hint`); nothing
+  bitmap and the dirty count (:meth:`labkit.model.migration_ram.RamSaving.free_page_hint`); nothing
   happens when no migration is in setup or active. QEMU does not discard hinted pages: host RSS does
   not change. The iothread is blocked while the VM is stopped.
 
@@ -59,15 +59,14 @@ from __future__ import annotations
 import enum
 from collections import deque
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 
+from labkit.devices.balloon import BalloonDevice, BalloonDriver
 from labkit.model.pages import MAX_PAGE_ORDER, PageFlag
+from labkit.model.runstate import PrecopyNotify, RunState
 from labkit.units import PAGE_SIZE
-
-if TYPE_CHECKING:
-    from labkit.devices.free_page_hinting_guest import FreePageHintDriver
 
 REPORTED = np.uint8(PageFlag.REPORTED)
 
@@ -94,14 +93,12 @@ class HintStatus(enum.IntEnum):
     DONE = 3
 
 
-class PrecopyNotify(enum.Enum):
-    """PRECOPY_NOTIFY_* (include/migration/misc.h): why the precopy notifier chain is called."""
+class HintDriver(Protocol):
+    """What the device needs of the guest's driver (:mod:`labkit.devices.free_page_hinting_guest`)."""
 
-    SETUP = "setup"
-    BEFORE_BITMAP_SYNC = "before-bitmap-sync"
-    AFTER_BITMAP_SYNC = "after-bitmap-sync"
-    COMPLETE = "complete"
-    CLEANUP = "cleanup"
+    hinted_bytes: int
+
+    def config_changed(self) -> None: ...
 
 
 @dataclass
@@ -114,18 +111,26 @@ class HintTiming:
 
 
 class FreePageHintDevice:
-    """QEMU's side: command IDs, the status machine, the free page vq and the hint itself."""
+    """QEMU's side: command IDs, the status machine, the free page vq and the hint itself.
 
-    def __init__(self, backend):
-        self.backend = backend
+    Built with the balloon (``balloon_device`` holds the config space, ``balloon_driver`` gets the
+    config interrupt) and the VM's ``run_state``: it joins the precopy notifiers there and sends
+    its hints to ``run_state.free_page_hint`` (the migration engine, once there is one)."""
+
+    def __init__(self, balloon_device: BalloonDevice, balloon_driver: BalloonDriver | None,
+                 run_state: RunState):
+        self.balloon_device = balloon_device
+        self.balloon_driver = balloon_driver
+        self.run_state = run_state
         self.cmd_id = VIRTIO_BALLOON_FREE_PAGE_HINT_CMD_ID_MIN
         self._status = HintStatus.STOP
         self.ring: deque = deque()  # available entries: ("id", value) or ("block", start_pfn)
         self.ring_size = VIRTQUEUE_MAX_SIZE
-        self.driver: FreePageHintDriver | None = None  # set by the driver at probe
+        self.driver: HintDriver | None = None  # set by the driver at probe
         self.hinted_blocks = 0  # blocks whose bits QEMU cleared (status START)
         self.ignored_blocks = 0  # blocks consumed outside START (no hint)
         self.rounds = 0
+        run_state.precopy_notifiers.append(self.precopy_notify)  # precopy_add_notifier at realize
 
     @property
     def status(self) -> HintStatus:
@@ -135,7 +140,7 @@ class FreePageHintDevice:
     def status(self, value: HintStatus) -> None:
         """Config space is read live (virtio_balloon_get_config): keep its ID field in step."""
         self._status = value
-        self.backend.balloon_device.config.free_page_hint_cmd_id = self.config_cmd_id()
+        self.balloon_device.config.free_page_hint_cmd_id = self.config_cmd_id()
 
     # --- precopy notifier ---------------------------------------------------------------------
     def precopy_notify(self, reason: PrecopyNotify, vm_running: bool, postcopy_ram: bool) -> None:
@@ -179,8 +184,8 @@ class FreePageHintDevice:
 
     def _notify_config(self) -> None:
         """virtio_notify_config: the balloon config changed (virtballoon_changed in the guest)."""
-        if self.backend.balloon is not None:
-            self.backend.balloon.config_changed()
+        if self.balloon_driver is not None:
+            self.balloon_driver.config_changed()
         if self.driver is not None:
             self.driver.config_changed()
 
@@ -211,10 +216,9 @@ class FreePageHintDevice:
         if not starts:
             return
         self.hinted_blocks += len(starts)
-        migration = getattr(self.backend, "migration", None)
-        if migration is not None:
-            migration.free_page_hint(np.asarray(starts, dtype=np.int64),
-                                     VIRTIO_BALLOON_HINT_BLOCK_PAGES)
+        if self.run_state.free_page_hint is not None:
+            self.run_state.free_page_hint(np.asarray(starts, dtype=np.int64),
+                                          VIRTIO_BALLOON_HINT_BLOCK_PAGES)
 
 
 def expand_blocks(starts: np.ndarray) -> np.ndarray:
@@ -231,49 +235,15 @@ def block_rows(array: np.ndarray, starts: np.ndarray) -> np.ndarray:
     return array[expand_blocks(starts)].reshape(len(starts), size)
 
 
-def block_runs(starts: np.ndarray, npages: int) -> tuple[np.ndarray, np.ndarray]:
-    """Blocks of ``npages`` pages at ``starts``, merged into contiguous runs: (run starts, ends).
-
-    >>> block_runs(np.array([2048, 0, 1024, 8192]), 1024)
-    (array([   0, 8192]), array([3072, 9216]))
-    """
-    s = np.sort(np.asarray(starts, dtype=np.int64))
-    if len(s) == 0:
-        return s, s
-    breaks = np.flatnonzero(np.diff(s) != npages) + 1
-    first = np.concatenate([[0], breaks])
-    last = np.concatenate([breaks - 1, [len(s) - 1]])
-    return s[first], s[last] + npages
-
-
 @dataclass
 class FreePageHinting:
-    """What ``attach`` returns (``vm.hinting``): the device, the driver and the timing knobs."""
+    """Free page hinting on one VM (``vm.hinting``): the device, the driver and the timing knobs.
+    The machine builds it with the balloon when ``free-page-hint`` is on (QEMU's realize refuses
+    that without ``iothread``: "'free-page-hint' requires 'iothread' to be set")."""
 
     device: FreePageHintDevice
-    driver: FreePageHintDriver
+    driver: HintDriver
     timing: HintTiming
 
     def sample(self) -> dict[str, float]:
         return {"hinted": float(self.driver.hinted_bytes)}
-
-
-def attach(backend) -> FreePageHinting | None:
-    """Attach free page hinting when the balloon asks for it (``free_page_hint=True``).
-
-    ``labkit.open`` already refuses ``free_page_hint`` without ``iothread``, as QEMU's realize does
-    ("'free-page-hint' requires 'iothread' to be set").
-    """
-    opts = backend.balloon_options
-    if not opts or not opts["free_page_hint"]:
-        return None
-    if not opts["iothread"]:
-        raise ValueError("'free-page-hint' requires 'iothread' to be set")
-    from labkit.devices.free_page_hinting_guest import FreePageHintDriver
-
-    timing = HintTiming()
-    device = FreePageHintDevice(backend)
-    driver = FreePageHintDriver(backend, device, timing)
-    hinting = FreePageHinting(device, driver, timing)
-    backend.sample_hooks.append(hinting.sample)
-    return hinting

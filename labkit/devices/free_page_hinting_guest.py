@@ -2,7 +2,7 @@
 
 ``report_free_page_func`` on ``balloon-wq``, the order-10 allocations, ``free_page_list``, the
 "virtio-balloon" shrinker. The protocol, the facts behind it and the model's simplifications are in
-:mod:`labkit.devices.free_page_hinting` (the QEMU device and ``attach`` live there).
+:mod:`labkit.devices.free_page_hinting` (the QEMU device lives there).
 """
 
 from __future__ import annotations
@@ -19,20 +19,23 @@ from labkit.devices.free_page_hinting import (
     FreePageHintDevice,
     HintTiming,
     block_rows,
-    block_runs,
     expand_blocks,
 )
+from labkit.model.block_scan import block_runs
 from labkit.model.buddy import free_blocks
+from labkit.model.kernel import Kernel
 from labkit.model.pages import MAX_PAGE_ORDER, PageFlag, PageState
+from labkit.model.runstate import RunState
 
 
 class FreePageHintDriver:
     """The Linux driver's side: report_free_page_work, free_page_list and the shrinker."""
 
-    def __init__(self, backend, device: FreePageHintDevice, timing: HintTiming):
-        self.backend = backend
-        self.env: simpy.Environment = backend.env
-        self.kernel = backend.kernel
+    def __init__(self, env: simpy.Environment, kernel: Kernel, device: FreePageHintDevice,
+                 timing: HintTiming, run_state: RunState):
+        self.env = env
+        self.kernel = kernel
+        self.run_state = run_state
         self.device = device
         self.timing = timing
         device.driver = self
@@ -103,8 +106,7 @@ class FreePageHintDriver:
 
     # --- the work item and the iothread, one step at a time -----------------------------------
     def _guest_running(self) -> bool:
-        migration = getattr(self.backend, "migration", None)
-        return migration is None or migration.guest_running
+        return self.run_state.running
 
     def _pump(self):
         while True:

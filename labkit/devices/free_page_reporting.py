@@ -41,7 +41,8 @@ QEMU has no runtime knob for reporting: QOM shows the ``free-page-reporting`` pr
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import simpy
@@ -54,6 +55,7 @@ from labkit.devices.balloon import (
 )
 from labkit.model.block_scan import expand_blocks
 from labkit.model.host import Host, HostVM
+from labkit.model.kernel import Kernel
 from labkit.model.page_reporting import (
     PAGE_REPORTING_CAPACITY,
     PageReporting,
@@ -62,10 +64,6 @@ from labkit.model.page_reporting import (
 )
 from labkit.model.pages import PageFlag
 from labkit.units import PAGE_SIZE
-
-if TYPE_CHECKING:
-    from labkit.backends.model import ModelBackend
-    from labkit.model.kernel import Kernel
 
 REPORTING_VQ_SIZE = 32  # hw/virtio/virtio-balloon.c: virtio_add_queue(vdev, 32, ..._handle_report)
 PAGE_POISON = 0xAA  # include/linux/poison.h (docs/mechanisms.md §3.4)
@@ -135,14 +133,15 @@ class ReportingVirtqueue:
 
 
 class FreePageReporting:
-    """Free page reporting on one VM: what ``attach`` returns as ``vm.reporting``.
+    """Free page reporting on one VM (``vm.reporting``), built with the balloon when its
+    ``free-page-reporting`` property is on; ``cmdline`` is the guest's kernel command line.
 
     ``core`` is the mm side (None when the driver dropped REPORTING), ``device`` the virtqueue and
     QEMU's handling; the properties are the counters notebooks and tests read.
     """
 
     def __init__(self, env: simpy.Environment, kernel: Kernel, host: Host, driver: BalloonDriver,
-                 balloon_device: BalloonDevice, cmdline: dict):
+                 balloon_device: BalloonDevice, cmdline: Mapping[str, Any]):
         self.env = env
         self.kernel = kernel
         self.offered = set(balloon_device.features)
@@ -271,22 +270,3 @@ class FreePageReporting:
         return (f"<FreePageReporting order {self.order} {self.state.name} passes {self.passes} "
                 f"reports {self.reports} discarded {self.discarded_pages} pages>")
 
-
-def attach(backend: ModelBackend) -> FreePageReporting | None:
-    """Attach free page reporting when the balloon has ``free_page_reporting=True``; else None.
-
-    ``backend`` is a :class:`labkit.backends.model.ModelBackend` (its kernel, host, balloon and
-    ``cmdline``); the sample hook adds ``reported_bytes``, ``reporting_passes`` and the byte
-    counters to ``vm.sample()``.
-
-    >>> import labkit
-    >>> labkit.open(backend="model", memory="1G").reporting is None
-    True
-    """
-    options = backend.balloon_options
-    if not options or not options["free_page_reporting"]:
-        return None
-    reporting = FreePageReporting(backend.env, backend.kernel, backend.host, backend.balloon,
-                                  backend.balloon_device, backend.cmdline)
-    backend.sample_hooks.append(reporting.sample)
-    return reporting

@@ -37,10 +37,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+import simpy
 
-from labkit.backends.base import check_arguments
 from labkit.errors import QMPError
-from labkit.model.kernel import Handle
+from labkit.model.host import Host
+from labkit.model.kernel import Handle, Kernel
 from labkit.model.pagecache import CachedFile, host_page_cache
 from labkit.model.pages import PageState
 from labkit.model.workloads import new_handle
@@ -79,26 +80,23 @@ class VirtioBlkDevice:
 
 
 class VirtioBlk:
-    """The virtio-blk disks of one VM (``vm.virtio_pmem.blk``)."""
+    """The virtio-blk disks of one VM (``vm.virtio_pmem.blk``): block nodes, devices, and the guest
+    page cache over them. ``ops`` frees a disk's page cache when the disk is unplugged."""
 
-    def __init__(self, backend, writeback):
-        self.backend = backend
-        self.kernel = backend.kernel
-        self.cache = host_page_cache(backend.host)
+    def __init__(self, env: simpy.Environment, kernel: Kernel, host: Host, writeback, ops):
+        self.env = env
+        self.kernel = kernel
+        self.ops = ops
+        self.cache = host_page_cache(host)
         self.writeback = writeback
         self.nodes: dict[str, BlockNode] = {}
         self.devices: dict[str, VirtioBlkDevice] = {}
         self.on_host_dirty = None  # called when a writeback dirties the host page cache
         writeback.sync_hooks.append(self.flush_all)
-        backend.register_qmp("blockdev-add", self._blockdev_add)
-        backend.register_guest_op("blk_read", self.read)
-        backend.register_guest_op("blk_write", self.write)
 
-    # --- QMP ------------------------------------------------------------------------------------
-    def _blockdev_add(self, **args) -> dict:
-        check_arguments(args, {"driver": str, "node-name": str},
-                        {"filename": str, "cache": dict, "read-only": bool, "discard": str,
-                         "aio": str, "auto-read-only": bool})
+    # --- QMP (the monitor checks the arguments' names and types) --------------------------------
+    def blockdev_add(self, args: dict) -> dict:
+        """``blockdev-add`` of a ``file`` node (a raw image)."""
         if args["driver"] != "file":
             raise QMPError("GenericError", f"the model's blockdev-add takes driver 'file' (a raw "
                                            f"image), got '{args['driver']}'")
@@ -108,8 +106,8 @@ class VirtioBlk:
         if "filename" not in args:
             raise QMPError("GenericError", "Parameter 'filename' is missing")
         cache = args.get("cache", {})
-        unknown = sorted(set(cache) - {"direct", "no-flush"})
-        if unknown or not all(isinstance(v, bool) for v in cache.values()):
+        if not isinstance(cache, dict) or sorted(set(cache) - {"direct", "no-flush"}) or not all(
+                isinstance(v, bool) for v in cache.values()):
             raise QMPError("GenericError", f"Parameter 'cache' takes booleans 'direct' and "
                                            f"'no-flush', got {cache!r}")
         try:
@@ -122,8 +120,6 @@ class VirtioBlk:
 
     def device_add(self, args: dict) -> dict:
         """``device_add driver=virtio-blk-pci,drive=<node>,id=<id>[,write-cache=on|off|auto]``."""
-        check_arguments(args, {"driver": str, "drive": str, "id": str},
-                        {"write-cache": str, "bus": str, "addr": str})
         node = self.nodes.get(args["drive"])
         if node is None:
             raise QMPError("GenericError", f"Property 'virtio-blk-device.drive' can't find value "
@@ -147,7 +143,7 @@ class VirtioBlk:
             h = self.kernel.handles.get(handle_id)
             if h is not None:
                 self.writeback.write_back(h, "sync")
-                self.backend.ops.free(handle_id)
+                self.ops.free(handle_id)
             self.writeback.targets.pop(handle_id, None)
 
     # --- guest side -----------------------------------------------------------------------------
@@ -200,7 +196,7 @@ class VirtioBlk:
             if dev.node.direct:
                 disk = missing
             else:
-                host_hits, disk = self.cache.read(dev.node.file, start, missing, self.backend.env.now)
+                host_hits, disk = self.cache.read(dev.node.file, start, missing, self.env.now)
         return {"pages": n, "guest_hits": n - missing, "host_hits": host_hits, "disk_reads": disk,
                 "elapsed_ms": self.cache.read_cost_ms(host_hits, disk)}
 
@@ -221,7 +217,7 @@ class VirtioBlk:
         """The guest's writeback of ``h.pages[idx]`` arrives at QEMU."""
         first = dev.first_page[h.id]
         pages = first + idx[idx < h.size // PAGE_SIZE]
-        f, now = dev.node.file, self.backend.env.now
+        f, now = dev.node.file, self.env.now
         if dev.node.direct:
             for a, b in _runs(pages):
                 self.cache.direct_write(f, a, b - a, now)

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from labkit.devices.properties import QomProperty
 from labkit.units import GiB, MiB, PAGE_SHIFT
 
 VIRTIO_MEM_MIN_BLOCK_SIZE = 1 * MiB  # hw/virtio/virtio-mem.c
@@ -100,7 +101,8 @@ class VirtioMemDevice:
     def __init__(self, dev_id: str, addr: int, region_size: int, block_size: int, node: int,
                  requested_size: int, *, discard: Callable[[int, int], int],
                  busy: Callable[[], bool], emit: Callable[[str, dict], None],
-                 config_changed: Callable[[], None] | None = None, prealloc: bool = False):
+                 config_changed: Callable[[], None] | None = None, prealloc: bool = False,
+                 memdev: str | None = None):
         check_block_size(block_size)
         for name, value in (("requested-size", requested_size), ("memaddr", addr)):
             if value % block_size:
@@ -113,6 +115,7 @@ class VirtioMemDevice:
             raise ValueError(f"'requested-size' cannot exceed the memory backend size"
                              f"(0x{region_size:x})")
         self.id = dev_id
+        self.memdev = memdev if memdev is not None else f"mem-{dev_id}"  # its memory backend's id
         self.qom_path = f"/machine/peripheral/{dev_id}"
         self.config = MemConfig(block_size, node, addr, region_size)
         self.bitmap = np.zeros(region_size // block_size, dtype=bool)
@@ -156,13 +159,16 @@ class VirtioMemDevice:
         if self.config_changed is not None:  # notified even when unchanged
             self.config_changed()
 
-    def device_info(self, memdev: str) -> dict:
-        """virtio_mem_fill_device_info, as query-memory-devices returns it."""
-        return {"type": "virtio-mem", "data": {
-            "memaddr": self.config.addr, "node": self.config.node_id,
-            "requested-size": self.config.requested_size, "size": self.config.plugged_size,
-            "max-size": self.config.region_size, "block-size": self.block_size,
-            "memdev": memdev, "id": self.id}}
+    def device_info(self, memdev: str | None = None) -> dict:
+        """virtio_mem_fill_device_info, as query-memory-devices returns it (no ``id`` for a device
+        without one)."""
+        data = {"memaddr": self.config.addr, "node": self.config.node_id,
+                "requested-size": self.config.requested_size, "size": self.config.plugged_size,
+                "max-size": self.config.region_size, "block-size": self.block_size,
+                "memdev": memdev or f"/objects/{self.memdev}"}
+        if self.id is not None:
+            data["id"] = self.id
+        return {"type": "virtio-mem", "data": data}
 
     # --- requests -----------------------------------------------------------------------------
     def _resize_usable_region(self, requested: int, *, can_shrink: bool) -> None:
@@ -245,20 +251,22 @@ class VirtioMemDevice:
         return self.config.plugged_size >> PAGE_SHIFT
 
 
-def info_memory_devices(devices: list[VirtioMemDevice], memdevs: dict[str, str]) -> str:
-    """The HMP ``info memory-devices`` text for virtio-mem devices (hmp_info_memory_devices)."""
-    lines = []
-    for d in devices:
-        c = d.config
-        lines += [f"Memory device [virtio-mem]: \"{d.id}\"",
-                  f"  memaddr: 0x{c.addr:x}",
-                  f"  node: {c.node_id}",
-                  f"  requested-size: {c.requested_size}",
-                  f"  size: {c.plugged_size}",
-                  f"  max-size: {c.region_size}",
-                  f"  block-size: {c.block_size}",
-                  f"  memdev: {memdevs.get(d.id, '')}"]
-    return "\n".join(lines) + ("\n" if lines else "")
+def _block_size_fixed(device: VirtioMemDevice, value: int) -> None:
+    """virtio_mem_set_block_size on a realized device."""
+    raise ValueError("'block-size' cannot be changed")
+
+
+# QOM of virtio-mem-pci (the proxy aliases the virtio-mem device's properties)
+QOM_TYPE = "virtio-mem-pci"
+QOM_VIRTIO_TYPE = "virtio-mem"
+QOM_PROPERTIES = (
+    QomProperty("requested-size", "size", lambda d: d.requested_size, VirtioMemDevice.set_requested_size),
+    QomProperty("size", "size", lambda d: d.size),
+    QomProperty("block-size", "size", lambda d: d.block_size, _block_size_fixed),
+    QomProperty("node", "uint32", lambda d: d.config.node_id, static=True),
+    QomProperty("memaddr", "uint64", lambda d: d.config.addr, static=True),
+    QomProperty("memdev", "link<memory-backend>", lambda d: f"/objects/{d.memdev}", static=True),
+)
 
 
 assert GiB  # units used in docstrings

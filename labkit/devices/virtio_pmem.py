@@ -30,7 +30,7 @@
   QEMU's memory, and nothing written ever reaches the file (fsync returns 0 all the same). The docs
   show ``share=on``; QEMU does not enforce it (**UNCONFIRMED** for the newest QEMU).
 
-Limits shown as errors (:mod:`labkit.devices.virtio_pmem_qmp`): no hot-unplug (QEMU 8.2+:
+Limits shown as errors (:mod:`labkit.devices.virtio_pmem_vm` and the monitor): no hot-unplug (QEMU 8.2+:
 virtio-md-pci without ``unplug_request_check``), no migration (no vmstate in QEMU; labkit blocks
 ``migrate``), raw images only (QEMU would map a qcow2 file's bytes as they are: labkit refuses it).
 
@@ -59,11 +59,12 @@ from dataclasses import dataclass
 import numpy as np
 import simpy
 
+from labkit.devices.properties import QomProperty
 from labkit.model.kernel import Kernel
 from labkit.model.pagecache import CachedFile, HostPageCache
 from labkit.model.pages import STRUCT_PAGE_SIZE, PageState
 from labkit.model.workloads import new_handle
-from labkit.units import MiB, PAGE_SIZE, format_size, parse_size
+from labkit.units import MiB, PAGE_SIZE, format_size
 
 VIRTIO_ID_PMEM = 27  # include/uapi/linux/virtio_ids.h
 VIRTIO_PMEM_QUEUE_SIZE = 128  # hw/virtio/virtio-pmem.c virtio_add_queue(vdev, 128, ...)
@@ -118,56 +119,9 @@ def check_backing_file(path: str, size: int, backend_id: str) -> None:
                          f"qemu-img convert -O raw {os.path.basename(path)} disk.raw")
 
 
-def check_spec(name: str, spec: dict, taken: set) -> dict:
-    """One ``virtio_pmem`` entry validated (QEMU property names with underscores); sizes in bytes."""
-    if not isinstance(spec, dict):
-        raise TypeError(f"{name} must be a dict of device properties, got {spec!r}")
-    unknown = sorted(set(spec) - set(PROPERTY_DEFAULTS))
-    if unknown:
-        raise ValueError(f"unknown {name} option(s) {unknown}; accepted: {sorted(PROPERTY_DEFAULTS)}")
-    opts = {**PROPERTY_DEFAULTS, **spec}
-    if not isinstance(opts["id"], str) or not opts["id"] or opts["id"] in taken:
-        raise ValueError(f"{name} needs a unique 'id' (a device id), got {opts['id']!r}")
-    if not isinstance(opts["path"], str | os.PathLike) or not str(opts["path"]):
-        raise ValueError(f"{name} needs 'path' (memory-backend-file mem-path), got {opts['path']!r}")
-    opts["path"] = os.fspath(opts["path"])
-    if opts["size"] is None:
-        raise ValueError(f"{name} needs 'size' (memory-backend-file size)")
-    opts["size"] = parse_size(opts["size"], name="size")
-    if opts["size"] <= 0 or opts["size"] % PAGE_SIZE:
-        raise ValueError(f"{name} size must be a positive multiple of 4 KiB, got {spec['size']!r}")
-    if not isinstance(opts["share"], bool):
-        raise ValueError(f"{name} share must be True or False, got {opts['share']!r}")
-    check_backing_file(opts["path"], opts["size"], f"mem-{opts['id']}")
-    return opts
-
-
 def memmap_bytes(size: int) -> int:
     """Guest RAM for the struct pages of a ``size``-byte region (64 B per 4 KiB page)."""
     return -(-(size // PAGE_SIZE) * STRUCT_PAGE_SIZE // PAGE_SIZE) * PAGE_SIZE
-
-
-def validate_specs(specs: list[dict] | None, other_ids=(), memory: int | None = None) -> list[dict]:
-    """Validate ``labkit.open(virtio_pmem=[...])`` before the VM is built; returns the entries
-    with sizes in bytes. ``other_ids``: device ids already taken (e.g. virtio-mem's); ``memory``:
-    the guest's RAM, which must hold the regions' struct pages with room to spare."""
-    if specs is None:
-        return []
-    if not isinstance(specs, list | tuple):
-        raise TypeError(f"virtio_pmem must be a list of dicts, got {specs!r}")
-    taken, out = set(other_ids), []
-    for i, spec in enumerate(specs):
-        opts = check_spec(f"virtio_pmem[{i}]", spec, taken)
-        taken.add(opts["id"])
-        out.append(opts)
-    need = sum(memmap_bytes(o["size"]) for o in out)
-    if memory is not None and need > memory // MEMMAP_MAX_SHARE:
-        raise ValueError(f"virtio_pmem regions of {format_size(sum(o['size'] for o in out))} need "
-                         f"{format_size(need)} of struct pages in guest RAM (64 B per 4 KiB page), "
-                         f"more than 1/{MEMMAP_MAX_SHARE} of the guest's {format_size(memory)}: the "
-                         f"driver's devm_memremap_pages would starve the guest. Give it more memory "
-                         f"or a smaller region.")
-    return out
 
 
 @dataclass
@@ -186,6 +140,7 @@ class VirtioPmemDevice:
         self.env = env
         self.cache = cache
         self.id = spec["id"]
+        self.qom_path = f"/machine/peripheral/{self.id}"  # the machine renames a device without id
         self.memdev = memdev or f"mem-{spec['id']}"
         self.path = spec["path"]
         self.share = spec["share"]
@@ -201,14 +156,13 @@ class VirtioPmemDevice:
         self.requests = 0
         self.responses = {VIRTIO_PMEM_RESP_OK: 0, VIRTIO_PMEM_RESP_FSYNC_FAILED: 0}
 
-    @property
-    def qom_path(self) -> str:
-        return f"/machine/peripheral/{self.id}"
 
     def device_info(self) -> dict:
         """virtio_pmem_fill_device_info, as query-memory-devices returns it."""
-        return {"type": "virtio-pmem", "data": {"memaddr": self.config.start, "size": self.config.size,
-                                                "memdev": f"/objects/{self.memdev}", "id": self.id}}
+        data = {"memaddr": self.config.start, "size": self.config.size, "memdev": f"/objects/{self.memdev}"}
+        if self.id is not None:
+            data["id"] = self.id
+        return {"type": "virtio-pmem", "data": data}
 
     def ring_full(self) -> bool:
         return self.in_flight >= VIRTIO_PMEM_QUEUE_SIZE
@@ -286,9 +240,11 @@ class VirtioPmemDriver:
         return 0
 
 
-def attach(backend):
-    """Give a model backend its virtio-pmem devices (possibly none), the guest's writeback and
-    virtio-blk: see :class:`labkit.devices.virtio_pmem_qmp.VirtioPmem`."""
-    from labkit.devices.virtio_pmem_qmp import VirtioPmem
 
-    return VirtioPmem(backend)
+# QOM of virtio-pmem-pci (the proxy aliases the virtio-pmem device's properties)
+QOM_TYPE = "virtio-pmem-pci"
+QOM_VIRTIO_TYPE = "virtio-pmem"
+QOM_PROPERTIES = (
+    QomProperty("memaddr", "uint64", lambda d: d.config.start, static=True),
+    QomProperty("memdev", "link<memory-backend>", lambda d: f"/objects/{d.memdev}", static=True),
+)

@@ -53,7 +53,7 @@ class Grades:
 
 
 def default_templates() -> Path:
-    from labkit.cli import project_root
+    from labkit.cli_args import project_root
 
     return project_root() / "notebooks" / "exercises"
 

@@ -1,12 +1,10 @@
-"""``labkit grade`` and ``labkit answer-key`` (registered with :func:`labkit.cli.command` on import)."""
+"""``labkit grade`` and ``labkit answer-key`` (listed in ``CLI_COMMANDS`` for :mod:`labkit.cli`)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 from pathlib import Path
-
-from labkit.cli import command
 
 
 def positive_seconds(text: str) -> float:
@@ -48,8 +46,6 @@ def _grade_arguments(parser: argparse.ArgumentParser) -> None:
     cluster_arguments(parser)
 
 
-@command("grade", help="execute and grade handed-in exercise notebooks; write marks (CSV) and a "
-                       "summary (HTML)", arguments=_grade_arguments)
 def run_grade(args: argparse.Namespace) -> int:
     from labkit.cluster import stderr_progress
     from labkit.grading import grade, report
@@ -79,8 +75,6 @@ def _key_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="answer_key.csv", help="where to write it (default answer_key.csv)")
 
 
-@command("answer-key", help="every student's numbers and expected answers (for instructors; also a "
-                            "roster for labkit grade)", arguments=_key_arguments)
 def run_answer_key(args: argparse.Namespace) -> int:
     from labkit import exercises
     from labkit.grading import answer_key_csv
@@ -101,3 +95,12 @@ def run_answer_key(args: argparse.Namespace) -> int:
     print(f"labkit answer-key: {len(students)} students x {len(names)} exercises in {args.out}",
           file=sys.stderr)
     return 0
+
+
+# (name, help, run, arguments) for labkit.cli
+CLI_COMMANDS = (
+    ("grade", "execute and grade handed-in exercise notebooks; write marks (CSV) and a "
+     "summary (HTML)", run_grade, _grade_arguments),
+    ("answer-key", "every student's numbers and expected answers (for instructors; also a "
+     "roster for labkit grade)", run_answer_key, _key_arguments),
+)

@@ -88,6 +88,21 @@ def expand_blocks(starts: np.ndarray, order: int) -> np.ndarray:
     return (starts[:, None] + np.arange(1 << order, dtype=np.int64)).ravel()
 
 
+def block_runs(starts: np.ndarray, npages: int) -> tuple[np.ndarray, np.ndarray]:
+    """Blocks of ``npages`` pages at ``starts``, merged into contiguous runs: (run starts, ends).
+
+    >>> block_runs(np.array([2048, 0, 1024, 8192]), 1024)
+    (array([   0, 8192]), array([3072, 9216]))
+    """
+    s = np.sort(np.asarray(starts, dtype=np.int64))
+    if len(s) == 0:
+        return s, s
+    breaks = np.flatnonzero(np.diff(s) != npages) + 1
+    first = np.concatenate([[0], breaks])
+    last = np.concatenate([breaks - 1, [len(s) - 1]])
+    return s[first], s[last] + npages
+
+
 def hit_runs(pfns: np.ndarray, n_pages: int, lo: int) -> tuple[np.ndarray, np.ndarray]:
     """The aligned 4 MiB windows ``pfns`` touch, and which 2^lo runs of those windows (laid end to
     end) hold one of them: one bool scatter over the guest's runs, no sort, no per-PFN index."""

@@ -63,13 +63,14 @@ True
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import simpy
 
-from labkit.devices.free_page_hinting import PrecopyNotify
-from labkit.model.migration_qmp import default_capabilities, default_parameters
+from labkit.model.kernel import Kernel
+from labkit.model.migration_params import default_capabilities, default_parameters
 from labkit.model.migration_ram import (
     BUFFER_DELAY,
     DIRTY_LOG,
@@ -77,8 +78,7 @@ from labkit.model.migration_ram import (
     TIME_EPSILON_MS,
     RamSaving,
 )
-
-RUNNING_STATES = ("setup", "active", "cancelling")
+from labkit.model.runstate import RUNNING_STATES, PrecopyNotify, RunState
 
 
 @dataclass
@@ -94,30 +94,50 @@ class LinkModel:
 
 
 class MigrationState(RamSaving):
-    """One VM's outgoing migration: ``vm.migration``. The QMP surface is in ``migration_qmp``."""
+    """One VM's outgoing migration: ``vm.migration``. Its QMP commands are the monitor's
+    (:mod:`labkit.backends.monitor_migration`); its parameters are in
+    :mod:`labkit.model.migration_params`."""
 
-    def __init__(self, backend):
-        self.backend = backend
-        self.env: simpy.Environment = backend.env
-        self.mem = backend.kernel.mem
-        self.kernel = backend.kernel
-        self.host_vm = backend.kernel.host_vm
-        self.emit = backend._events.emit
+    def __init__(self, env: simpy.Environment, kernel: Kernel, run_state: RunState,
+                 emit: Callable[[str, dict], None], *, init_on_free: bool = False):
+        self.env = env
+        self.mem = kernel.mem
+        self.kernel = kernel
+        self.host_vm = kernel.host_vm
+        self.run_state = run_state
+        run_state.free_page_hint = self.free_page_hint  # qemu_guest_free_page_hint lands here
+        self.emit = emit
+        self.init_on_free = init_on_free  # free pages read as zero (buffer_is_zero on the source)
         self.link = LinkModel()
         self.parameters = default_parameters()
         self.capabilities = default_capabilities()
-        self.precopy_notifiers: list = []  # callables(reason, vm_running, postcopy_ram)
-        self.status = "none"
-        self.runstate = "running"
         self.error_desc: str | None = None
         self.throttle_pct = 0
         self.uri: str | None = None
-        self._resumed = self.env.event()
         self._thread: simpy.Process | None = None
         self.bitmap = np.zeros(0, dtype=bool)
         self.history: list[dict] = []  # one row per 100 ms window and per sync (for the views)
-        self.workloads = None  # set by migration_workloads.register
+        self.workloads = None  # the dirtying workloads (labkit.model.migration_workloads)
         self._reset_counters()
+
+    @property
+    def status(self) -> str:
+        """MigrationStatus: none, setup, active, cancelling, cancelled, completed, failed."""
+        return self.run_state.migration_status
+
+    @status.setter
+    def status(self, value: str) -> None:
+        self.run_state.migration_status = value
+
+    @property
+    def runstate(self) -> str:
+        """The VM's run state: running, finish-migrate (stopped for the switchover), postmigrate."""
+        return self.run_state.state
+
+    @property
+    def precopy_notifiers(self) -> list:
+        """QEMU's precopy notifier list: callables(reason, vm_running, postcopy_ram)."""
+        return self.run_state.precopy_notifiers
 
     def _reset_counters(self) -> None:
         self.dirty_pages = 0  # migration_dirty_pages
@@ -152,12 +172,11 @@ class MigrationState(RamSaving):
     @property
     def guest_running(self) -> bool:
         """False while the VM is stopped for the final stop-and-copy."""
-        return self.runstate != "finish-migrate"
+        return self.run_state.running
 
     def wait_guest_running(self):
         """A simpy generator: return at once, or when the VM runs again."""
-        while not self.guest_running:
-            yield self._resumed
+        yield from self.run_state.wait_running()
 
     @property
     def speed(self) -> float:
@@ -196,15 +215,10 @@ class MigrationState(RamSaving):
             self.emit("MIGRATION", {"status": status})
 
     def _set_runstate(self, runstate: str) -> None:
-        self.runstate = runstate
-        if self.guest_running:
-            resumed, self._resumed = self._resumed, self.env.event()
-            resumed.succeed()
+        self.run_state.set_state(runstate)
 
     def _notify(self, reason: PrecopyNotify) -> None:
-        running = self.runstate == "running"
-        for notifier in self.precopy_notifiers:
-            notifier(reason, running, self.capabilities["postcopy-ram"])
+        self.run_state.notify_precopy(reason, self.capabilities["postcopy-ram"])
 
     # --- the migration thread -----------------------------------------------------------------
     def _migration_thread(self):
@@ -301,7 +315,8 @@ class MigrationState(RamSaving):
         self.history.append({
             "t_ms": float(self.env.now), "kind": kind, "transferred": self.transferred,
             "remaining": self.dirty_pages * TARGET_PAGE_SIZE, "threshold": self.threshold_size,
-            "dirty_sync_count": self.dirty_sync_count, "throttle": self.throttle_pct, **extra})
+            "dirty_sync_count": self.dirty_sync_count, "throttle": self.throttle_pct,
+            "normal": self.normal_pages, "zero": self.zero_pages, **extra})
 
     def sample(self) -> dict[str, float]:
         """Extra ``vm.sample()`` columns."""
@@ -314,16 +329,3 @@ class MigrationState(RamSaving):
             "migration_throttle": float(self.throttle_pct),
         }
 
-
-def attach(backend) -> MigrationState:
-    """Give a model backend its migration engine, QMP commands and dirtying workloads."""
-    from labkit.model import migration_qmp, migration_workloads
-
-    migration = MigrationState(backend)
-    hinting = getattr(backend, "hinting", None)
-    if hinting is not None:
-        migration.precopy_notifiers.append(hinting.device.precopy_notify)
-    migration_qmp.register(backend, migration)
-    migration_workloads.register(backend, migration)
-    backend.sample_hooks.append(migration.sample)
-    return migration

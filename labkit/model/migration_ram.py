@@ -12,8 +12,9 @@ import math
 
 import numpy as np
 
-from labkit.devices.free_page_hinting import PrecopyNotify, block_runs
+from labkit.model.block_scan import block_runs
 from labkit.model.pages import PageFlag, PageState
+from labkit.model.runstate import PrecopyNotify
 from labkit.units import PAGE_SIZE
 
 BUFFER_DELAY = 100  # ms, migration/migration.h: rate-limit and bandwidth window
@@ -186,7 +187,7 @@ class RamSaving:
         """buffer_is_zero on the source: never touched or discarded, or zeroed on free."""
         at = _as_slice(pfns)
         zero = (self.mem.flags[at] & CONTENT) == 0
-        if self.backend.cmdline.get("init_on_free"):
+        if self.init_on_free:
             zero |= self.mem.state[at] == int(PageState.FREE)
         return zero
 

@@ -1,6 +1,6 @@
 """Guest workloads that keep writing memory, on the guest's own clock: what makes pre-copy work.
 
-Registered as guest ops when a model backend is built (the live backend runs the same ops over its
+The model backend's guest ops, built with the migration engine (the live backend runs the same ops over its
 serial shell):
 
 * ``vm.guest("writer", handle=h, rate="200M", wss="256M")``: a background process writes random
@@ -37,10 +37,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+import simpy
 
-from labkit.model.kernel import Handle
+from labkit.model.kernel import Handle, Kernel
 from labkit.model.pages import PageState
-from labkit.model.workloads import new_handle
+from labkit.model.workloads import GuestOps, new_handle
 from labkit.units import MiB, PAGE_SIZE, format_size, parse_size
 
 WRITER_TICK_MS = 10.0  # how often a writer's batch of writes lands (model resolution)
@@ -74,20 +75,24 @@ class KernelBuild:
 
 
 class Workloads:
-    """The writers and kernel builds of one VM (``vm.migration.workloads``)."""
+    """The writers and kernel builds of one VM (``vm.migration.workloads``): guest processes that
+    run on the VM's clock (``migration`` gives the run state and the CPU throttle), allocate and
+    free through ``ops`` and draw from a generator seeded with ``seed``."""
 
-    def __init__(self, backend, migration):
-        self.backend = backend
-        self.env = backend.env
-        self.kernel = backend.kernel
+    def __init__(self, env: simpy.Environment, kernel: Kernel, ops: GuestOps, migration, seed: int):
+        self.env = env
+        self.kernel = kernel
+        self.ops = ops
         self.migration = migration
+        self.seed = seed
         self.writers: dict[int, Writer] = {}
         self.builds: dict[int, KernelBuild] = {}
         self._started = 0
+        migration.workloads = self
 
     def _rng(self) -> np.random.Generator:
         self._started += 1
-        return np.random.default_rng([self.backend.seed, 0x6D6967, self._started])
+        return np.random.default_rng([self.seed, 0x6D6967, self._started])
 
     def _sleep(self, ms: float):
         """Guest time: wait while the VM is stopped, and run slower under the CPU throttle."""
@@ -101,7 +106,7 @@ class Workloads:
 
     # --- the writer ---------------------------------------------------------------------------
     def writer(self, handle: int, rate: int | str, wss: int | str | None = None) -> int:
-        h = self.backend.ops._handle(handle)
+        h = self.ops._handle(handle)
         if h.kind not in ("anon", "shmem") or not h.alive:
             raise ValueError(f"writer needs a live anon or shmem handle, got handle {handle} "
                              f"({h.kind}{'' if h.alive else ', not alive'})")
@@ -169,7 +174,7 @@ class Workloads:
         b.stopped = True
         for handle in list(b.job_handles):
             if handle in self.kernel.handles:
-                self.backend.ops.free(handle)
+                self.ops.free(handle)
         b.job_handles.clear()
         return build
 
@@ -191,7 +196,7 @@ class Workloads:
     def _writeback(self, b: KernelBuild):
         while not b.stopped:
             yield from self._sleep(WRITEBACK_MS)
-            self.backend.ops.sync()
+            self.ops.sync()
 
     def _job(self, b: KernelBuild):
         memory = self.kernel.mem.n_pages * PAGE_SIZE
@@ -199,7 +204,7 @@ class Workloads:
             size = int(b.rng.uniform(32, 192) * MiB) // PAGE_SIZE * PAGE_SIZE
             size = max(PAGE_SIZE, min(size, memory // 32 // PAGE_SIZE * PAGE_SIZE))
             life_ms = float(b.rng.uniform(400, 1600))
-            handle = self.backend.ops.alloc(size, "anon")  # maps and writes its memory
+            handle = self.ops.alloc(size, "anon")  # maps and writes its memory
             b.job_handles.add(handle)
             b.bytes_written += size
             h = self.kernel.handles.get(handle)
@@ -215,7 +220,7 @@ class Workloads:
             if h is not None and h.alive:
                 obj = max(1, len(h.pages) // 8)
                 b.bytes_written += self._file_pages(b.objects, obj, PageState.FILE_DIRTY) * PAGE_SIZE
-                self.backend.ops.free(handle)
+                self.ops.free(handle)
             b.job_handles.discard(handle)
             b.jobs_done += 1
 
@@ -225,13 +230,3 @@ def _uniform_indices(rng: np.random.Generator, size: int, n: int) -> np.ndarray:
     ``rng.integers`` for the small batches of a tick)."""
     return (rng.random(n) * size).astype(np.int64)
 
-
-def register(backend, migration) -> Workloads:
-    """Add the writer and kernel-build guest ops to ``backend``."""
-    workloads = Workloads(backend, migration)
-    migration.workloads = workloads
-    backend.register_guest_op("writer", workloads.writer)
-    backend.register_guest_op("writer_stop", workloads.writer_stop)
-    backend.register_guest_op("kernel_build", workloads.kernel_build)
-    backend.register_guest_op("kernel_build_stop", workloads.kernel_build_stop)
-    return workloads

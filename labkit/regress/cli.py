@@ -1,10 +1,9 @@
-"""``labkit regress`` (registered with :func:`labkit.cli.command` on import)."""
+"""``labkit regress`` (listed in ``CLI_COMMANDS`` for :mod:`labkit.cli`)."""
 
 from __future__ import annotations
 
 import argparse
 
-from labkit.cli import command
 from labkit.grading.cli import cluster_arguments
 
 
@@ -22,8 +21,6 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
     cluster_arguments(parser)
 
 
-@command("regress", help="run the regression notebooks over a parameter grid; check every fact; "
-                         "HTML report with drift against the last run", arguments=_arguments)
 def run_regress(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -39,3 +36,10 @@ def run_regress(args: argparse.Namespace) -> int:
     for r in failed[:20]:
         print(f"  FAIL {r['check']} at {r['point']}: {r['value']} {r['note']}")
     return 1 if failed else 0
+
+
+# (name, help, run, arguments) for labkit.cli
+CLI_COMMANDS = (
+    ("regress", "run the regression notebooks over a parameter grid; check every fact; "
+     "HTML report with drift against the last run", run_regress, _arguments),
+)

@@ -44,7 +44,7 @@ _CALLS = {"max": max, "min": min, "abs": abs}
 
 
 def facts_dir() -> Path:
-    from labkit.cli import project_root
+    from labkit.cli_args import project_root
 
     return project_root() / "data" / "baselines" / "facts"
 

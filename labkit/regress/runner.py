@@ -67,7 +67,7 @@ def plan(grid: dict[str, list], notebooks: Iterable[str] | None = None,
          registry: dict[str, fact_registry.NotebookFacts] | None = None,
          notebook_dir: Path | None = None) -> tuple[list[dict], list[str]]:
     """The runs to make, ``[{"notebook", "path", "params"}]``, and notes on points left out."""
-    from labkit.cli import project_root
+    from labkit.cli_args import project_root
 
     registry = registry if registry is not None else fact_registry.load()
     notebook_dir = notebook_dir or project_root() / "notebooks"

@@ -185,9 +185,10 @@ def out_of_puff_retries(vm: Backend) -> int:
 
     The model's driver counts them; a real guest only logs them (rate-limited), so there the count
     from dmesg is a lower bound."""
-    driver = getattr(vm, "balloon", None)
-    if driver is not None and hasattr(driver, "out_of_puff"):
-        return int(driver.out_of_puff)
+    inspect = getattr(vm, "inspect", None)  # a protocol call an older backend may lack
+    counted = inspect("balloon").out_of_puff if inspect is not None else None
+    if counted is not None:
+        return int(counted)
     dmesg = getattr(vm, "dmesg", None)
     return sum("Out of puff" in line for line in dmesg()) if dmesg else 0
 

@@ -1,13 +1,13 @@
 """``labkit matrix``: print the "which mechanism for which job" matrix and the talk's claims.
 
-The logic lives in :mod:`labkit.scenarios.matrix`; this module only registers the command.
+The logic lives in :mod:`labkit.scenarios.matrix`; this module only declares the command (``CLI_COMMANDS``).
 """
 
 from __future__ import annotations
 
 import argparse
 
-from labkit.cli import command, size
+from labkit.cli_args import size
 
 
 def _arguments(parser: argparse.ArgumentParser) -> None:
@@ -17,8 +17,6 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="shorter cost-model runs (same verdicts)")
 
 
-@command("matrix", help="which mechanism for which job: run the talk's four jobs and print the matrix",
-         arguments=_arguments)
 def matrix(args: argparse.Namespace) -> int:
     from labkit.scenarios.matrix import MatrixParams, format_matrix, run_matrix
 
@@ -26,3 +24,10 @@ def matrix(args: argparse.Namespace) -> int:
                                      quick=args.quick))
     print(format_matrix(result))
     return 0
+
+
+# (name, help, run, arguments) for labkit.cli
+CLI_COMMANDS = (
+    ("matrix", "which mechanism for which job: run the talk's four jobs and print the matrix", matrix,
+     _arguments),
+)

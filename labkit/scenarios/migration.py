@@ -174,10 +174,9 @@ def run_policy(p: MigrationParams, policy: str) -> MigrationRun:
     """Migrate one fresh VM under ``policy``; returns its Run (series sampled from ``migrate`` on)."""
     p = p.checked()
     pol = POLICIES[policy]
-    with labkit.open(backend=p.backend, memory=p.memory, seed=p.seed, balloon=dict(pol.balloon)) as vm:
-        link = getattr(getattr(vm, "migration", None), "link", None)
-        if link is not None:
-            link.link_bandwidth = float(p.link_bandwidth)
+    model = {"migration_link_bandwidth": float(p.link_bandwidth)} if p.backend == "model" else None
+    with labkit.open(backend=p.backend, memory=p.memory, seed=p.seed, balloon=dict(pol.balloon),
+                     model=model) as vm:
         _start_workload(vm, p)
         if pol.prepare is not None:
             pol.prepare(vm, p)
@@ -200,7 +199,7 @@ def run_policy(p: MigrationParams, policy: str) -> MigrationRun:
             info = vm.qmp("query-migrate")
         run = MigrationRun.from_rows(rows, summary=_summary(info, rows, before), events=vm.events(),
                                      params=p)
-        history = getattr(getattr(vm, "migration", None), "history", [])
+        history = vm.inspect("migration").history
         keys = ("t_ms", "transferred", "remaining", "threshold", "dirty_sync_count", "throttle")
         run.history = {k: np.array([float(h[k]) for h in history]) for k in keys}
         run.history["is_sync"] = np.array([h["kind"] == "sync" for h in history], dtype=bool)

@@ -240,7 +240,8 @@ def _run(params: OvercommitParams, host: Host, vms: list, traces: list[Trace]) -
         target = int(params.static_target * params.vm_memory) // PAGE_SIZE * PAGE_SIZE
         for vm in vms:
             vm.qmp("balloon", value=target)
-    counters = Counters(vms)
+    host_vms = list(host.vms)  # the host this scenario built: one entry per VM, in opening order
+    counters = Counters(vms, host_vms)
     n_steps = int(round(params.duration_s / params.step_s))
     every = int(round(params.sample_s / params.step_s))
     n_samples = n_steps // every
@@ -262,7 +263,7 @@ def _run(params: OvercommitParams, host: Host, vms: list, traces: list[Trace]) -
             workload.step(now)
         for vm in vms:
             vm.advance(step_ms)
-        rss = np.array([h.rss_pages for h in counters.host_vms], dtype=np.int64)
+        rss = np.array([h.rss_pages for h in host_vms], dtype=np.int64)
         used = int(rss.sum())
         free_share = (ram_pages - used) / ram_pages
         pressure_steps += free_share < threshold
@@ -279,9 +280,9 @@ def _run(params: OvercommitParams, host: Host, vms: list, traces: list[Trace]) -
             series["host_free"][j] = (ram_pages - used) * PAGE_SIZE
             series["host_free_percent"][j] = 100.0 * free_share
             series["pressure"][j] = 2 if free_share <= critical else 1 if free_share < threshold else 0
-            delta = counters.delta()
+            delta = counters.host_delta()
             for i, (name, vm, w) in enumerate(zip(vm_names, vms, workloads, strict=True)):
-                h = counters.host_vms[i]
+                h = host_vms[i]
                 series[f"{name}.rss"][j] = h.rss_pages * PAGE_SIZE
                 series[f"{name}.swap"][j] = h.swap_pages * PAGE_SIZE
                 series[f"{name}.balloon_actual"][j] = vm.qmp("query-balloon")["actual"]

@@ -38,24 +38,35 @@ COLUMNS = ("swap_outs", "swap_ins", "zero_fill", "discarded", "balloon_discarded
 
 
 class Counters:
-    """Per-VM host, balloon and reporting counters, relative to a baseline taken at creation."""
+    """Per-VM host, balloon and reporting counters, relative to a baseline taken at creation.
 
-    def __init__(self, vms: list):
+    ``host_vms`` are the VMs as the scenario's own Host sees them (its swap, faults and discards);
+    the balloon's and reporting's counters come through ``vm.inspect``."""
+
+    def __init__(self, vms: list, host_vms: list):
         self.vms = vms
-        self.host_vms = [vm.kernel.host_vm for vm in vms]
+        self.host_vms = host_vms
+        self.views = [[m for m in ("balloon", "reporting") if _view(vm, m) is not None] for vm in vms]
         self.base = self.read()
 
-    def read(self) -> np.ndarray:
-        """One row per VM, the columns of :data:`COLUMNS`."""
+    def read(self, devices: bool = True) -> np.ndarray:
+        """One row per VM, the columns of :data:`COLUMNS` (``devices=False``: only the host's four,
+        the devices' zero, which is what the per-sample series need)."""
         rows = []
-        for vm, h in zip(self.vms, self.host_vms, strict=True):
-            device = getattr(vm, "balloon_device", None)
-            reporting = getattr(vm, "reporting", None)
+        for vm, h, mechanisms in zip(self.vms, self.host_vms, self.views, strict=True):
+            balloon = vm.inspect("balloon") if devices and "balloon" in mechanisms else None
+            reporting = vm.inspect("reporting") if devices and "reporting" in mechanisms else None
             rows.append([h.swap_outs, h.swap_ins, h.zero_fill_faults, h.discarded_pages,
-                         int(device.discarded_pages) if device is not None else 0,
+                         int(balloon.discarded_pages) if balloon is not None else 0,
                          reporting.reports if reporting is not None else 0,
                          reporting.refaulted_pages if reporting is not None else 0])
         return np.array(rows, dtype=np.int64)
+
+    def host_delta(self) -> np.ndarray:
+        """The host's columns since the baseline (the device columns are left out: zero)."""
+        delta = self.read(devices=False) - self.base
+        delta[:, 4:] = 0
+        return delta
 
     def delta(self) -> np.ndarray:
         return self.read() - self.base
@@ -69,8 +80,8 @@ def summarize(vm_names: Sequence[str], vms: list, workloads: list, delta: np.nda
     for i, (name, vm, w) in enumerate(zip(vm_names, vms, workloads, strict=True)):
         swap_outs, swap_ins, zero_fill, discarded, by_balloon, reports, refaulted = (
             int(x) for x in delta[i])
-        reporting = getattr(vm, "reporting", None)
-        request_ms = reporting.device.request_ms if reporting is not None else 0.0
+        reporting = _view(vm, "reporting")
+        request_ms = reporting.request_ms if reporting is not None else 0.0
         m = {
             "swap_out_pages": swap_outs, "swap_in_pages": swap_ins,
             "swap_out_bytes": swap_outs * PAGE_SIZE, "swap_in_bytes": swap_ins * PAGE_SIZE,
@@ -91,6 +102,14 @@ def summarize(vm_names: Sequence[str], vms: list, workloads: list, delta: np.nda
         if key != "peak_rss":
             out[key] = float(sum(m[key] for m in per_vm))
     return out
+
+
+def _view(vm, mechanism: str):
+    """``vm.inspect(mechanism)``, or None when the VM has no such mechanism."""
+    try:
+        return vm.inspect(mechanism)
+    except ValueError:
+        return None
 
 
 def _free_memory_on_host(vm) -> dict[str, int]:

@@ -148,10 +148,10 @@ def shared_image(params: SharedImageParams) -> Run:
 
 def _shared_row(host: Host, vms: list, transport: str, i: int) -> dict:
     cache = host_page_cache(host)
-    guest_copies = sum(vm.virtio_pmem.blk.guest_cached_pages() for vm in vms) * PAGE_SIZE
+    guest_copies = sum(vm.inspect("virtio-pmem").guest_cached_pages for vm in vms) * PAGE_SIZE
     return {"t_ms": float(vms[-1].now_ms), "vms": float(i + 1),
             "host_used": float(host.used_pages * PAGE_SIZE),
-            "guests_rss": float(sum(vm.kernel.host_vm.rss_pages for vm in vms) * PAGE_SIZE),
+            "guests_rss": float(sum(vm.sample()["host_rss"] for vm in vms)),
             "host_copy": float(cache.cached_pages * PAGE_SIZE),
             "guest_copies": float(guest_copies),
             "memmap": float(sum(vm.sample()["pmem_memmap"] for vm in vms))}

@@ -187,8 +187,10 @@ class _Resizer:
         return float("nan")
 
     def driver(self) -> Any:
-        vmem = getattr(self.vm, "virtio_mem", None)
-        return vmem.drivers[0] if self.mechanism == "virtio_mem" and vmem is not None else None
+        """The virtio-mem device and its driver now (a snapshot), or None for the balloon."""
+        if self.mechanism != "virtio_mem":
+            return None
+        return self.vm.inspect("virtio-mem").devices[0]
 
 
 def open_variant(params: ResizeParams, variant: str) -> Backend:
@@ -219,11 +221,17 @@ def run_workload(vm: Backend, params: ResizeParams) -> None:
         vm.guest("alloc", size=params.slab, kind="slab")
 
 
-def _memmap_bytes(vm: Backend) -> float:
-    hotplug = getattr(getattr(vm, "kernel", None), "hotplug", None)
-    if hotplug is None:
-        return 0.0 if getattr(vm, "virtio_mem", None) is None else float("nan")
-    return float(len(hotplug.memmap) * MEMMAP_PAGES_PER_BLOCK * PAGE_SIZE)
+def _hotplug(vm: Backend, mechanism: str) -> Any:
+    """The virtio-mem snapshot (added blocks, migrated pages), None for the balloon variants."""
+    return vm.inspect("virtio-mem") if mechanism == "virtio_mem" else None
+
+
+def _memmap_bytes(view: Any) -> float:
+    if view is None:
+        return 0.0
+    if view.added_blocks is None:  # a backend that can't see the guest's memmap
+        return float("nan")
+    return float(len(view.added_blocks) * MEMMAP_PAGES_PER_BLOCK * PAGE_SIZE)
 
 
 def run_variant(params: ResizeParams, variant: str) -> Run:
@@ -250,17 +258,18 @@ def run_variant(params: ResizeParams, variant: str) -> Run:
         before = vm.sample()
         rows.append(before)
         s["memtotal_full"] = before["memtotal"]
-        s["memmap_bytes"] = _memmap_bytes(vm)
+        s["memmap_bytes"] = _memmap_bytes(_hotplug(vm, mechanism))
         s["memmap_share"] = s["memmap_bytes"] / params.device_size if mechanism != "balloon" else 0.0
         s["shrink_request_bytes"] = float(params.shrink)
 
-        hotplug = getattr(getattr(vm, "kernel", None), "hotplug", None)
+        hotplug = _hotplug(vm, mechanism)
         migrated = hotplug.migrated_pages if hotplug is not None else 0
         r.request(target)  # --- shrink
         s["shrink_ms"] = r.wait(target, rows)
         # pages alloc_contig_range moved out of the unplugged subblocks (the balloon moves none)
-        s["migrated_bytes"] = float((hotplug.migrated_pages - migrated) * PAGE_SIZE
-                                   if hotplug is not None else 0)
+        after = _hotplug(vm, mechanism)
+        s["migrated_bytes"] = float((after.migrated_pages - migrated) * PAGE_SIZE
+                                   if after is not None and after.migrated_pages is not None else 0)
         shrunk = rows[-1]
         s["removed_bytes"] = float(full - r.size())
         s["memtotal_shrunk"] = shrunk["memtotal"]
@@ -270,8 +279,7 @@ def run_variant(params: ResizeParams, variant: str) -> Run:
         drv = r.driver()
         s["unplug_rc"] = float(drv.last_rc) if drv is not None else 0.0
         s["retry_ms"] = float(drv.retry_ms) if drv is not None and drv.last_rc else float("nan")
-        balloon = getattr(vm, "balloon", None)
-        s["out_of_puff"] = float(getattr(balloon, "out_of_puff", 0) or 0)
+        s["out_of_puff"] = float(vm.inspect("balloon").out_of_puff or 0) if mechanism == "balloon" else 0.0
 
         r.request(full)  # --- grow back
         s["grow_ms"] = r.wait(full, rows)
@@ -303,11 +311,13 @@ def _reboot(vm: Backend, r: _Resizer, params: ResizeParams, mechanism: str, sett
     out: dict[str, float] = {}
     rss = vm.sample()["host_rss"]
     if mechanism == "virtio_mem":
-        device = vm.virtio_mem.devices[0]
-        requested = device.requested_size
-        device.system_reset()  # virtio_mem_system_reset: unplug everything, shrink usable region
-        out["reset_size_bytes"] = float(device.size)
-        out["reset_usable_bytes"] = float(device.config.usable_region_size)
+        requested = vm.inspect("virtio-mem").devices[0].requested_size
+        # virtio_mem_system_reset: unplug everything, shrink the usable region. An action on the
+        # model's device: the model has no guest reboot, so there is no QMP system_reset to call
+        vm.virtio_mem.devices[0].system_reset()
+        reset = vm.inspect("virtio-mem").devices[0]
+        out["reset_size_bytes"] = float(reset.size)
+        out["reset_usable_bytes"] = float(reset.usable_region_size)
         out["reset_host_returned_bytes"] = rss - vm.sample()["host_rss"]
         fresh = _open_virtio_mem(params, setting, requested)
     else:

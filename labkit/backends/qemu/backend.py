@@ -34,18 +34,20 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-import warnings
 import weakref
 from collections import deque
+from dataclasses import asdict
 from typing import Any
 
 import psutil
 
+from labkit.backends.options import VmOptions, cmdline_from_keywords, parse_options
 from labkit.backends.qemu import accel as accel_choice
 from labkit.backends.qemu.guest import LiveGuestOps, parse_meminfo, parse_vmstat
 from labkit.backends.qemu.guestfiles import MODULE_FAILED_MARKER, READY_MARKER
 from labkit.backends.qemu.hostmem import read_host_memory
 from labkit.backends.qemu.image import GuestImage, build_guest_image
+from labkit.backends.qemu.inspect import LiveInspection
 from labkit.backends.qemu.pmem import PMEM_OPS, LivePmem
 from labkit.backends.qemu.process import (
     QemuConfig,
@@ -54,30 +56,16 @@ from labkit.backends.qemu.process import (
     check_requirements,
     connect_serial,
     describe_exit,
-    node_sizes,
 )
 from labkit.backends.qemu.qmp import ConnectError, QMPConnection, QMPConnectionLost, migration_sample
 from labkit.backends.qemu.serial import GuestDied, GuestTimeout, SerialShell
 from labkit.errors import GuestError
-from labkit.units import MiB, TiB, format_size, parse_size
+from labkit.units import format_size
 
 log = logging.getLogger("labkit.qemu")
 
-QEMU_DEFAULTS = {
-    "accel": "auto", "kernel": None, "thp": False, "boot_timeout_s": 120.0, "kvm_boot_timeout_s": 10.0,
-    "scratch_disk": True, "smp": 1, "extra_args": (), "poll_ms": 50.0, "bios": "auto", "pvh": True,
-}
-HOST_DEFAULTS = {"ram": None, "swap": 0, "discard": True, "swapin_us": 100.0}
 STEP_MS = 100.0
 TRACE_POINTS = 200_000
-
-
-def merge_options(name: str, given: dict | None, defaults: dict) -> dict:
-    given = dict(given or {})
-    unknown = sorted(set(given) - set(defaults))
-    if unknown:
-        raise ValueError(f"unknown {name} option(s) {unknown}; accepted: {sorted(defaults)}")
-    return {**defaults, **given}
 
 
 def _shutdown(parts: dict) -> None:
@@ -93,66 +81,38 @@ def _shutdown(parts: dict) -> None:
         process.stop()
 
 
-class QemuBackend:
+class QemuBackend(LiveInspection):
     """A live VM. See the module docstring and :func:`labkit.open` for the arguments."""
 
     name = "qemu"
 
-    def __init__(self, memory: int | str = "4G", seed: int = 0, balloon: dict | bool | None = None,
-                 host: dict | object | None = None, numa_nodes: int = 1, model: dict | None = None,
-                 cmdline: dict | None = None, vm_name: str = "vm0", qemu: dict | None = None,
-                 virtio_mem: list[dict] | None = None, memhp_default_state: str = "offline",
-                 virtio_pmem: list[dict] | None = None):
-        size = parse_size(memory, name="memory")
-        if size < 128 * MiB or size % MiB or size > TiB:
-            raise ValueError(f"memory must be a whole number of MiB from 128 MiB to 1 TiB on the live "
-                             f"backend, got {memory!r}")
-        if not isinstance(numa_nodes, int) or isinstance(numa_nodes, bool) or not (
-                1 <= numa_nodes <= 8) or size < numa_nodes * 128 * MiB:
-            raise ValueError(f"numa_nodes must be an int from 1 to 8 with at least 128 MiB per node, "
-                             f"got {numa_nodes!r} for {format_size(size)}")
-        if not isinstance(seed, int) or isinstance(seed, bool):
-            raise TypeError(f"seed must be an int, got {seed!r}")
-        from labkit.devices.balloon import PROPERTY_DEFAULTS
-
-        if balloon is True or balloon is None:
-            balloon = {}
-        balloon_opts = None if balloon is False else merge_options("balloon", balloon, PROPERTY_DEFAULTS)
-        if balloon_opts and balloon_opts["free_page_hint"] and not balloon_opts["iothread"]:
-            raise ValueError("'free-page-hint' requires 'iothread' to be set")
-        knobs = merge_options("qemu", qemu, QEMU_DEFAULTS)
-        if knobs["accel"] not in ("auto", "kvm", "tcg"):
-            raise ValueError(f"qemu accel {knobs['accel']!r} is not one of ['auto', 'kvm', 'tcg']")
-        if isinstance(host, dict) and merge_options("host", host, HOST_DEFAULTS) != HOST_DEFAULTS:
-            warnings.warn("host options describe the model's host; the live backend runs on this "
-                          "machine's real host, so they are ignored", stacklevel=3)
-        from labkit.backends.model import _virtio_mem_specs
-        from labkit.model.hotplug import ONLINE_TYPES
-
-        if memhp_default_state not in ONLINE_TYPES:
-            raise ValueError(f"memhp_default_state {memhp_default_state!r} is not one of "
-                             f"{list(ONLINE_TYPES)}")
-        self.virtio_mem_specs = _virtio_mem_specs(virtio_mem, numa_nodes)
-        from labkit.devices.virtio_pmem import validate_specs as validate_virtio_pmem
-
-        self.virtio_pmem_specs = validate_virtio_pmem(
-            virtio_pmem, [s["id"] for s in self.virtio_mem_specs], memory=size)
-        self.memhp_default_state = memhp_default_state
-        self.cmdline = self._kernel_params(cmdline)
-        self.memory, self.seed, self.knobs, self.vm_name = size, seed, knobs, vm_name
-        self.balloon_options = balloon_opts
-        self.numa_nodes = numa_nodes
-        self.node_sizes = node_sizes(size, numa_nodes) + [d["size"] for d in self.virtio_mem_specs]
+    def __init__(self, options: VmOptions | None = None, /, **keywords: Any):
+        if options is None:
+            options = parse_options("qemu", **keywords)
+        elif keywords:
+            raise TypeError(f"pass VmOptions or keywords, not both (got {sorted(keywords)})")
+        self.options = options
+        knobs = options.qemu
+        self.virtio_mem_specs = [d.spec() for d in options.virtio_mem]
+        self.virtio_pmem_specs = [d.spec() for d in options.virtio_pmem]
+        self.memhp_default_state = options.memhp_default_state
+        self.cmdline = options.kernel_params
+        self.memory, self.seed, self.vm_name = options.memory, options.seed, options.vm_name
+        self.knobs = asdict(knobs)
+        self.balloon_options = options.balloon.properties() if options.balloon is not None else None
+        self.numa_nodes = options.numa_nodes
+        self.node_sizes = list(options.node_sizes) + [d["size"] for d in self.virtio_mem_specs]
+        self.open_options = dict(options.keywords) | {"backend": "qemu"}
         check_requirements()
-        self.image: GuestImage = build_guest_image(knobs["kernel"])
+        self.image: GuestImage = build_guest_image(knobs.kernel)
         self.closed = False
         self._parts: dict = {}
         self._finalizer = weakref.finalize(self, _shutdown, self._parts)
-        self.balloon_target = size
+        self.balloon_target = options.memory
         self.trace: deque[tuple[float, int, int]] = deque(maxlen=TRACE_POINTS)  # (t_ms, actual, rss)
         try:  # boot and the devices' drivers; on any failure QEMU is stopped here, not at GC
             self._boot()
-            self.ops = LiveGuestOps(self._run, size, self.image.helper, bool(knobs["scratch_disk"]),
+            self.ops = LiveGuestOps(self._run, options.memory, self.image.helper, bool(knobs.scratch_disk),
                                     memory_devices=self._memory_devices)
             if self.virtio_mem_specs:  # the driver plugs requested-size as soon as it probes
                 self._run("insmod /lib/modules/virtio_mem.ko", timeout=60)
@@ -167,23 +127,19 @@ class QemuBackend:
 
     @staticmethod
     def _kernel_params(cmdline: dict | None) -> str:
-        from labkit.backends.model import CMDLINE_CHECKS, CMDLINE_DEFAULTS
-
-        given = merge_options("cmdline", cmdline, CMDLINE_DEFAULTS)
-        for key, (check, accepted) in CMDLINE_CHECKS.items():
-            if not check(given[key]):
-                raise ValueError(f"cmdline {key}={given[key]!r}: {accepted}")
-        return " ".join(f"{k}={v}" for k, v in (cmdline or {}).items())
+        """The ``cmdline`` option as guest kernel parameters (checked as on the model)."""
+        return cmdline_from_keywords(cmdline)[1]
 
     # --- boot ---------------------------------------------------------------------------------
     def _config(self, accel: str) -> QemuConfig:
-        k = self.knobs
+        k, o = self.options.qemu, self.options
         return QemuConfig(memory=self.memory, balloon=self.balloon_options, numa_nodes=self.numa_nodes,
-                          accel=accel, smp=k["smp"], cmdline=self.cmdline,
-                          scratch_disk=bool(k["scratch_disk"]), bios=k["bios"],
-                          extra_args=tuple(k["extra_args"]), virtio_mem=tuple(self.virtio_mem_specs),
+                          accel=accel, smp=o.smp, cmdline=self.cmdline,
+                          scratch_disk=bool(k.scratch_disk), bios=k.bios,
+                          extra_args=tuple(k.extra_args), virtio_mem=tuple(self.virtio_mem_specs),
                           memhp_default_state=self.memhp_default_state,
-                          virtio_pmem=tuple(self.virtio_pmem_specs))
+                          virtio_pmem=tuple(self.virtio_pmem_specs), maxmem=o.maxmem,
+                          qemu_args=o.qemu_args, from_line=o.from_line)
 
     def _boot(self) -> None:
         accel, self.accel_reason = accel_choice.choose(self.knobs["accel"])
@@ -255,6 +211,10 @@ class QemuBackend:
         except GuestDied as e:
             raise self._died(e) from None
 
+    def hmp(self, command_line: str) -> str:
+        """An HMP line through ``human-monitor-command``: QEMU's own answer."""
+        return self.qmp("human-monitor-command", **{"command-line": command_line})
+
     def qmp(self, command: str, **arguments: Any) -> Any:
         """Run a QMP command on QEMU; QEMU's errors come back as :class:`labkit.QMPError`."""
         self._check_open()
@@ -264,6 +224,10 @@ class QemuBackend:
             raise self._died(e) from None
         if command == "balloon":
             self.balloon_target = int(arguments["value"])
+        elif command == "human-monitor-command":  # HMP's balloon N (MiB) sets the target too
+            words = str(arguments.get("command-line", "")).split()
+            if len(words) == 2 and words[0] == "balloon" and words[1].isdigit() and result == "":
+                self.balloon_target = int(words[1]) << 20
         return result
 
     # --- guest --------------------------------------------------------------------------------
@@ -391,7 +355,7 @@ class QemuBackend:
         return f"<QemuBackend {format_size(self.memory)} {getattr(self, 'accel', '?')} {state}>"
 
 
-def open_qemu(**options: Any) -> QemuBackend:
+def open_qemu(options: VmOptions | None = None, /, **keywords: Any) -> QemuBackend:
     """Boot a live VM with the options of :func:`labkit.open` (see :class:`QemuBackend`)."""
-    return QemuBackend(**options)
+    return QemuBackend(options, **keywords)
 

@@ -1,7 +1,7 @@
 """``labkit guest build`` and ``labkit record``: the live backend's commands.
 
-They register with :func:`labkit.cli.command` when this module is imported (it is listed in
-``labkit.cli.COMMAND_MODULES``)::
+:data:`CLI_COMMANDS` lists them (name, help, run, arguments); ``labkit.cli`` adds them to its
+table when it runs (this module imports nothing from the CLI)::
 
     labkit guest build [--kernel VMLINUZ] [--rebuild] [--helper auto|memhold|dd]
     labkit record NAME [--out PATH]      NAME: balloon, balloon_deflate_on_oom, reporting, oom_deflate
@@ -21,8 +21,6 @@ import os
 import sys
 from collections.abc import Iterator
 
-from labkit.cli import command
-
 
 def _build_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kernel", help="a vmlinuz (default: LABKIT_KERNEL, /boot, then the "
@@ -32,8 +30,6 @@ def _build_arguments(parser: argparse.ArgumentParser) -> None:
                         help="anon-memory helper: memhold (gcc -static) or busybox dd")
 
 
-@command("guest build", help="build (or show the cached) guest kernel + initramfs for the live backend",
-         arguments=_build_arguments)
 def run_guest_build(args: argparse.Namespace) -> int:
     from labkit.backends.qemu.image import build_guest_image
 
@@ -51,8 +47,6 @@ def _record_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", help="where to write the JSON (default: data/recorded/NAME.json)")
 
 
-@command("record", help="run a demo on a live QEMU guest and save it for replay without QEMU",
-         arguments=_record_arguments)
 def run_record(args: argparse.Namespace) -> int:
     from labkit.backends.qemu.demos import record_demo
 
@@ -75,3 +69,11 @@ def _live_errors(name: str) -> Iterator[None]:
         if os.environ.get("LABKIT_DEBUG"):
             raise
         print(f"labkit {name}: error: {error}", file=sys.stderr)
+
+
+CLI_COMMANDS = (
+    ("guest build", "build (or show the cached) guest kernel + initramfs for the live backend",
+     run_guest_build, _build_arguments),
+    ("record", "run a demo on a live QEMU guest and save it for replay without QEMU", run_record,
+     _record_arguments),
+)

@@ -71,7 +71,10 @@ class QemuConfig:
     extra_args: tuple[str, ...] = ()
     virtio_mem: tuple[dict, ...] = ()  # validated specs (sizes in bytes), as the model's
     memhp_default_state: str = "offline"
-    virtio_pmem: tuple[dict, ...] = ()  # validated specs (labkit.devices.virtio_pmem.validate_specs)
+    virtio_pmem: tuple[dict, ...] = ()  # validated specs (labkit.backends.options)
+    maxmem: int | None = None  # None: boot RAM plus the memory devices
+    qemu_args: tuple[str, ...] = ()  # the user's QEMU command line, passed on as given
+    from_line: frozenset[str] = frozenset()  # what qemu_args gives ("memory", "balloon", ...): not added
 
 
 def balloon_properties(options: dict) -> str:
@@ -79,6 +82,8 @@ def balloon_properties(options: dict) -> str:
     from labkit.devices.balloon import PROPERTY_DEFAULTS
 
     opts = {**PROPERTY_DEFAULTS, **options}
+    if opts["id"] is None:  # an anonymous device (a command line without id=)
+        opts["id"] = "balloon0"
     parts = ["virtio-balloon-pci", f"id={opts['id']}"]
     for name in sorted(k for k in opts if k not in ("id", "iothread")):
         value = opts[name]
@@ -93,8 +98,8 @@ def memory_option(config: QemuConfig) -> str:
     """``-m``: boot RAM, and ``maxmem`` covering the virtio-mem devices' memory backends."""
     text = f"{config.memory // MiB}M"
     device_memory = sum(s["size"] for s in config.virtio_mem) + sum(s["size"] for s in config.virtio_pmem)
-    if device_memory:  # a virtio-pmem region is a whole number of pages, not always of MiB
-        total = config.memory + device_memory
+    total = config.maxmem if config.maxmem is not None else config.memory + device_memory
+    if total > config.memory:  # a virtio-pmem region is a whole number of pages, not always of MiB
         text += f",maxmem={total // MiB}M" if total % MiB == 0 else f",maxmem={total // 1024}K"
     return text
 
@@ -124,8 +129,9 @@ def virtio_pmem_arguments(spec: dict) -> list[str]:
 
 def node_sizes(memory: int, numa_nodes: int) -> list[int]:
     """Per-node RAM: equal shares in whole 128 MiB blocks, the rest on the last node (as the model)."""
-    per_node = memory // numa_nodes // (128 * MiB) * (128 * MiB)
-    return [per_node] * (numa_nodes - 1) + [memory - per_node * (numa_nodes - 1)]
+    from labkit.backends.options import equal_node_sizes
+
+    return list(equal_node_sizes(memory, numa_nodes))
 
 
 def find_bios(choice: str | None) -> str | None:
@@ -137,9 +143,9 @@ def find_bios(choice: str | None) -> str | None:
 def qemu_command(config: QemuConfig, state_dir: str, kernel: str, initramfs: str,
                  qemu: str = QEMU_BINARY) -> list[str]:
     """The argument list for ``config``; sockets and the scratch disk live in ``state_dir``."""
+    line = config.from_line
     args = [qemu, "-name", f"labkit,process=labkit-{Path(state_dir).name}", "-machine", "q35",
-            "-accel", config.accel, "-m", memory_option(config), "-smp", str(config.smp),
-            "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+            "-accel", config.accel, "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
             "-chardev", f"socket,id=qmp,path={state_dir}/qmp.sock,server=on,wait=off",
             "-mon", "chardev=qmp,mode=control",
             "-chardev", f"socket,id=cmd,path={state_dir}/serial.sock,server=on,wait=on",
@@ -150,30 +156,39 @@ def qemu_command(config: QemuConfig, state_dir: str, kernel: str, initramfs: str
             "-append", " ".join(["console=ttyS0", *FAST_BOOT_CMDLINE,
                                  f"memhp_default_state={config.memhp_default_state}",
                                  config.cmdline]).strip()]
+    if "memory" not in line:
+        args[5:5] = ["-m", memory_option(config)]
+    if "smp" not in line:
+        args[5:5] = ["-smp", str(config.smp)]
     bios = find_bios(config.bios)
     if bios:
         args += ["-bios", bios]
-    sizes = node_sizes(config.memory, config.numa_nodes)
-    if config.numa_nodes == 1:
-        args += ["-object", f"memory-backend-ram,id=ram0,size={sizes[0] // MiB}M",
-                 "-machine", "memory-backend=ram0"]
-    else:
-        for node, size in enumerate(sizes):
-            args += ["-object", f"memory-backend-ram,id=ram{node},size={size // MiB}M",
-                     "-numa", f"node,nodeid={node},memdev=ram{node}"]
-    if config.balloon is not None:
+    if not config.qemu_args:  # labkit's own boot RAM: one backend per node (a command line has its own)
+        sizes = node_sizes(config.memory, config.numa_nodes)
+        if config.numa_nodes == 1:
+            args += ["-object", f"memory-backend-ram,id=ram0,size={sizes[0] // MiB}M",
+                     "-machine", "memory-backend=ram0"]
+        else:
+            for node, size in enumerate(sizes):
+                args += ["-object", f"memory-backend-ram,id=ram{node},size={size // MiB}M",
+                         "-numa", f"node,nodeid={node},memdev=ram{node}"]
+    if config.balloon is not None and "balloon" not in line:
         if config.balloon.get("iothread"):
             args += ["-object", f"iothread,id={config.balloon['iothread']}"]
         args += ["-device", balloon_properties(config.balloon)]
-    for spec in config.virtio_mem:
-        args += ["-object", f"memory-backend-ram,id=mem-{spec['id']},size={spec['size'] // MiB}M",
-                 "-device", virtio_mem_properties(spec)]
-    for spec in config.virtio_pmem:
-        args += virtio_pmem_arguments(spec)
+    if "virtio_mem" not in line:
+        for spec in config.virtio_mem:
+            args += ["-object", f"memory-backend-ram,id=mem-{spec['id']},size={spec['size'] // MiB}M",
+                     "-device", virtio_mem_properties(spec)]
+    if "virtio_pmem" not in line:
+        for spec in config.virtio_pmem:
+            args += virtio_pmem_arguments(spec)
     if config.scratch_disk:
         args += ["-drive", f"file={state_dir}/scratch.img,format=raw,if=none,id=scratch,cache=unsafe",
                  "-device", "virtio-blk-pci,drive=scratch"]
-    return args + list(config.extra_args)
+    from labkit.backends.qemu_cmdline import without_append  # labkit's -append above has its parameters
+
+    return args + list(without_append(config.qemu_args)) + list(config.extra_args)
 
 
 def kvm_unusable_reason() -> str | None:

@@ -1,7 +1,8 @@
 """Record a live run, and replay it without QEMU (Binder, CI without QEMU, a laptop).
 
 :class:`Recorder` wraps a backend and logs every call notebooks make (``qmp``, ``guest``,
-``meminfo``, ``sample``, ``advance``, ``step``, ``events``) with its arguments and answer, plus the
+``meminfo``, ``sample``, ``advance``, ``step``, ``events``, ``inspect``, ``advance_until``) with its
+arguments and answer, plus the
 VM's facts (memory, balloon options, kernel, QEMU version, accelerator, boot time) and, for a live VM,
 its fine-grained trace (balloon ``actual`` and host RSS every ~50 ms while ``advance`` waited).
 :meth:`Recorder.save` writes JSON (under ``data/recorded/`` for the runs the project ships).
@@ -36,7 +37,8 @@ from pathlib import Path
 from typing import Any
 
 RECORD_FORMAT = 1
-RECORDED_CALLS = ("qmp", "guest", "meminfo", "sample", "advance", "step", "events")
+RECORDED_CALLS = ("qmp", "guest", "meminfo", "sample", "advance", "step", "events", "inspect",
+                  "advance_until")
 
 
 class ReplayMismatch(RuntimeError):
@@ -107,6 +109,17 @@ class Recorder:
 
     def events(self) -> list[dict]:
         return self._log("events", {}, self.vm.events())
+
+    def inspect(self, mechanism: str) -> Any:
+        from labkit.backends.inspect import as_dict
+
+        snapshot = self.vm.inspect(mechanism)
+        self._log("inspect", {"mechanism": mechanism}, as_dict(snapshot))
+        return snapshot
+
+    def advance_until(self, event: str, max_ms: float = 60_000.0, **data: Any) -> dict | None:
+        return self._log("advance_until", {"event": event, "max_ms": max_ms, **data},
+                         self.vm.advance_until(event, max_ms, **data))
 
     def close(self) -> None:
         if not self.calls or self.calls[-1]["call"] != "close":
@@ -198,6 +211,15 @@ class ReplayBackend:
 
     def events(self) -> list[dict]:
         return self._answer("events", {})
+
+    def inspect(self, mechanism: str) -> Any:
+        """The recorded snapshot, as the same frozen dataclass the live run returned."""
+        from labkit.backends.inspect import from_dict
+
+        return from_dict(mechanism, self._answer("inspect", {"mechanism": mechanism}))
+
+    def advance_until(self, event: str, max_ms: float = 60_000.0, **data: Any) -> dict | None:
+        return self._answer("advance_until", {"event": event, "max_ms": max_ms, **data})
 
     def snapshot(self) -> dict:
         raise NotImplementedError("a recorded live run has no page map (the live backend has none)")
