@@ -114,7 +114,7 @@ def check_quoted(path: Path, metrics: dict) -> None:
     """Every quote of ``path``'s notes holds on this run's metrics."""
     from labkit.regress.facts import evaluate_expression
 
-    values = quotes.flat(metrics)
+    values = {**quotes.flat(metrics), "MiB": quotes.MiB, "GiB": quotes.GiB}
     off = []
     for q in quotes.QUOTES.get(path.name, []):
         if isinstance(q, quotes.Quote):
