@@ -157,7 +157,7 @@ QUOTES: dict[str, list[Quote | Fact]] = {
         Quote("kept 34 MiB plugged", "unplug_left_online_kernel_bytes / MiB", 34, 0),
         Fact("returned -16 (-EBUSY)", "§5.5: alloc_contig_range fails with -EBUSY"),
         Fact("in 20 minutes", "the notebook watches 240 x 5 s"),
-        Quote("failed 6 times", "len_retry_delays", 6, 0),
+        Quote("failed 6 times", "len_retry_delays_s", 6, 0),
         Quote("50, 100, 200, 300, 300 and 300 s", "retry_delays_s[0] + retry_delays_s[1] + retry_delays_s[2]"
               " + retry_delays_s[3] + retry_delays_s[4] + retry_delays_s[5]", 1250, 0),
         Quote("50, 100, 200, 300, 300 and 300 s", "retry_delays_s[2]", 200, 0),
