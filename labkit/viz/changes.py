@@ -1,10 +1,13 @@
-"""What one step changed, in words: page-state transitions between two snapshots, and a readout.
+"""What one step changed, in words and on the picture: page-state transitions between two snapshots,
+a readout, and the outline rectangles drawn around changed cells.
 
 A step of a VM (a balloon request, a reporting pass, a plug request...) moves pages from one state
 to another. :func:`transitions` counts them with one ``bincount`` over the (old state, new state)
 pairs of the pages that changed, read from two ``vm.snapshot()`` arrays (no backend internals);
 :func:`describe` turns the counts into "256 pages free → balloon", and :func:`step_readout` adds
 the clock and the host's RSS change: "request 17: 256 pages free → balloon, host RSS −1.0 MiB".
+:func:`box_cover` turns a mask of changed cells into a few hundred rectangles at most, and
+:func:`add_outline` draws them as stroked, unfilled quads (the colour inside stays visible).
 
 >>> import numpy as np
 >>> from labkit.model.pages import PageState

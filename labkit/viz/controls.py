@@ -128,6 +128,17 @@ class SteppingControls:
         self.vm.advance(self.tick_ms)
         self.refresh()
 
+    def zoom_to_change(self) -> bool:
+        """Zoom the page map to the pages the last step changed; when it changed none, say so in
+        the readout (``change_html``) and leave the zoom alone. Returns whether it zoomed."""
+        page_map = getattr(self, "page_map", None)
+        if page_map is not None and page_map.zoom_to_change():
+            return True
+        readout = getattr(self, "change_html", None)
+        if readout is not None:
+            readout.value = "<b>Zoom to change: the last step changed no page, nothing to zoom to</b>"
+        return False
+
     def picture(self) -> Any:
         """What the explorer shows that a step can change (the page map's image, by default)."""
         page_map = getattr(self, "page_map", None)

@@ -191,10 +191,6 @@ class Explorer(SteppingControls, widgets.VBox):
         self.vm.advance(self.tick_ms)
         self.refresh(f"{self.tick_ms:g} ms")
 
-    def zoom_to_change(self) -> bool:
-        """Zoom the page map to the pages the last step changed (False: nothing changed)."""
-        return self.page_map is not None and self.page_map.zoom_to_change()
-
     def reset(self) -> None:
         """Re-open the VM with the same arguments (``factory()``); the plots start over."""
         self.stop()

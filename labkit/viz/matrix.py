@@ -40,7 +40,7 @@ def _colour(rank: float) -> str:
 class MatrixView(Shown):
     """The job x mechanism grid of ``cells`` (from :func:`labkit.scenarios.matrix.run_matrix`)."""
 
-    def __init__(self, cells: Sequence[Cell], claims: Sequence[Claim] = (), *, width: int = 980):
+    def __init__(self, cells: Sequence[Cell], claims: Sequence[Claim] = (), *, width: int = 900):
         self.cells, self.claims = list(cells), list(claims)
         jobs = [j for j in JOBS if any(c.job == j for c in self.cells)]
         rows: dict[str, list] = {k: [] for k in ("job", "mechanism", "label", "colour", "details", "y")}

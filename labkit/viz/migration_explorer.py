@@ -84,8 +84,10 @@ def migration_readout(what: str, before: dict, after: dict,
     sent = after["transferred"] - before["transferred"]
     normal, zero = after["normal"] - before["normal"], after["zero"] - before["zero"]
     syncs = after["syncs"] - before["syncs"]
+    first = f"pass {before['syncs']}" if before["syncs"] else "setup"
+    last = "stop-and-copy" if after["status"] == "completed" else f"pass {after['syncs']}"
     stage = ("stop-and-copy" if after["status"] == "completed" and syncs == 0 else
-             f"pass {before['syncs']}" if before["syncs"] else "setup")
+             first if syncs == 0 else f"{first} to {last}")
     text = (f"{what}: {stage} sent {format_size(sent)} ({normal} normal pages, {zero} zero pages); "
             f"backlog {format_size(before['remaining'])} → {format_size(after['remaining'])}")
     if syncs:
@@ -192,10 +194,6 @@ class MigrationExplorer(SteppingControls, widgets.VBox):
         moves = self.page_map.last_moves if self.page_map is not None else None
         self.last_readout = migration_readout(f"{self.tick_ms:g} ms", before, self._facts, moves)
         self.change_html.value = f"<b>{html.escape(self.last_readout)}</b>"
-
-    def zoom_to_change(self) -> bool:
-        """Zoom the page map to the pages the last tick changed (False: nothing changed)."""
-        return self.page_map is not None and self.page_map.zoom_to_change()
 
     def reset(self) -> None:
         """Re-open the VM with ``factory`` (and migrate again); the plots start over."""

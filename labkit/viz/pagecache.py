@@ -214,7 +214,12 @@ class WritebackStepper:
         self.last_moves = transitions(self._cells[changed], cells[changed], FILE_NAMES)
         boxes = box_cover(changed.reshape(1, -1))
         width = self.map_figure.width or 560
-        outline = outline_data(boxes, pad_x=1.5 * len(cells) / width, pad_y=0.08)
+        # a strip one cell high: the outline runs just inside it (outside, above and below, it
+        # would fall off the plot), and no further out than the strip's ends
+        inset = 1.5 * len(cells) / width
+        outline = outline_data(boxes, pad_x=-inset / 2, pad_y=-0.1)
+        outline["left"] = [max(x, inset) for x in outline["left"]]
+        outline["right"] = [min(x, len(cells) - inset) for x in outline["right"]]
         self._cells = cells
         with self._batch():
             self.bars.data = self._bar_data()

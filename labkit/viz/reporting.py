@@ -28,14 +28,13 @@ from typing import Any
 
 import ipywidgets as widgets
 import numpy as np
-from bokeh.layouts import row
 from bokeh.models import ColumnDataSource, HoverTool
 from bokeh.plotting import figure
 
 from labkit.units import MiB, format_size
 from labkit.viz.changes import describe, signed_size
 from labkit.viz.controls import SteppingControls
-from labkit.viz.shown import LiveBokeh, Shown
+from labkit.viz.shown import LiveBokeh, Shown, batched
 from labkit.viz.timeseries import time_axis
 
 
@@ -133,6 +132,16 @@ def reporting_readout(what: str, before: dict, after: dict, moves: list | None =
     return text
 
 
+class _Both:
+    """``batch()`` over two live widgets at once."""
+
+    def __init__(self, *views: LiveBokeh):
+        self.views = views
+
+    def batch(self):
+        return batched(*self.views)
+
+
 class ReportingExplorer(SteppingControls, widgets.VBox):
     """Free memory in a guest with free page reporting and step time 2 s at a time.
 
@@ -182,14 +191,18 @@ class ReportingExplorer(SteppingControls, widgets.VBox):
         self.last_readout = ""
         self.page_map = PageMap(vm.snapshot(), width=360, height=300, legend="below")
         self.staircase = staircase([vm.sample()], self._passes(), width=440, height=300)
-        self.live = LiveBokeh(row(self.page_map.figure, self.staircase.figure))
+        # two widgets side by side (a Bokeh row would stretch the staircase to the map's height and
+        # give the extra to its legend); each step sends one message set to each
+        self.live = _Both(self.page_map.widget(), self.staircase.widget())
         super().__init__(children=[
             widgets.HBox([self.job_slider, self.job_button]),
             widgets.HBox([self.step_button, self.visible_button, self.play, self.speed, self.reset_button]),
             widgets.HBox([self.view_buttons, self.zoom_button]),
-            self.status_html, self.change_html, widgets.HBox([self.live])])
+            self.status_html, self.change_html,
+            widgets.HBox([self.page_map.widget(), self.staircase.widget()],
+                         layout=widgets.Layout(flex_flow="row wrap"))])
         self.job_button.on_click(self._guarded(lambda _b: self.run_job(self.job_slider.value)))
-        self.zoom_button.on_click(self._guarded(lambda _b: self.page_map.zoom_to_change()))
+        self.zoom_button.on_click(self._guarded(lambda _b: self.zoom_to_change()))
         self.view_buttons.observe(self._guarded(lambda c: self._set_view(c["new"])), names="value")
         self._wire_controls()
         self._show()

@@ -263,7 +263,8 @@ def drive(nb: Notebook, result: SweepResult, shots: Path) -> None:
             wait_kernel(nb)
             result.interactions.append(f"{label}: radio {k}")
         buttons = [b for b in area.locator("button.widget-button").all()
-                   if not b.evaluate("b => !!b.closest('.widget-play, .widget-toggle-buttons')")]
+                   if b.is_visible()  # a control the widget hides (Reset without a factory) is not offered
+                   and not b.evaluate("b => !!b.closest('.widget-play, .widget-toggle-buttons')")]
         texts = [(b.text_content() or b.get_attribute("title") or "").strip() for b in buttons]
         kinds = ["step" if STEP_RE.search(t) else "reset" if t.lower().startswith("reset") else "other"
                  for t in texts]

@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import numpy as np
 import pytest
@@ -362,7 +363,10 @@ def test_a_lessons_section_link_opens_the_reference(browser_context: Any, lab: A
     try:
         with nb.evidence("section-link"):
             nb.open()
-            link = nb.page.locator('.jp-MarkdownOutput a[href="../docs/mechanisms.md#s1.2"]').first
+            link = nb.page.locator(".jp-Notebook .jp-MarkdownOutput a:visible", has_text="§1.2").first
+            # JupyterLab resolves the relative link against the server's root: /files/docs/...
+            href = urlsplit(link.get_attribute("href") or "")
+            assert href.path.endswith("/docs/mechanisms.md") and href.fragment == "s1.2", href
             link.scroll_into_view_if_needed()
             link.click()
             target = nb.page.locator('.jp-MarkdownViewer [data-jupyter-id="s1.2"]')
