@@ -27,6 +27,8 @@ Debian's headless Chromium at 1400x1000 (as tests/browser does), opens a noteboo
 * **Kernel side, no browser**: the same explorer's ``step()`` and ``tick()`` timed in this process,
   and the comm messages and Bokeh events one step sends (``LiveBokeh`` counts them).
 
+``--root DIR`` measures another checkout of labkit (e.g. before a change) with the same method.
+
 Goals (issue 9): Step -> repaint <= 150 ms and Play >= 10 frames/s. Both the server and the browser
 are stopped by PID at the end.
 """
@@ -47,6 +49,8 @@ from pathlib import Path
 import nbformat
 
 ROOT = Path(__file__).resolve().parents[1]
+if "--root" in sys.argv:  # measure another checkout: its labkit in the kernel and in this process
+    ROOT = Path(sys.argv[sys.argv.index("--root") + 1]).resolve()
 sys.path.insert(0, str(ROOT))
 
 from labkit.cli import any_free_port, lab_ready  # noqa: E402
@@ -100,7 +104,8 @@ def notebook(memory: str, log: Path) -> nbformat.NotebookNode:
         "import labkit, labkit.viz\nlabkit.viz.setup_notebook()",
         f"ex = labkit.viz.explore(memory={memory!r}, seed=0)\n"
         "ex.slider.value = ex.slider.max - 4096  # a 4 GiB balloon to inflate\n"
-        "ex.play.interval = 50\n"
+        "ex.play.interval = 50  # (labkit before the kernel-driven Play: ipywidgets Play's interval)\n"
+        "ex.play_interval_ms = 50\n"
         "import json, time\n"
         f"_log = open({str(log)!r}, 'a')\n"
         "def _timed(name, call):\n"
@@ -120,12 +125,14 @@ def kernel_side(memory: str, steps: int) -> dict:
 
     ex = labkit.viz.explore(memory=memory, seed=0)
     ex.slider.value = ex.slider.max - 4096
-    times, messages, events = [], ex.live.sent_messages, ex.live.sent_events
+    live = getattr(ex, "live", None)  # None: a labkit from before LiveBokeh (a comparison run)
+    times, messages, events = [], getattr(live, "sent_messages", 0), getattr(live, "sent_events", 0)
     for _ in range(steps):
         start = time.perf_counter()
         ex.step()
         times.append(time.perf_counter() - start)
-    per_step = ((ex.live.sent_messages - messages) / steps, (ex.live.sent_events - events) / steps)
+    per_step = ((live.sent_messages - messages) / steps, (live.sent_events - events) / steps) \
+        if live is not None else (float("nan"), float("nan"))
     ticks = []
     for _ in range(5):
         start = time.perf_counter()
@@ -145,6 +152,7 @@ def main() -> None:
     ap.add_argument("--memory", default="16G")
     ap.add_argument("--steps", type=int, default=15)
     ap.add_argument("--play-s", type=float, default=6.0)
+    ap.add_argument("--root", default=str(ROOT), help="the checkout of labkit to measure (default: this one)")
     args = ap.parse_args()
     from playwright.sync_api import sync_playwright
 
@@ -222,13 +230,16 @@ def main() -> None:
                 page.locator(".widget-dropdown select").first.select_option(label="10 ms")
                 time.sleep(1)
                 loads["play"] = load()
-                play = page.locator(".widget-play button").first
+                old_play = page.locator(".widget-play button")  # ipywidgets' Play (labkit before)
+                # an element handle: the toggle's label turns to "Pause" once it plays
+                play = old_play.first if old_play.count() else page.locator(
+                    "button.widget-toggle-button", has_text="Play").first.element_handle()
                 n0 = page.evaluate("() => window.__probe.changes.length")
                 ticks0 = sum(1 for line in log.read_text().splitlines() if '"tick"' in line)
                 page.evaluate("() => { window.__ws.received = []; }")
                 play.click()
                 time.sleep(args.play_s)
-                page.locator(".widget-play button").nth(1).click()
+                (old_play.nth(1) if old_play.count() else play).click()  # pause
                 n1 = page.evaluate("() => window.__probe.changes.length")
                 play_bytes = sum(r[1] for r in page.evaluate("() => window.__ws.received"))
                 time.sleep(2)

@@ -9,7 +9,9 @@ is one round trip browser -> Jupyter server -> kernel -> browser per frame, what
 work (measured: 4-5 frames/s on a busy 2-core machine for a 15 ms tick). Here Play is a toggle
 button, and while it is on the kernel itself calls ``tick()`` every ``play_interval_ms`` on its own
 event loop (``loop.call_later``, between the messages it handles), so frames leave at the kernel's
-pace; a tick that takes longer than the interval delays the next one (no backlog). Play stops by
+pace; a tick that takes longer than the interval delays the next one (no backlog). JupyterLab may
+hand widget messages to a kernel subshell, another thread: every control's action and every Play
+tick hold the explorer's lock, so a slider moved while Play runs waits for the tick. Play stops by
 itself after ``MAX_PLAY_TICKS`` ticks, and at the first error. Without a running event loop (a
 script, a test) nothing ticks by itself: call ``tick()``.
 
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import html
+import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -74,6 +77,10 @@ class SteppingControls:
         self.play_interval_ms = int(play_interval_ms)
         self.play_ticks = 0
         self._play_timer: asyncio.TimerHandle | None = None
+        self._play_loop: asyncio.AbstractEventLoop | None = None
+        # JupyterLab may hand widget messages to a kernel subshell (another thread) while Play
+        # ticks on the loop that started it: one action at a time on the VM and the plots
+        self._lock = threading.RLock()
         self.error = None
 
     def _wire_controls(self) -> None:
@@ -95,9 +102,9 @@ class SteppingControls:
     def _on_play(self, change: dict) -> None:
         on = bool(change["new"])
         self.play.description, self.play.icon = ("Pause", "pause") if on else ("Play", "play")
-        if self._play_timer is not None:
-            self._play_timer.cancel()
-            self._play_timer = None
+        timer, self._play_timer = self._play_timer, None
+        if timer is not None:  # cancelled on its own loop (this may be another thread)
+            self._play_loop.call_soon_threadsafe(timer.cancel)
         if on:
             self.play_ticks = 0
             self._schedule(self.play_interval_ms / 1000)
@@ -105,6 +112,7 @@ class SteppingControls:
     def _schedule(self, delay_s: float) -> None:
         loop = running_loop()
         if loop is not None:
+            self._play_loop = loop
             self._play_timer = loop.call_later(max(0.0, delay_s), self._play_tick)
 
     def _play_tick(self) -> None:
@@ -172,7 +180,8 @@ class SteppingControls:
         the error in the status line instead, keep it in ``self.error``, and stop Play."""
         def run(argument: Any) -> None:
             try:
-                callback(argument)
+                with self._lock:
+                    callback(argument)
             except Exception as e:  # shown to the user and kept in self.error
                 self.error = e
                 self.play.value = False
