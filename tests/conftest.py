@@ -18,12 +18,6 @@ def image(tmp_path) -> str:
     return str(path)
 
 
-def pytest_addoption(parser: pytest.Parser) -> None:
-    parser.addoption(
-        "--update-baselines", action="store_true", default=False,
-        help="regenerate data/baselines/*.json from the current code instead of comparing to them")
-
-
 @pytest.fixture(scope="session")
 def notebook_times(pytestconfig: pytest.Config) -> dict[str, float]:
     """Wall-clock seconds per executed notebook, printed in the terminal summary."""

@@ -21,9 +21,8 @@ System paths (the chromium binary under /usr/bin, /dev/kvm, /proc/...) are fine,
 temporary paths that unit tests and doctests pass as example arguments in .py files: they name no
 machine's file, they are inputs (e.g. a QMP socket path that is only formatted into a command line).
 
-Until the notebooks, exercise hints and views are converted (a later pass, after the notebook rewrite
-lands), the rules are expected to fail for notebooks/**, labkit/exercises/**, labkit/viz/** and
-tests/browser/** (that helper removes its path there): those files are checked by separate xfail tests.
+Every tracked file is held to these rules, notebooks, exercise hints, views and browser tests
+included; in a notebook's Markdown every "§" is a link into docs/ (``labkit.docs.link``).
 """
 
 from __future__ import annotations
@@ -43,9 +42,6 @@ from labkit import docs
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
-PENDING = ("notebooks/", "labkit/exercises/", "labkit/viz/", "tests/browser/")
-PENDING_REASON = ("pending the citation pass over notebooks/, labkit/exercises/, labkit/viz/ and "
-                  "tests/browser/ that follows their rewrite (issue 9, item 5)")
 TEXT_SUFFIXES = {".py", ".md", ".ipynb", ".txt", ".toml", ".cfg", ".json", ".csv", ".yml", ".yaml",
                  ".sh", ".rst", ""}
 
@@ -79,10 +75,6 @@ def text_of(name: str) -> str | None:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         return None
-
-
-def is_pending(name: str) -> bool:
-    return name.startswith(PENDING)
 
 
 def path_violations(name: str, text: str) -> list[str]:
@@ -144,11 +136,9 @@ def test_anchor_rules_match_the_renderers():
 
 
 # --- (a) no research-notes folder, no machine paths ---------------------------------------------------
-def _violations(pending: bool) -> list[str]:
+def _violations() -> list[str]:
     found = []
     for name in tracked_files():
-        if is_pending(name) != pending:
-            continue
         text = text_of(name)
         if text is not None:
             found += path_violations(name, text)
@@ -156,13 +146,7 @@ def _violations(pending: bool) -> list[str]:
 
 
 def test_no_research_notes_or_machine_paths():
-    found = _violations(pending=False)
-    assert not found, "\n".join(found)
-
-
-@pytest.mark.xfail(reason=PENDING_REASON, strict=False)
-def test_no_research_notes_or_machine_paths_pending_areas():
-    found = _violations(pending=True)
+    found = _violations()
     assert not found, "\n".join(found)
 
 
@@ -216,11 +200,11 @@ def doc_links(name: str, markdown: str) -> list[tuple[str, str]]:
     return found
 
 
-def _unresolved(pending: bool) -> list[str]:
+def _unresolved() -> list[str]:
     anchors: dict[str, dict[str, set[str]]] = {}
     bad = []
     for name in tracked_files():
-        if is_pending(name) != pending or not name.endswith((".py", ".md", ".ipynb")):
+        if not name.endswith((".py", ".md", ".ipynb")):
             continue
         text = text_of(name)
         if text is None:
@@ -243,14 +227,31 @@ def _unresolved(pending: bool) -> list[str]:
 
 
 def test_every_citation_and_docs_link_resolves():
-    bad = _unresolved(pending=False)
+    bad = _unresolved()
     assert not bad, "\n".join(bad)
 
 
-@pytest.mark.xfail(reason=PENDING_REASON, strict=False)
-def test_every_citation_and_docs_link_resolves_pending_areas():
-    bad = _unresolved(pending=True)
-    assert not bad, "\n".join(bad)
+BARE_CITATION = re.compile(r"(?<!\[)§\s?\d+(?:\.\d+)*(?!\]\()")
+
+
+def bare_citations(markdown: str) -> list[str]:
+    """The "§N.N" of ``markdown`` that are not the text of a link."""
+    return BARE_CITATION.findall(markdown)
+
+
+def test_every_citation_in_a_notebook_is_a_link():
+    """Students read notebooks in JupyterLab or on GitHub: a "§" there must open the section."""
+    bare = []
+    for name in tracked_files():
+        if name.endswith(".ipynb"):
+            text = text_of(name)
+            bare += [f"{name}: {c}" for c in bare_citations(markdown_of(name, text))] if text else []
+    assert not bare, "citations that are not links (use labkit.docs.link):\n" + "\n".join(bare)
+
+
+def test_bare_citations_are_found():
+    linked = docs.link("1.2", "notebooks")
+    assert bare_citations(f"see {linked} and §1.7, also [§2.1](x.md#s2.1)") == ["§1.7"]
 
 
 def test_citation_checker_catches_a_dead_section_and_anchor(tmp_path):

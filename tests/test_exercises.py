@@ -221,6 +221,24 @@ def test_a_wrong_answer_prints_a_cross_and_the_hint_and_strict_raises_the_same_t
         ex.check({**wrong, "requests": "many"})
 
 
+@pytest.mark.parametrize("mode", ["autograde", "validate"])
+def test_under_nbgrader_a_check_cell_raises_for_wrong_and_for_unanswered(mode, monkeypatch, capsys):
+    """nbgrader 0.9 sets NBGRADER_EXECUTION in the kernel (converters/autograde.py, validator.py) and
+    scores a test cell by whether it raises: there, a wrong answer and an empty one both raise, even
+    from a notebook's non-strict, missing_ok check call (else an empty submission scores full marks)."""
+    ex = exercises.make("balloon_requests", "alice")
+    right, wrong = ex.solve(), {**ex.solve(), "requests": ex.solve()["requests"] + 1}
+    monkeypatch.setenv("NBGRADER_EXECUTION", mode)
+    with pytest.raises(AssertionError, match="no answer yet"):
+        ex.check(ex.blank(), missing_ok=True)
+    with pytest.raises(AssertionError, match="1 of 2 parts is wrong"):
+        ex.check(wrong)
+    capsys.readouterr()
+    assert ex.check(right, missing_ok=True).passed and capsys.readouterr().out.startswith("✓")
+    monkeypatch.delenv("NBGRADER_EXECUTION")
+    assert not ex.check(ex.blank(), missing_ok=True).passed  # a student's notebook: a note, no raise
+
+
 def test_exercise_notebook_runs_on_after_a_wrong_answer(tmp_path):
     """ex01 with a wrong answer typed into exercise 1: its check cell prints the cross and the hint,
     and Run All reaches exercise 2 and the last cell (nbclient, the notebook's own kernel)."""

@@ -49,3 +49,11 @@ def test_problems_are_found():
     text = " | ".join(nbgrader.problems(nb))
     assert "needs points" in text and "cannot be locked" in text
     assert "used twice" in text and "is not made of letters" in text
+
+
+@pytest.mark.parametrize("path", EXERCISES, ids=lambda p: p.name)
+def test_committed_exercise_notebooks_carry_the_markup(path):
+    nb = nbformat.read(path, as_version=4)
+    assert nbgrader.problems(nb) == [] and nb.metadata["labkit"]["template"] == path.stem
+    marked = copy.deepcopy(nb)
+    assert nbgrader.mark(marked, path.stem) == nb  # marking again changes nothing: nothing is stale

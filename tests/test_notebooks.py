@@ -1,14 +1,14 @@
-"""Execute every notebook, drive one explorer widget in a live kernel, and hold 01_balloon's numbers
-against data/baselines/01_balloon.json.
+"""Execute every notebook, drive one explorer widget in a live kernel, and hold 01_balloon's metrics
+against the facts of data/baselines/facts/01_balloon.toml (labkit.regress.facts).
 
 Notebooks run under papermill with the venv's ``python3`` kernel, ``BOKEH_RESOURCES=inline`` (no
-internet) and a temporary working directory, so nothing is written into the repository. Regenerate
-the baseline on purpose with ``pytest tests/test_notebooks.py --update-baselines``.
+internet) and a temporary working directory, so nothing is written into the repository. The
+regression notebooks under notebooks/regression/ are not collected here: they are committed with
+their outputs and nbval runs them (notebooks/regression/conftest.py).
 """
 
 from __future__ import annotations
 
-import fnmatch
 import json
 import os
 import sys
@@ -18,21 +18,16 @@ from pathlib import Path
 import nbformat
 import pytest
 
+from tests import notebook_quotes as quotes
+
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOK_DIR = ROOT / "notebooks"
-NOTEBOOKS = sorted(p for p in NOTEBOOK_DIR.rglob("*.ipynb") if ".ipynb_checkpoints" not in p.parts)
-BASELINE_DIR = ROOT / "data" / "baselines"
+REGRESSION_DIR = NOTEBOOK_DIR / "regression"  # committed WITH outputs; nbval runs them
+NOTEBOOKS = sorted(p for p in NOTEBOOK_DIR.rglob("*.ipynb") if ".ipynb_checkpoints" not in p.parts
+                   and REGRESSION_DIR not in p.parents)
+TEACHING = [p for p in NOTEBOOKS if p.parent == NOTEBOOK_DIR]  # 00..08: the lessons
 KERNEL = "python3"
 NOTEBOOK_TIMEOUT_S = 300
-# used only when a baseline is created for the first time; afterwards the file's own values rule
-DEFAULT_REGRESSION = {
-    "parameters": {"memory": "2G", "seed": 0},
-    "tolerances": [
-        ["*_bytes", {"rel": 0.01, "abs": 1048576}],
-        ["*_count", {"rel": 0.05, "abs": 1}],
-        ["*", {"rel": 0.0, "abs": 0.0}],
-    ],
-}
 
 pytestmark = pytest.mark.notebook
 
@@ -88,32 +83,57 @@ def test_committed_without_outputs_and_with_parameters_first(path: Path):
     assert nb.metadata.get("kernelspec", {}).get("name") == KERNEL
 
 
-# Numbers the notebooks' text quotes ("what you just saw"), held against the notebook's own metrics
-# (written to out_json): (phrase in a markdown cell, whitespace-normalised; metric; value; abs tol)
-QUOTED = {
-    "02_free_page_hinting.ipynb": [
-        ("its downtime is longer (143 ms vs 1 ms)", "idle_hinting_downtime_ms", 143, 0.5),
-        ("its downtime is longer (143 ms vs 1 ms)", "idle_plain_downtime_ms", 1, 0.5),
-        ("hinting is 6x faster in total", "idle_plain_total_time_ms", None, None),
-    ],
-    "07_live_qemu.ipynb": [
-        ("asked for 280 MiB of anonymous memory", "oom_alloc_anon_mib", 280, 0.5),
-        ("the real guest gave back 39 MiB of balloon", "oom_deflate_mib", 39, 0.5),
-        ("real guest keeps 2 MiB plugged", "virtio_mem_kernel_left_plugged_mib", 2, 0.5),
-    ],
-}
+def markdown_cells(nb) -> list[str]:
+    return [c.source for c in nb.cells if c.cell_type == "markdown"]
 
 
-def check_quoted(path: Path, nb, metrics: dict) -> None:
-    text = " ".join(" ".join(c.source.split()) for c in nb.cells if c.cell_type == "markdown")
-    for phrase, metric, value, tol in QUOTED.get(path.name, []):
-        assert phrase in text, f"{path.name}: the text no longer says {phrase!r}"
-        if metric == "idle_plain_total_time_ms":  # "6x faster": plain / hinting total time
-            ratio = metrics["idle_plain_total_time_ms"] / metrics["idle_hinting_total_time_ms"]
-            assert 5.5 <= ratio < 7.5, f"{path.name}: the text says 6x, the metrics say {ratio:.1f}x"
-            continue
-        assert metrics[metric] == pytest.approx(value, abs=tol), (
-            f"{path.name}: the text says {phrase!r}, the notebook measured {metric} = {metrics[metric]}")
+@pytest.mark.parametrize("path", TEACHING, ids=_name)
+def test_every_number_a_note_quotes_is_checked_or_a_fact(path: Path):
+    """Each "What you just saw" note's numbers lie inside a registered quote (checked against the
+    notebook's metrics when it runs) or fact phrase (tests/notebook_quotes.py), and every
+    registered phrase is still in the text."""
+    nb = nbformat.read(path, as_version=4)
+    cells = markdown_cells(nb)
+    assert any(quotes.notes(c) for c in cells), f"{path.name} has no 'What you just saw' note"
+    missing = quotes.unregistered(path.name, cells)
+    assert not missing, "numbers the notes quote but nothing checks:\n" + "\n".join(missing)
+    text = " ".join(" ".join(c.split()) for c in cells)
+    gone = [q.phrase for q in quotes.QUOTES.get(path.name, []) if quotes.normalise(q.phrase) not in text]
+    assert not gone, f"{path.name}: the text no longer says {gone}"
+
+
+def test_the_number_check_catches_an_unregistered_number():
+    note = "**What you just saw:** host RSS fell by only 57 MiB, then by 12 MiB."
+    found = quotes.unregistered("00_start.ipynb", [note])
+    assert len(found) == 1 and found[0].startswith("00_start.ipynb: '12' in …")  # 57 is a quote
+    linked = "**What you just saw:** see [§1.6](../docs/mechanisms.md#s1.6), `x = 3`."
+    assert quotes.unregistered("00_start.ipynb", [linked]) == []  # citations and code are not quotes
+
+
+def check_quoted(path: Path, metrics: dict) -> None:
+    """Every quote of ``path``'s notes holds on this run's metrics."""
+    from labkit.regress.facts import evaluate_expression
+
+    values = {**quotes.flat(metrics), "MiB": quotes.MiB, "GiB": quotes.GiB}
+    off = []
+    for q in quotes.QUOTES.get(path.name, []):
+        if isinstance(q, quotes.Quote):
+            got = evaluate_expression(q.expression, values)
+            if not abs(got - q.value) <= q.tol:
+                off.append(f"the text says {q.phrase!r} ({q.value} ± {q.tol}); {q.expression} = {got}")
+    assert not off, f"{path.name}: text and data disagree:\n" + "\n".join(off)
+
+
+def check_facts(path: Path, metrics: dict) -> None:
+    """The notebook still writes every metric its facts file (data/baselines/facts) uses, and the
+    facts hold at its default parameters."""
+    from labkit.regress import facts
+
+    registry = facts.load()
+    if path.name not in registry:
+        return
+    bad = [f"{r.id}: {r.value} {r.note}" for r in registry[path.name].evaluate(metrics) if not r.ok]
+    assert not bad, f"{path.name} breaks its facts:\n" + "\n".join(bad)
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=_name)
@@ -122,7 +142,7 @@ def test_notebook_executes(path: Path, tmp_path: Path, notebook_times: dict, tmp
     real_guest = path.name in ("07_live_qemu.ipynb", "10_model_vs_real.ipynb")
     live = real_guest and os.environ.get("LABKIT_LIVE") == "1"
     params = {"MODE": "replay"} if real_guest and not live else {}
-    quoted = path.name in QUOTED and not live  # a live run's numbers are its own
+    quoted = not live  # a live run's numbers are its own
     if quoted:
         out_json = tmp_path_factory.mktemp("metrics") / "metrics.json"
         params["out_json"] = str(out_json)
@@ -133,7 +153,9 @@ def test_notebook_executes(path: Path, tmp_path: Path, notebook_times: dict, tmp
     assert not errors
     assert list(tmp_path.iterdir()) == [tmp_path / path.name], "notebooks must not leave files behind"
     if quoted:
-        check_quoted(path, nb, json.loads(out_json.read_text()))
+        metrics = json.loads(out_json.read_text())
+        check_quoted(path, metrics)
+        check_facts(path, metrics)
 
 
 def test_explorer_slider_drives_the_vm_and_the_plots(tmp_path: Path, notebook_times: dict):
@@ -169,46 +191,17 @@ def test_explorer_slider_drives_the_vm_and_the_plots(tmp_path: Path, notebook_ti
     notebook_times["00_start.ipynb (explorer cells, 1G, widget test)"] = time.perf_counter() - start
 
 
-def _tolerance(name: str, rules: list) -> dict:
-    for pattern, tol in rules:
-        if fnmatch.fnmatchcase(name, pattern):
-            return tol
-    return {"rel": 0.0, "abs": 0.0}
+def test_01_balloon_facts(tmp_path: Path, notebook_times: dict):
+    """01_balloon's metrics hold the facts of data/baselines/facts/01_balloon.toml (256 pages per
+    request, MemTotal with and without deflate-on-oom, 256 pages per OOM event, ...): facts with
+    sources and tolerances, not the model's own numbers, so they survive a change of the guest
+    kernel's defaults."""
+    from labkit.regress import facts
 
-
-def test_01_balloon_regression(tmp_path: Path, request, notebook_times: dict):
-    notebook = NOTEBOOK_DIR / "01_balloon.ipynb"
-    baseline_path = BASELINE_DIR / "01_balloon.json"
-    update = request.config.getoption("--update-baselines")
-    if baseline_path.exists():
-        baseline = json.loads(baseline_path.read_text())
-    elif update:
-        baseline = dict(DEFAULT_REGRESSION)
-    else:
-        pytest.fail(f"{baseline_path} is missing; create it with --update-baselines")
+    params = {"memory": "2G", "seed": 0}
     out_json = tmp_path / "metrics.json"
-    _, seconds = execute(notebook, tmp_path,
-                         {**baseline["parameters"], "out_json": str(out_json)})
-    notebook_times[f"01_balloon.ipynb (regression, {baseline['parameters']})"] = seconds
-    metrics = json.loads(out_json.read_text())
-
-    if update:
-        baseline_path.parent.mkdir(parents=True, exist_ok=True)
-        baseline_path.write_text(json.dumps(
-            {"notebook": "notebooks/01_balloon.ipynb",
-             "about": "key metrics of 01_balloon (papermill parameters below), model backend; "
-                      "regenerate on purpose with pytest tests/test_notebooks.py --update-baselines",
-             "parameters": baseline["parameters"], "tolerances": baseline["tolerances"],
-             "metrics": metrics}, indent=1, sort_keys=False) + "\n")
-        return
-
-    expected = baseline["metrics"]
-    assert sorted(metrics) == sorted(expected), (
-        f"metric names changed: new {sorted(set(metrics) - set(expected))}, "
-        f"gone {sorted(set(expected) - set(metrics))}")
-    off = []
-    for name, value in sorted(metrics.items()):
-        tol = _tolerance(name, baseline["tolerances"])
-        if value != pytest.approx(expected[name], rel=tol["rel"], abs=tol["abs"]):
-            off.append(f"{name}: {value} vs baseline {expected[name]} (rel {tol['rel']}, abs {tol['abs']})")
-    assert not off, "01_balloon drifted from its baseline:\n" + "\n".join(off)
+    _, seconds = execute(NOTEBOOK_DIR / "01_balloon.ipynb", tmp_path, {**params, "out_json": str(out_json)})
+    notebook_times[f"01_balloon.ipynb (facts, {params})"] = seconds
+    results = facts.for_notebook("01_balloon.ipynb").evaluate(json.loads(out_json.read_text()))
+    failing = [f"{r.id}: {r.value} {r.note}" for r in results if not r.ok]
+    assert len(results) >= 9 and not failing, "01_balloon breaks facts:\n" + "\n".join(failing)

@@ -377,7 +377,9 @@ def test_explorer_is_a_widget_with_bokeh_models(explorer):
     from jupyter_bokeh.widgets import BokehModel
     assert isinstance(explorer, ipywidgets.VBox)
     models = [w for w in explorer.plots.children if isinstance(w, BokehModel)]
-    assert [m._model for m in models] == [explorer.page_map.figure, explorer.timeseries.layout]
+    # one widget for both plots: a step's changes go to the browser as one message set
+    assert models == [explorer.live]
+    assert explorer.live._model.children == [explorer.page_map.figure, explorer.timeseries.layout]
     assert explorer.slider.max == 2048 and explorer.slider.value == 2048
     used = explorer.vm.sample()
     assert explorer.slider.min == -(-(used["memtotal"] - used["memavailable"]) // MiB)
@@ -387,8 +389,7 @@ def test_explorer_is_a_widget_with_bokeh_models(explorer):
 def test_slider_sets_the_balloon_target_and_plots_get_new_data(explorer):
     vm = explorer.vm
     sent = []
-    explorer.page_map.widget().send = lambda content, buffers=None: sent.append(content)
-    explorer.timeseries.widget().send = lambda content, buffers=None: sent.append(content)
+    explorer.live.send = lambda content, buffers=None: sent.append(content)
     image_before = explorer.page_map.image.copy()
     explorer.slider.value = 1536
     assert vm.sample()["balloon_target"] == 1536 * MiB
@@ -421,7 +422,7 @@ def test_step_moves_balloon_actual_by_at_most_256_pages(explorer):
 def test_play_ticks_and_speed(explorer):
     vm = explorer.vm
     explorer.speed.value = 10.0
-    explorer.play.value += 1  # what the frontend's Play timer does
+    explorer.tick()  # what Play does, once every play_interval_ms (the kernel's own timer)
     assert vm.sample()["t_ms"] == 10.0
     explorer.tick()
     assert vm.sample()["t_ms"] == 20.0
@@ -526,8 +527,9 @@ def test_errors_in_widget_callbacks_show_in_the_status_line(explorer):
     def broken(command, **arguments):
         raise labkit.QMPError("GenericError", "Parameter 'target' expects a size")
     explorer.vm.qmp = broken  # what a failing backend call looks like from a slider drag
-    explorer.play.playing = True
+    explorer.play.value = True
+    assert explorer.play.description == "Pause"
     explorer.slider.value = 1000
     assert isinstance(explorer.error, labkit.QMPError)
     assert "QMPError" in explorer.status_html.value and "expects a size" in explorer.status_html.value
-    assert explorer.play.playing is False
+    assert explorer.playing is False and explorer.play.description == "Play"

@@ -16,8 +16,9 @@ from labkit.units import MiB
 from labkit.viz import palette
 from labkit.viz.migration import MigrationRecorder, MigrationView, comparison, from_run, hinting_status
 from labkit.viz.migration_explorer import MigrationExplorer, PolicySwitch
-from labkit.viz.overcommit import OvercommitView, ReportingExplorer, policy_bars, staircase
+from labkit.viz.overcommit import OvercommitView, policy_bars
 from labkit.viz.pagemap import page_map
+from labkit.viz.reporting import ReportingExplorer, staircase
 
 HINT = {"free_page_hint": True, "iothread": "iothread0"}
 REPORTING = {"free_page_reporting": True}

@@ -14,13 +14,13 @@ import pytest
 
 import labkit
 from labkit.model.pages import PageState
-from labkit.units import MiB
+from labkit.units import MiB, format_size
 from labkit.viz import palette
 from labkit.viz.changes import (
     STATE_NAMES,
-    any_reduce,
+    box_cover,
     describe,
-    outline,
+    outline_data,
     signed_size,
     step_readout,
     transitions,
@@ -57,72 +57,100 @@ def test_signed_sizes_and_the_readout():
     assert describe(moves).endswith("1 more pages in 1 other moves")
 
 
-def test_outline_rings_changed_cells_and_any_reduce_keeps_one_page():
-    mask = np.zeros((8, 1024), dtype=bool)
-    mask[3, 517] = True  # one page among 1024 per cell
-    reduced = any_reduce(mask, 64)
-    assert reduced.shape == (8, 16) and reduced[3, 8] and reduced.sum() == 1
-    ring = outline(reduced, width=1)
-    assert ring[3, 8] == 0 and ring[2:5, 7:10].sum() == 8 and ring.sum() == 8
+def test_box_cover_is_exact_when_few_and_coarse_but_complete_when_many():
+    rng = np.random.default_rng(1)
+    mask = np.zeros((64, 200), dtype=bool)
+    mask[3, 17] = True                      # one cell
+    mask[10:20, 40:90] = True               # a block: one box, not 10 row runs
+    mask[30, 150:200] = mask[31, 0:20] = True  # a run wrapping to the next row: two boxes
+    boxes = box_cover(mask)
+    covered = np.zeros_like(mask)
+    for c0, c1, r0, r1 in boxes:
+        covered[r0:r1, c0:c1] = True
+    assert np.array_equal(covered, mask) and len(boxes) == 4
+    scattered = rng.random((300, 400)) < 0.05  # ~6000 isolated cells
+    boxes = box_cover(scattered, max_boxes=200)
+    assert len(boxes) <= 200
+    covered = np.zeros_like(scattered)
+    for c0, c1, r0, r1 in boxes:
+        covered[r0:r1, c0:c1] = True
+    assert covered[scattered].all()  # coarser, but every changed cell is inside a box
+    assert box_cover(np.zeros((5, 5), bool)).shape == (0, 4)
+    with pytest.raises(ValueError, match="2-D mask"):
+        box_cover(np.zeros(5, bool))
+    data = outline_data(np.array([[0, 4, 1, 2]]), pad_x=0.5, pad_y=0.25)
+    assert data == {"left": [-0.5], "right": [4.5], "top": [0.75], "bottom": [2.25]}
 
 
 def test_one_balloon_request_is_outlined_said_and_zoomable():
     with labkit.open(memory="4G", seed=0) as vm:
         pm = page_map(vm.snapshot(), width=400, height=320, legend="below")
-        assert pm.halo.sum() == 0
+        assert len(pm.outline_source.data["left"]) == 0
         vm.qmp("balloon", value=4096 * MiB - MiB)
         assert vm.step()
         pm.update(vm.snapshot())
-        # 256 pages -> balloon (fill_balloon's batch): off the CPU's per-CPU list first, then the
-        # free lists (rmqueue_pcplist, whose refill may leave a few more pages on the list)
-        into_balloon = [(a, n) for a, b, n in pm.last_moves if b == "balloon"]
-        assert {a for a, _ in into_balloon} <= {"free", "per-CPU free"}
-        assert sum(n for _, n in into_balloon) == 256
-        assert all(b == "balloon" or (a, b) == ("free", "per-CPU free") for a, b, _ in pm.last_moves)
-        changed = pm.changed_pages
+        # a 1 MiB balloon: one fill_balloon batch of 256 pages, free -> balloon, nothing else
+        assert pm.last_moves == [("free", "balloon", 256)]
+        assert pm.changed_pages == 256
         col0, col1, row0, row1 = pm.changed_region()
         assert (col1 - col0) * (row1 - row0) >= 256
-        halo = pm.halo
-        assert halo.any() and halo.shape == pm.image.shape
-        # the outline sits around the cells that changed: those cells now show the balloon
-        rows, cols = np.nonzero(halo)
-        near = pm.image[max(0, rows.min() - 1):rows.max() + 2, max(0, cols.min() - 1):cols.max() + 2]
-        assert (near == palette.G_BALLOON).any()
+        boxes = pm.outline_boxes
+        assert 1 <= len(boxes) <= 4
+        # an OUTLINE: the rectangles surround the changed pages (a stroke just outside them, no
+        # fill), and the cells inside show what the pages became: the balloon
+        changed = np.flatnonzero(pm.grid._state == PageState.BALLOON)
+        rows, cols = np.divmod(changed, pm.row_pages)
+        for r, c in zip(rows, cols, strict=True):
+            assert ((boxes[:, 0] < c) & (c < boxes[:, 1]) & (boxes[:, 2] < r) & (r < boxes[:, 3])).any()
+        inside = pm.image[rows, cols // pm.cell]
+        assert (inside == palette.G_BALLOON).all()
+        glyph = next(r.glyph for r in pm.figure.renderers if r.data_source is pm.outline_source)
+        assert glyph.fill_alpha == 0 and glyph.line_color == palette.CHANGED_COLOR
         assert pm.zoom_to_change()
         x0, x1 = pm.figure.x_range.start, pm.figure.x_range.end
         y1, y0 = pm.figure.y_range.start, pm.figure.y_range.end  # rows grow downwards
         assert x0 <= col0 and col1 <= x1 and y0 <= row0 and row1 <= y1
         assert y1 - y0 < pm.rows / 4  # zoomed in on the rows the request touched
-        pm.update(vm.snapshot())  # the same snapshot again: nothing changed, no outline change
-        assert pm.changed_pages == changed
+        # zoomed: the outline follows, its stroke still 1.5 screen pixels outside the cells
+        assert len(pm.outline_boxes) == len(boxes) and (np.diff(pm.outline_boxes[:, 2:]) < 1.2).all()
+        pm.update(vm.snapshot())  # the same snapshot again: nothing changed since, no outline
+        assert pm.changed_pages == 0 and pm.last_moves == [] and len(pm.outline_boxes) == 0
 
 
 def test_explorer_step_readout_and_step_to_change():
+    """The readout of a Step is true: the acknowledged request moved actual by at most 256 pages
+    (VIRTIO_BALLOON_ARRAY_PFNS_MAX, §1.2), and the pages the driver already took for the next
+    request (fill_balloon runs again at once while the target is unmet) are said apart, so that
+    "acknowledged + already sent" is exactly what the page map shows moving."""
     ex = explore(memory="1G", seed=0)
     try:
         ex.step()
         assert "nothing to do" in ex.change_html.value  # at its target: says so
         ex.slider.value = ex.slider.max - 4  # 4 MiB: four requests of 256 pages
         rss = ex.vm.sample()["host_rss"]
+        events = ex.live.sent_events
         assert ex.step() and ex.requests == 1
+        assert ex.live.sent_messages > 0 and ex.live.sent_events > events
         text = ex.change_html.value
-        # when request 1 is acked the driver has already taken the next batch of 256 pages off
-        # the free lists (fill_balloon runs again at once while the target is unmet)
-        # (off the per-CPU list first, then the free lists: rmqueue_pcplist)
         moved = ex.page_map.last_moves
-        ballooned = sum(n for _, b, n in moved if b == "balloon")
-        assert moved[0][1] == "balloon" and moved[0][0] in ("free", "per-CPU free")
-        assert ballooned in (256, 512)
-        assert text.startswith(f"<b>request 1: {moved[0][2]} pages {moved[0][0]} → balloon")
-        assert 0 < rss - ex.vm.sample()["host_rss"] <= ballooned * 4096
+        assert moved == [("free", "balloon", 512)]
+        assert text.startswith("<b>request 1: 256 pages into the balloon, acknowledged (actual −1.0 MiB); "
+                               "256 more already sent · map: 512 pages free → balloon · host RSS −")
+        assert 0 < rss - ex.vm.sample()["host_rss"] <= 512 * 4096
+        assert ex.vm.sample()["balloon_size"] == 512 * 4096  # what the readout calls "already sent"
         n = ex.step_to_change()
         assert n == 1 and ex.requests == 2  # one request already changes the 1 GiB overview
+        assert ex.last_readout.startswith("request 2: 256 pages into the balloon, acknowledged")
         assert ex.zoom_to_change()
-        ex.tick()
-        assert "ms: " in ex.change_html.value
         while ex.step():
             pass
         assert ex.vm.qmp("query-balloon")["actual"] == (1024 - 4) * MiB
+        # the last request: acknowledged, nothing more sent, nothing new on the map
+        assert ex.last_readout.startswith("request 4: 256 pages into the balloon, acknowledged (actual "
+                                          "−1.0 MiB) · map: no page changed state")
+        assert len(ex.page_map.outline_source.data["left"]) == 0  # no change, no outline
+        ex.tick()
+        assert ex.last_readout.startswith("100 ms: no request acknowledged · map: no page changed")
         assert ex.step_to_change() == 1  # nothing to do: one (empty) step, then stop
     finally:
         ex.vm.close()
@@ -147,4 +175,168 @@ def test_incremental_update_draws_what_a_fresh_map_draws(n_changed):
         assert np.array_equal(pm.image, fresh.image)
         assert np.array_equal(pm.counts, fresh.counts)
         assert pm.legend_source.data["label"] == fresh.legend_source.data["label"]
-        assert pm.changed_pages == n_changed
+        # what counts as changed is what the picture shows: pages whose category in this view moved
+        shown = palette.classify(state, flags, view) != palette.classify(new_state, new_flags, view)
+        assert pm.changed_pages == int(shown.sum()) and set(pm.grid.changed) == set(np.flatnonzero(shown))
+        assert sum(n for *_, n in pm.last_moves) == pm.changed_pages
+
+
+# --- Play runs in the kernel ---------------------------------------------------------------------
+def test_play_ticks_on_the_kernels_event_loop_and_stops(monkeypatch):
+    """Play is a toggle: while it is on, the event loop the explorer runs in (the kernel's, in a
+    notebook) calls tick() every play_interval_ms, with no message from the browser per frame; it
+    stops when pressed again, after MAX_PLAY_TICKS, and at the first error (shown in the widget)."""
+    import asyncio
+
+    from labkit.viz import controls
+
+    ex = explore(memory="1G", seed=0, tick_ms=10.0, play_interval_ms=10)
+
+    async def play_for(seconds: float) -> None:
+        ex.play.value = True
+        await asyncio.sleep(seconds)
+        ex.play.value = False
+
+    try:
+        asyncio.run(play_for(0.3))
+        ticks = ex.play_ticks
+        assert ticks >= 3 and ex.vm.sample()["t_ms"] == pytest.approx(10.0 * ticks)
+        assert ex.play.description == "Play"
+        asyncio.run(asyncio.sleep(0.05))  # paused: nothing ticks any more
+        assert ex.vm.sample()["t_ms"] == pytest.approx(10.0 * ticks)
+        monkeypatch.setattr(controls, "MAX_PLAY_TICKS", 2)
+        asyncio.run(play_for(0.2))
+        assert ex.play_ticks == 2 and not ex.playing  # stopped by itself
+        ex.play.value = True  # outside an event loop (a script): nothing ticks by itself
+        assert ex.play_ticks == 0 and ex._play_timer is None
+        ex.play.value = False
+    finally:
+        ex.vm.close()
+
+    async def play_closed() -> None:
+        ex.play.value = True
+        await asyncio.sleep(0.1)
+
+    asyncio.run(play_closed())  # the VM is closed: the first tick fails, Play stops, the error shows
+    assert not ex.playing and isinstance(ex.error, RuntimeError) and "closed" in ex.status_html.value
+
+
+# --- what each stepper says is what happened -------------------------------------------------------
+def test_migration_readout_says_the_hinting_round_and_what_was_sent():
+    """02's explorer: the first tick of a hinting migration. The guest hands QEMU free blocks of
+    order 10 (4 MiB, 1024 pages; §2.2) and QEMU clears their bits from the dirty bitmap; the
+    readout's numbers are the page map's and query-migrate's."""
+    from labkit.viz.migration_explorer import MigrationExplorer
+
+    hint = {"free_page_hint": True, "iothread": "iothread0"}
+    ex = MigrationExplorer(factory=lambda: labkit.open(memory="1G", seed=0, balloon=hint),
+                           migrate="tcp:127.0.0.1:4444", tick_ms=1, sample_ms=1)
+    try:
+        facts = [ex._facts]
+        ex.tick = (lambda tick: lambda: (facts.append(ex._facts), tick())[1])(ex.tick)
+        n = ex.step_to_change()  # 1 ms ticks until the map changes: the round's hinted blocks
+        before, after, text = facts[-1], ex._facts, ex.last_readout
+        assert 1 <= n <= 10
+        held = ex.status["held_blocks"]
+        assert held > 0 and f"the guest holds {held} blocks of 4 MiB" in text
+        assert ex.page_map.last_moves == [("free", "hinted", held * 1024)]
+        assert f"map: {held * 1024} pages free → hinted" in text
+        assert "QEMU REQUESTED → START" in text  # QEMU saw its command ID come back (§2.1)
+        assert after["hinted"] == before["hinted"] and "cleared" not in text  # not read yet
+        while ex._facts["hinted"] == 0:  # QEMU's I/O thread reads the hints: bits leave the bitmap
+            ex.step()
+        before, after, text = facts[-1], ex._facts, ex.last_readout
+        cleared = after["hinted"] - before["hinted"]
+        assert 0 < cleared <= held * 1024 and f"QEMU cleared {cleared} pages from the bitmap" in text
+        sent = after["normal"] - before["normal"], after["zero"] - before["zero"]
+        assert f"({sent[0]} normal pages, {sent[1]} zero pages)" in text
+        assert f"sent {format_size(after['transferred'] - before['transferred'])}" in text
+        assert ex.step_to_change() >= 1  # later ticks send pages, then DONE frees the blocks
+        while ex.vm.qmp("query-migrate")["status"] != "completed":
+            ex.step()
+        assert "hinting" in ex.last_readout or "stop-and-copy" in ex.last_readout
+    finally:
+        ex.vm.close()
+
+
+def test_reporting_readout_matches_the_counters_and_the_map():
+    """03's explorer: a pass reports free blocks of order >= 9 (2 MiB) in batches of at most 32
+    (PAGE_REPORTING_CAPACITY, §3.3); the pages it reported turn "free (reported)" on the map, and
+    the readout's MiB are sample()'s reported_bytes."""
+    from labkit.viz.reporting import ReportingExplorer
+
+    vm = labkit.open(memory="1G", seed=0, balloon={"free_page_reporting": True})
+    vm.advance(30_000)
+    ex = ReportingExplorer(vm, job_mib=256)
+    try:
+        ex.run_job(256)
+        assert ex.last_readout.startswith("a 256 MiB job ran and exited")
+        before = ex.facts()
+        assert ex.step_to_change() == 2
+        after = ex.facts()
+        reported = after["reported_bytes"] - before["reported_bytes"]
+        reports = after["reports"] - before["reports"]
+        assert reported > 0 and reported <= reports * 32 * 4 * MiB
+        moves = dict(((a, b), n) for a, b, n in ex.page_map.last_moves)
+        assert moves[("free", "free (reported)")] * 4096 == reported
+        assert f"{reports} reports; free and reported {signed_size(reported)}" in ex.last_readout
+        assert len(ex.page_map.outline_boxes) >= 1
+    finally:
+        vm.close()
+
+
+def test_virtio_mem_readout_and_outline_of_one_unplugged_subblock():
+    """05's explorer: below a whole block, the driver unplugs one 2 MiB subblock per request
+    (§5.5): one UNPLUG request, one grid cell plugged -> unplugged, outlined."""
+    from labkit.viz.memblocks import MOVABLE, UNPLUGGED
+    from labkit.viz.memblocks_explorer import explore_virtio_mem
+
+    ex = explore_virtio_mem(memory="1G", seed=0, balloon=False, memhp_default_state="online_movable",
+                            virtio_mem=[{"id": "vm0", "size": "1G"}])
+    try:
+        ex.slider.value = 128
+        ex.tick()
+        ex.slider.value = 126
+        assert ex.step()
+        text = ex.last_readout
+        assert text.startswith("step (+") and "1 UNPLUG request" in text
+        assert "plugged 128 MiB → 126 MiB" in text
+        assert ex.grid.last_moves == [("plugged, online ZONE_MOVABLE", "unplugged", 1)]
+        (x0, x1, y0, y1), = ex.grid.outline_boxes
+        assert x0 < 63 < x1 and y0 < 0.5 < y1  # the top subblock of block 0 (from the top, §5.5)
+        assert ex.grid.image[0, 63] == UNPLUGGED and ex.grid.image[0, 62] == MOVABLE
+        assert ex.step_to_change() == 1 and "no driver event" in ex.last_readout  # done: no event
+    finally:
+        ex.vm.close()
+
+
+def test_writeback_stepper_outlines_and_says_what_the_flusher_and_the_crash_did(tmp_path):
+    """04's stepper: host page cache pages dirty for dirty_expire_centisecs (30 s) are written by
+    the flusher that wakes every dirty_writeback_centisecs (5 s; mm/page-writeback.c), so 32 MiB
+    written at t = 0 turn clean at the 35 s step; a crash then loses what is still dirty."""
+    from labkit.model.host import Host
+    from labkit.units import GiB, PAGE_SIZE
+    from labkit.viz.pagecache import WritebackStepper
+
+    image = tmp_path / "disk.img"
+    with open(image, "wb") as f:
+        f.truncate(1 << 30)
+    spec = [{"id": "vpmem0", "path": str(image), "size": "1G"}]
+    with labkit.open(memory="1G", seed=0, host=Host(8 * GiB), model={"boot": "minimal"},
+                     virtio_pmem=spec) as vm:
+        vm.guest("pmem_write", device="vpmem0", offset=0, size="32M")
+        stepper = WritebackStepper(vm, vm.virtio_pmem.devices[0].file, pages=64 * MiB // PAGE_SIZE)
+        stepper.widget()
+        assert stepper.step_to_change() == 7 and vm.now_ms == 35_000
+        assert stepper.last_moves == [("dirty (not on disk)", "clean (cached)", 256)]
+        assert "in the host page cache 32 → 0 MiB" in stepper.last_readout
+        assert "256 cells (32 MiB) dirty (not on disk) → clean (cached)" in stepper.last_readout
+        (x0, x1, _, _), = [tuple(b) for b in np.array(
+            [stepper.outline_source.data[k] for k in ("left", "right", "top", "bottom")]).T]
+        assert 0 < x0 < 2 and 254 < x1 < 256  # just inside the first 256 cells (128 KiB each)
+        vm.guest("pmem_write", device="vpmem0", offset=32 * MiB, size="16M")
+        stepper.refresh("a 16 MiB write")
+        assert stepper.last_readout.startswith("a 16 MiB write: ") and "16 MiB" in stepper.last_readout
+        stepper.crash()
+        assert stepper.last_readout.startswith("host crash at t = 35 s: 16 MiB that was dirty")
+        assert ("dirty (not on disk)", "lost in crash", 128) in stepper.last_moves

@@ -2,7 +2,7 @@
 
 Every exercise draws its numbers (guest size, target, workload sizes...) from a hash of its name,
 the student's id and a seed, so a student always gets the same variant, two students get different
-ones, and an instructor can list everyone's numbers and expected answers for marking. The expected
+ones, and an instructor can list everyone's numbers and expected answers (the answer key). The expected
 answer is never written down: the checker runs the model on the variant and compares. A wrong
 answer prints a cross and a hint that points at the mechanism (and its section of the mechanism
 reference, e.g. §1.2), and the notebook runs on; a right one prints a tick. With ``strict=True``
@@ -32,7 +32,7 @@ An instructor:
 >>> table = exercises.variants("balloon_requests", students=["alice", "bob"])
 >>> table.columns[:3]
 ['exercise', 'student', 'seed']
->>> csv_text = table.to_csv()                           # or table.to_csv("marks.csv")
+>>> csv_text = table.to_csv()                           # or table.to_csv("answer_key.csv")
 >>> csv_text.splitlines()[1].startswith("balloon_requests,alice,0,")
 True
 """
@@ -96,7 +96,7 @@ def check(exercise: str | Spec, student: str | int, answer: Any, seed: int = 0, 
 
 
 class Variants:
-    """The marking table :func:`variants` returns: one row per student (a dict), with the
+    """The answer key :func:`variants` returns: one row per student (a dict), with the
     variant's parameters and the expected answers (``expected_<part>``)."""
 
     def __init__(self, rows: list[dict], columns: list[str]):
@@ -141,7 +141,9 @@ def _fmt(value: Any) -> str:
 
 
 def variants(exercise: str | Spec, students: Iterable[str | int], seed: int = 0) -> Variants:
-    """Each student's parameters and expected answers, for marking (runs the model per student).
+    """The answer key: each student's parameters and expected answers (runs the model per student).
+    ``labkit answer-key`` writes it for several exercises at once; ``labkit grade`` marks what the
+    students hand in.
 
     >>> rows = variants("virtio_mem_requests", students=["alice", "bob"])
     >>> [row["student"] for row in rows], "expected_plug_requests" in rows.columns

@@ -36,13 +36,17 @@ from __future__ import annotations
 import hashlib
 import math
 import numbers
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from labkit import docs
+
 KINDS = ("int", "float", "bool")
+DOCS_FROM = "notebooks/exercises"  # where the exercise notebooks are: the prompt's links start there
 MISSING_NOTE = "✎ write your answer in the cell above (replace None), then run this cell again."
 
 
@@ -192,6 +196,7 @@ class Exercise:
         self.student = student
         self.seed = seed
         self.params = dict(params)
+        self.docs_from = DOCS_FROM  # the folder the prompt is shown in (its § links are relative)
         self._outcome: tuple[dict, dict] | None = None
 
     @property
@@ -228,6 +233,8 @@ class Exercise:
             lines.append(f"* `{p.name}`: {p.label} ({p.kind}{unit}{tol})")
         if len(self.parts) > 1:
             lines.append("\nas a dict: `{" + ", ".join(f'"{p.name}": ...' for p in self.parts) + "}`.")
+        lines += ["", "The mechanism: " + " · ".join(docs.link(s, self.docs_from) for s in self.spec.sections)
+                  + " (labkit's reference)."]
         return "\n".join(lines)
 
     def _repr_markdown_(self) -> str:
@@ -249,11 +256,12 @@ class Exercise:
         return {p.name: expected[p.name] for p in self.parts}
 
     def explain(self) -> str:
-        """The worked solution with this variant's numbers."""
+        """The worked solution with this variant's numbers, and where its § citations are."""
         facts, expected = self._run()
         if self.spec.explain is None:
             return "\n".join(f"{p.name} = {expected[p.name]!r}" for p in self.parts)
-        return self.spec.explain(self.params, facts, expected)
+        text = self.spec.explain(self.params, facts, expected)
+        return text + references(text)
 
     def _answers(self, answer: Any) -> dict[str, Any]:
         names = [p.name for p in self.parts]
@@ -277,7 +285,13 @@ class Exercise:
         counts as not right, unless ``missing_ok`` (for notebooks that must run before the
         student answers): then a note is printed and the right parts are reported. A malformed
         answer (unknown key, a string for a number...) raises ``TypeError`` or ``ValueError``
-        naming it, before anything runs, whatever ``strict``."""
+        naming it, before anything runs, whatever ``strict``.
+
+        Under nbgrader's autograder or validator (``NBGRADER_EXECUTION`` is set in the kernel's
+        environment) ``strict`` is forced on and an unanswered part is wrong too: a test cell must
+        raise, or an empty submission would score full marks."""
+        if os.environ.get("NBGRADER_EXECUTION"):  # nbgrader 0.9: converters/autograde.py, validator.py
+            strict, missing_ok = True, False
         given = {p.name: p.coerce(v) for p, v in zip(self.parts, self._answers(answer).values(),
                                                        strict=True)}
         who = f"{self.name} ({self.student}, seed {self.seed})"
@@ -306,7 +320,9 @@ class Exercise:
 
     @staticmethod
     def _fail(message: str, strict: bool, result: Result) -> Result:
-        """Raise ``AssertionError(message)`` (strict) or print it after a cross."""
+        """Raise ``AssertionError(message)`` (strict) or print it after a cross; a hint's §
+        citations are followed by where they are in the repository."""
+        message += references(message)
         if strict:
             raise AssertionError(message)
         print(f"✗ {message}")
@@ -324,6 +340,20 @@ class Exercise:
             if part.tolerance_text:
                 verdict += f" (by more than {part.tolerance_text})"
         return f"  {part.name}: {given!r} {verdict}. Hint: {hint}"
+
+
+def references(text: str) -> str:
+    """For printed text (hints, worked solutions): a last line naming the file and anchor of each §
+    the text cites, e.g. "\n  (§1.2 is docs/mechanisms.md#s1.2)"; empty if it cites none.
+
+    >>> print(references("each request moves 256 pages (§1.2); see also §1.7.").strip())
+    (§1.2 is docs/mechanisms.md#s1.2, §1.7 is docs/mechanisms.md#s1.7 in labkit's repository)
+    """
+    cited = list(dict.fromkeys(docs.CITATION.findall(text)))
+    if not cited:
+        return ""
+    where = ", ".join(f"§{n} is {docs.DOCS_DIR}/{docs.MECHANISMS}#{docs.anchor(n)}" for n in cited)
+    return f"\n  ({where} in labkit's repository)"
 
 
 def near(given: float, value: float, rel: float = 0.02, abs_: float = 0.5) -> bool:

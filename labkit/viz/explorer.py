@@ -1,11 +1,17 @@
 """The balloon explorer: a target slider, Step / Play / Reset, a status line, the page map and the
 time series, all live in one ipywidgets layout.
 
-The plots are ``jupyter_bokeh`` ``BokehModel`` widgets; every control's ``.observe`` callback calls
-the backend's public API (``qmp("balloon")``, ``step()``, ``advance(ms)``), then streams a new
-``sample()`` row into the time series and gives the page map the new ``snapshot()`` (a patch of the
-changed cells, or new image data). Nothing is rebuilt, and the views never touch model state
-directly.
+The page map and the time series are one Bokeh row in one :class:`~labkit.viz.shown.LiveBokeh`
+widget; every control's ``.observe`` callback calls the backend's public API (``qmp("balloon")``,
+``step()``, ``advance(ms)``), then streams a new ``sample()`` row into the time series and gives the
+page map the new ``snapshot()`` (a patch of the changed cells, new outline rectangles), all sent to
+the browser as one message set. Nothing is rebuilt, and the views never touch model state directly.
+
+The readout says what a step did, in the balloon's own numbers: the request that was acknowledged
+(``actual`` moved by at most 256 pages, VIRTIO_BALLOON_ARRAY_PFNS_MAX, §1.2), and the next request
+the driver has already sent (``fill_balloon`` runs again at once while the target is unmet, so its
+256 pages are out of the free lists before the first ack is read: ``balloon_size`` minus the
+acknowledged balloon), then what changed on the page map and in host RSS.
 
 Headless kernels (papermill, nbmake, pytest) have no frontend to tick the Play widget, so
 :meth:`Explorer.tick` does one Play tick by hand; setting ``explorer.slider.value`` in a cell fires
@@ -29,11 +35,13 @@ from collections.abc import Callable
 from typing import Any
 
 import ipywidgets as widgets
+from bokeh.layouts import row as bokeh_row
 
-from labkit.units import MiB, format_size
-from labkit.viz.changes import signed_size, step_readout
+from labkit.units import MiB, PAGE_SIZE, format_size
+from labkit.viz.changes import describe, signed_size
 from labkit.viz.controls import SteppingControls
 from labkit.viz.pagemap import PageMap
+from labkit.viz.shown import LiveBokeh
 from labkit.viz.timeseries import TimeSeries
 
 TICK_MS_CHOICES = (("1 ms", 1.0), ("10 ms", 10.0), ("100 ms", 100.0), ("1 s", 1000.0))
@@ -82,7 +90,7 @@ class Explorer(SteppingControls, widgets.VBox):
     """
 
     def __init__(self, vm: Any = None, *, factory: Callable[[], Any] | None = None,
-                 tick_ms: float = 100.0, view: str = "guest", play_interval_ms: int = 200,
+                 tick_ms: float = 100.0, view: str = "guest", play_interval_ms: int = 100,
                  **options: Any):
         if vm is None and factory is None:
             if not options:
@@ -121,9 +129,11 @@ class Explorer(SteppingControls, widgets.VBox):
         page_map = PageMap(vm.snapshot(), view=view, width=400, height=320,
                            legend="below") if has_pages else None
         timeseries = TimeSeries([first], width=440, height=230)
-        # side by side: 470 + 440 px fit a 900 px output area (the map's legend sits below it)
-        plots = widgets.HBox(([page_map.widget()] if has_pages else []) + [timeseries.widget()],
-                             layout=widgets.Layout(flex_flow="row wrap"))
+        # side by side in ONE widget (one message set per step): 470 + 440 px fit a 900 px
+        # output area; the map's legend sits below it
+        live = LiveBokeh(bokeh_row(page_map.figure, timeseries.layout)) if has_pages else (
+            timeseries.widget())
+        plots = widgets.HBox([live])
         super().__init__(children=[
             widgets.HBox([slider, self.step_button, self.visible_button, self.reset_button]),
             widgets.HBox([self.play, self.speed] + [view_buttons, zoom_button] * has_pages),
@@ -133,9 +143,10 @@ class Explorer(SteppingControls, widgets.VBox):
         self.owns_vm = owns
         self.slider, self.view_buttons, self.status_html = slider, view_buttons, status_html
         self.change_html, self.zoom_button = change_html, zoom_button
-        self.page_map, self.timeseries, self.plots = page_map, timeseries, plots
+        self.page_map, self.timeseries, self.plots, self.live = page_map, timeseries, plots, live
         self.last_step: bool | None = None
         self.requests = 0  # balloon requests completed through this explorer's Step
+        self.last_readout = ""
         self._last_row = first
         self._syncing = False
         slider.observe(self._guarded(self._on_target), names="value")
@@ -180,13 +191,9 @@ class Explorer(SteppingControls, widgets.VBox):
         self.vm.advance(self.tick_ms)
         self.refresh(f"{self.tick_ms:g} ms")
 
-    def zoom_to_change(self) -> bool:
-        """Zoom the page map to the pages the last step changed (False: nothing changed)."""
-        return self.page_map is not None and self.page_map.zoom_to_change()
-
     def reset(self) -> None:
         """Re-open the VM with the same arguments (``factory()``); the plots start over."""
-        self.play.playing = False
+        self.stop()
         old = self.vm
         self.vm = self.factory()
         if self.owns_vm:
@@ -211,19 +218,16 @@ class Explorer(SteppingControls, widgets.VBox):
         self.change_html.value = "reset: a fresh VM"
 
     def refresh(self, what: str = "now") -> dict:
-        """Sample the VM and push the new row and snapshot to the plots; say what changed
-        (``what``: "request 17", "100 ms"...) in the readout; returns the row."""
+        """Sample the VM and push the new row and snapshot to the plots (one message set); say what
+        changed (``what``: "request 17", "100 ms"...) in the readout; returns the row."""
         row = self.vm.sample()
-        self.timeseries.append(row)
-        self._update_page_map()
+        with self.live.batch():
+            self.timeseries.append(row)
+            self._update_page_map()
         self._show_status(row)
-        rss = row["host_rss"] - self._last_row["host_rss"]
-        if self.page_map is not None:
-            text = step_readout(what, self.page_map.last_moves, rss)
-        else:
-            text = (f"{what}: actual {signed_size(row['balloon_actual'] - self._last_row['balloon_actual'])}"
-                    f", host RSS {signed_size(rss)}")
-        self.change_html.value = f"<b>{text}</b> (at {row['t_ms']:.1f} ms)"
+        moves = self.page_map.last_moves if self.page_map is not None else None
+        self.last_readout = balloon_readout(what, self._last_row, row, _memory_of(self.vm, row), moves)
+        self.change_html.value = f"<b>{self.last_readout}</b> (at {row['t_ms']:.1f} ms)"
         self._last_row = row
         return row
 
@@ -238,7 +242,8 @@ class Explorer(SteppingControls, widgets.VBox):
 
     def _update_page_map(self) -> None:
         if self.page_map is not None:
-            self.page_map.update(self.vm.snapshot())
+            with self.live.batch():
+                self.page_map.update(self.vm.snapshot())
 
     def _show_status(self, row: dict) -> None:
         balloon = getattr(self.vm, "balloon", None)
@@ -257,6 +262,43 @@ class Explorer(SteppingControls, widgets.VBox):
 
     def __repr__(self) -> str:
         return f"<Explorer of {self.vm!r}>"
+
+
+def balloon_readout(what: str, before: dict, after: dict, memory: int,
+                    moves: list[tuple[str, str, int]] | None) -> str:
+    """What a step or tick did, from two ``vm.sample()`` rows: the pages the host acknowledged
+    (``actual`` is the logical size, so a growing balloon lowers it), the pages of a request the
+    driver has sent but QEMU has not acknowledged yet (``balloon_size`` minus the acknowledged
+    balloon), then the page map's moves and host RSS.
+
+    >>> G, M = 1 << 30, 1 << 20
+    >>> before = {"balloon_actual": G, "balloon_size": 0, "host_rss": 100 * M}
+    >>> after = {"balloon_actual": G - M, "balloon_size": 2 * M, "host_rss": 98 * M}
+    >>> text = balloon_readout("request 1", before, after, G, [("free", "balloon", 512)])
+    >>> for part in text.split(" · "):
+    ...     print(part)
+    request 1: 256 pages into the balloon, acknowledged (actual −1.0 MiB); 256 more already sent
+    map: 512 pages free → balloon
+    host RSS −2.0 MiB
+    """
+    held = lambda r: (memory - int(r["balloon_actual"])) // PAGE_SIZE  # noqa: E731
+    acked = held(after) - held(before)
+    pending = int(after.get("balloon_size", 0)) // PAGE_SIZE - held(after)
+    parts = []
+    if acked:
+        where = "into" if acked > 0 else "out of"
+        parts.append(f"{abs(acked)} pages {where} the balloon, acknowledged (actual "
+                     f"{signed_size(-acked * PAGE_SIZE)})")
+    else:
+        parts.append("no request acknowledged")
+    if pending > 0:
+        parts[-1] += f"; {pending} more already sent"
+    elif pending < 0:
+        parts[-1] += f"; {-pending} more on their way out"
+    text = f"{what}: {parts[0]}"
+    if moves is not None:
+        text += f" · map: {describe(moves)}"
+    return text + f" · host RSS {signed_size(after['host_rss'] - before['host_rss'])}"
 
 
 def _factory(open_function: Callable[..., Any], options: dict) -> Callable[[], Any]:

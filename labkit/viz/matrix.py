@@ -18,12 +18,14 @@ pros and cons with their evidence and verdict as an HTML table.
 from __future__ import annotations
 
 import html
+import re
 from collections.abc import Sequence
 
 import numpy as np
 from bokeh.models import ColumnDataSource, HoverTool
 from bokeh.plotting import figure
 
+from labkit import docs
 from labkit.scenarios.matrix import JOBS, MECHANISMS, Cell, Claim, MatrixResult, cell_ranks
 from labkit.viz.shown import Shown
 
@@ -40,7 +42,7 @@ def _colour(rank: float) -> str:
 class MatrixView(Shown):
     """The job x mechanism grid of ``cells`` (from :func:`labkit.scenarios.matrix.run_matrix`)."""
 
-    def __init__(self, cells: Sequence[Cell], claims: Sequence[Claim] = (), *, width: int = 980):
+    def __init__(self, cells: Sequence[Cell], claims: Sequence[Claim] = (), *, width: int = 900):
         self.cells, self.claims = list(cells), list(claims)
         jobs = [j for j in JOBS if any(c.job == j for c in self.cells)]
         rows: dict[str, list] = {k: [] for k in ("job", "mechanism", "label", "colour", "details", "y")}
@@ -105,8 +107,26 @@ def _fmt(v: float) -> str:
     return f"{v:.3g}"
 
 
-def claims_table(claims: Sequence[Claim]) -> str:
-    """The claims as an HTML table: claim, mechanism, job, evidence, verdict (coloured), source."""
+def linked(text: str, docs_from: str = "notebooks") -> str:
+    """``text`` as HTML, its "§N.N" citations turned into links into docs/ (relative to the folder
+    ``docs_from`` the HTML is shown in).
+
+    >>> linked("slab makes it fail (§5.5)")
+    'slab makes it fail (<a href="../docs/mechanisms.md#s5.5">§5.5</a>)'
+    """
+    def anchor(m: re.Match) -> str:
+        number = m.group(1)
+        if number not in docs.SECTIONS:
+            return m.group(0)
+        target = docs.link(number, docs_from).split("](", 1)[1][:-1]
+        return f'<a href="{target}">§{number}</a>'
+
+    return docs.CITATION.sub(anchor, html.escape(text))
+
+
+def claims_table(claims: Sequence[Claim], docs_from: str = "notebooks") -> str:
+    """The claims as an HTML table: claim, mechanism, job, evidence, verdict (coloured), source;
+    the § citations of the evidence and the cause link into docs/."""
     head = ("<tr><th>the talk says</th><th>mechanism</th><th>job</th><th>measured</th>"
             "<th>verdict</th><th>from</th><th>why</th></tr>")
     body = []
@@ -114,9 +134,9 @@ def claims_table(claims: Sequence[Claim]) -> str:
         colour = VERDICT_COLOURS.get(c.verdict, "#999999")
         body.append(
             f"<tr><td>{html.escape(c.claim)}</td><td>{html.escape(c.mechanism)}</td>"
-            f"<td>{html.escape(c.job)}</td><td>{html.escape(c.evidence)}</td>"
+            f"<td>{html.escape(c.job)}</td><td>{linked(c.evidence, docs_from)}</td>"
             f"<td style='background:{colour};color:#000'><b>{html.escape(c.verdict)}</b></td>"
-            f"<td>{html.escape(c.label)}</td><td>{html.escape(c.cause)}</td></tr>")
+            f"<td>{html.escape(c.label)}</td><td>{linked(c.cause, docs_from)}</td></tr>")
     return ("<table style='border-collapse:collapse;font-size:90%' border='1' cellpadding='4'>"
             f"{head}{''.join(body)}</table>")
 

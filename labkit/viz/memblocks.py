@@ -10,9 +10,14 @@ added yet; plugged in an added but offline block; online in ZONE_MOVABLE or ZONE
 computed with numpy from the driver's ``plugged`` bitmap, ``kernel.hotplug.online_blocks`` and the
 page states (a loop over devices and over online blocks, never over pages).
 
-**The timeline** (:class:`ResizeTimeline`): requested and plugged size (and MemTotal) from
-``vm.sample()`` rows, with a marker for every driver work run that failed (-EBUSY, -ETXTBSY,
--ENOMEM, -ENOSPC) and the retry timer each failure armed: 50 s, then 100 s, 200 s, 300 s (§5.6).
+:meth:`MemoryBlockGrid.update` outlines the cells whose category changed since the last update
+(magenta rectangles around them, as on the page map) and names the moves in ``last_moves``, in
+cells: "3 cells plugged, online ZONE_MOVABLE → unplugged" is three 2 MiB subblocks unplugged.
+
+**The timeline** (:class:`ResizeTimeline`, in :mod:`labkit.viz.memtimeline`): requested and plugged
+size (and MemTotal) from ``vm.sample()`` rows, with a marker for every driver work run that failed
+(-EBUSY, -ETXTBSY, -ENOMEM, -ENOSPC) and the retry timer each failure armed: 50 s, then 100 s,
+200 s, 300 s (§5.6).
 
 :func:`explore_virtio_mem` puts both in a widget with a requested-size slider, Step (until the next
 driver event), Play / Pause and Reset; it lives in :mod:`labkit.viz.memblocks_explorer`.
@@ -32,23 +37,20 @@ driver event), Play / Pause and Reset; it lives in :mod:`labkit.viz.memblocks_ex
 
 from __future__ import annotations
 
-import errno
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from bokeh.layouts import column
 from bokeh.models import ColumnDataSource, CustomJSHover, HoverTool, LinearColorMapper, Range1d
 from bokeh.plotting import figure
 
-from labkit.devices.virtio_mem_driver import VIRTIO_MEM_RETRY_TIMER_MAX_MS, VIRTIO_MEM_RETRY_TIMER_MIN_MS
 from labkit.model.hotplug import UNMOVABLE_STATES
 from labkit.model.pages import PAGES_PER_MEMORY_BLOCK
-from labkit.units import GiB, MiB, PAGE_SIZE, format_size
+from labkit.units import MiB, PAGE_SIZE, format_size
+from labkit.viz.changes import add_outline, box_cover, outline_data, transitions
+from labkit.viz.memtimeline import RETRY_ERRORS, ResizeTimeline, retry_schedule
 from labkit.viz.palette import Category
 from labkit.viz.shown import Shown
-from labkit.viz.timeseries import _rows_of, time_axis
 
 UNPLUGGED, NOT_USABLE, NOT_ADDED, OFFLINE, MOVABLE, NORMAL, BUSY = range(7)
 BLOCK_CATEGORIES: tuple[Category, ...] = (  # Okabe-Ito colours; greys for "no memory here"
@@ -62,7 +64,6 @@ BLOCK_CATEGORIES: tuple[Category, ...] = (  # Okabe-Ito colours; greys for "no m
 )
 _UNMOVABLE = np.zeros(256, dtype=bool)
 _UNMOVABLE[[int(s) for s in UNMOVABLE_STATES]] = True
-RETRY_ERRORS = (-errno.EBUSY, -errno.ETXTBSY, -errno.ENOMEM)  # virtio_mem_run_wq arms the timer
 DEFAULT_MAX_BLOCKS = 256  # rows drawn per device: 32 GiB of a region
 
 
@@ -165,16 +166,19 @@ class MemoryBlockGrid(Shown):
         self.max_blocks = max_blocks
         self._title = title
         self.grid = block_grid(vm, max_blocks)
+        self.last_moves: list[tuple[str, str, int]] = []
+        self.changed_cells = 0
         n_rows, cols = self.grid.image.shape
         self.source = ColumnDataSource({"image": [self.grid.image], "x": [0], "y": [0],
                                         "dw": [cols], "dh": [n_rows]})
+        self.outline_source = ColumnDataSource(outline_data(np.zeros((0, 4))))
         self.rows_source = ColumnDataSource(self._rows_data())
         self.legend_source = ColumnDataSource(self._legend_data())
         k = len(BLOCK_CATEGORIES)
         mapper = LinearColorMapper(palette=[c.color for c in BLOCK_CATEGORIES], low=-0.5,
                                    high=k - 0.5)
-        fig = figure(frame_width=max(256, cols * cell_px), title=self._title_text(),
-                     frame_height=int(np.clip(n_rows * cell_px, 96, 512)),
+        self._frame = (max(256, cols * cell_px), int(np.clip(n_rows * cell_px, 96, 512)))
+        fig = figure(frame_width=self._frame[0], title=self._title_text(), frame_height=self._frame[1],
                      x_range=Range1d(0, cols, bounds=(0, cols)),
                      y_range=Range1d(n_rows, 0, bounds=(0, n_rows)),
                      tools="pan,wheel_zoom,box_zoom,reset,save", toolbar_location="above",
@@ -184,6 +188,7 @@ class MemoryBlockGrid(Shown):
         image = fig.image(image="image", x="x", y="y", dw="dw", dh="dh", source=self.source,
                           color_mapper=mapper)
         self._add_lines(fig, n_rows, cols)
+        add_outline(fig, self.outline_source)
         fig.scatter(x="x", y="y", color="color", marker="square", size=12, legend_field="label",
                     source=self.legend_source)
         fig.legend[0].label_text_font_size = "9pt"
@@ -240,9 +245,21 @@ class MemoryBlockGrid(Shown):
         return self.source.data["image"][0]
 
     def update(self, vm: Any) -> None:
-        """Recompute from ``vm`` and send only what changed (a patch of the changed rows)."""
+        """Recompute from ``vm`` and send only what changed (a patch of the changed rows); outline
+        the cells whose category changed and name their moves in ``last_moves`` (in cells)."""
+        old = self.grid.image
         self.grid = block_grid(vm, self.max_blocks)
-        _patch_image(self.source, self.grid.image)
+        new = self.grid.image
+        changed = (old != new) if old.shape == new.shape else np.zeros(new.shape, dtype=bool)
+        self.changed_cells = int(changed.sum())
+        self.last_moves = transitions(old[changed], new[changed], [c.name for c in BLOCK_CATEGORIES]) \
+            if old.shape == new.shape else []
+        rows, cols = new.shape
+        boxes = box_cover(changed)
+        outline = outline_data(boxes, pad_x=1.5 * cols / self._frame[0], pad_y=1.5 * rows / self._frame[1])
+        if outline != self.outline_source.data:
+            self.outline_source.data = outline
+        _patch_image(self.source, new)
         legend = self._legend_data()
         if legend["label"] != self.legend_source.data["label"]:
             self.legend_source.data = legend
@@ -251,148 +268,17 @@ class MemoryBlockGrid(Shown):
             self.rows_source.data = rows
         self.figure.title.text = self._title_text()
 
+    @property
+    def outline_boxes(self) -> np.ndarray:
+        """``(n, 4)`` rectangles ``(x0, x1, y0, y1)`` the outline draws now (cells, rows)."""
+        d = self.outline_source.data
+        return np.array([d["left"], d["right"], d["top"], d["bottom"]], dtype=float).T.reshape(-1, 4)
+
     def __repr__(self) -> str:
         return f"<MemoryBlockGrid {self.image.shape[0]} blocks x {self.image.shape[1]} cells>"
 
 
-# --- the retry backoff ------------------------------------------------------------------------------
-def retry_schedule(history: list[tuple[float, str, int]]) -> list[dict]:
-    """The driver's failed work runs and the retry timer each one armed, replayed from its
-    ``history`` [(t_ms, "plug"/"unplug"/"idle", rc)] with virtio_mem_run_wq's rules (§5.6): -EBUSY,
-    -ETXTBSY and -ENOMEM arm the timer unless it is already running; each expiry doubles the delay
-    (50 s up to 300 s); a success resets it to 50 s. Returns one dict per failure: ``t_ms``,
-    ``what``, ``rc``, ``error`` (e.g. "EBUSY"), ``retry_ms`` (the delay armed, or None) and
-    ``retry_at_ms``.
-
-    >>> [(f["error"], f["retry_ms"]) for f in retry_schedule(
-    ...     [(0, "unplug", -16), (50_000, "unplug", -16), (150_000, "unplug", -16)])]
-    [('EBUSY', 50000), ('EBUSY', 100000), ('EBUSY', 200000)]
-    """
-    delay, timer_end, out = VIRTIO_MEM_RETRY_TIMER_MIN_MS, None, []
-    for t, what, rc in history:
-        if timer_end is not None and timer_end <= t:  # the timer fired: doubled, then the work ran
-            delay, timer_end = min(delay * 2, VIRTIO_MEM_RETRY_TIMER_MAX_MS), None
-        if rc == 0:
-            delay = VIRTIO_MEM_RETRY_TIMER_MIN_MS
-            continue
-        armed = rc in RETRY_ERRORS and timer_end is None
-        if armed:
-            timer_end = t + delay
-        out.append({"t_ms": float(t), "what": what, "rc": int(rc),
-                    "error": errno.errorcode.get(-rc, str(rc)), "retry_ms": delay if armed else None,
-                    "retry_at_ms": float(t + delay) if armed else None})
-    return out
+__all__ = ["BLOCK_CATEGORIES", "BlockGrid", "MemoryBlockGrid", "RETRY_ERRORS", "ResizeTimeline", "block_grid",
+           "retry_schedule"]
 
 
-TIMELINE_LINES = (  # (sample key, legend label, colour, dash)
-    ("virtio_mem_requested", "requested-size", "#E69F00", "dashed"),
-    ("virtio_mem_plugged", "size (plugged)", "#0072B2", "solid"),
-    ("memtotal", "guest MemTotal", "#000000", "dotted"),
-)
-
-
-class ResizeTimeline(Shown):
-    """Requested vs plugged size (and MemTotal) over time, with the driver's failures and retry
-    timers; ``append(row)`` streams a ``vm.sample()`` row, ``update_history(vm)`` redraws the
-    markers from the drivers' histories. ``unit`` is "GiB" or "MiB" (default by size).
-
-    >>> tl = ResizeTimeline([{"t_ms": 0, "virtio_mem_requested": 0, "virtio_mem_plugged": 0,
-    ...                       "memtotal": 1 << 30}])
-    >>> tl.set_history([(0.0, "unplug", -16), (50_000.0, "unplug", -16)])
-    >>> tl.failures.data["label"]
-    ['EBUSY, retry in 50 s', 'EBUSY, retry in 100 s']
-    """
-
-    def __init__(self, data: Any, unit: str | None = None, width: int = 720, height: int = 280):
-        rows = _rows_of(data)
-        if unit is None:
-            biggest = max((float(r.get(k, 0) or 0) for r in rows for k, *_ in TIMELINE_LINES), default=0)
-            unit = "GiB" if biggest >= 2 * GiB else "MiB"
-        if unit not in ("GiB", "MiB"):
-            raise ValueError(f"unit {unit!r} is not one of ['GiB', 'MiB']")
-        self.unit, self._scale = unit, GiB if unit == "GiB" else MiB
-        self.source = ColumnDataSource(self._columns(rows))
-        self.failures = ColumnDataSource({"t": [], "y": [], "label": [], "short": [], "dy": []})
-        self.retries = ColumnDataSource({"t": [], "y": [], "label": []})
-        fig = figure(width=width, height=height, x_axis_label="time", y_axis_label=unit,
-                     title="virtio-mem: requested vs plugged", toolbar_location="above",
-                     tools="pan,wheel_zoom,box_zoom,reset,save")
-        for key, label, color, dash in TIMELINE_LINES:
-            fig.line("t", key, source=self.source, color=color, line_dash=dash, line_width=2,
-                     legend_label=label)
-        fig.scatter("t", "y", source=self.failures, marker="x", size=12, line_width=3,
-                    color="#D55E00", legend_label="work run failed (rc != 0)")
-        # the delay armed, short, at two heights above the crosses: neighbours do not overlap
-        fig.text("t", "y", text="short", source=self.failures, text_font_size="8pt",
-                 text_align="center", y_offset="dy", text_color="#D55E00")
-        fig.scatter("t", "y", source=self.retries, marker="inverted_triangle", size=10,
-                    fill_alpha=0, line_width=2, color="#D55E00", legend_label="retry timer fires")
-        fig.y_range.start = 0
-        time_axis(fig.xaxis[0])
-        fig.legend.label_text_font_size = "8pt"
-        fig.legend.spacing = 0
-        fig.add_layout(fig.legend[0], "right")  # outside the plotted area: it covers no data
-        fig.add_tools(HoverTool(tooltips=[("t", "@t{0.000} s"), ("", "@label")],
-                                renderers=fig.renderers[3:4]))
-        self.figure = fig
-        self.layout = column(fig)
-
-    def _columns(self, rows: list[Mapping]) -> dict[str, list[float]]:
-        out = {"t": [float(r["t_ms"]) / 1000.0 for r in rows]}
-        for key, *_ in TIMELINE_LINES:
-            out[key] = [float(r.get(key, np.nan)) / self._scale for r in rows]
-        return out
-
-    def append(self, row: Mapping) -> None:
-        """Stream one ``vm.sample()`` row."""
-        self.source.stream(self._columns([row]))
-
-    def extend(self, rows: Any) -> None:
-        """Stream several rows (a list of rows, a Run, or a dict of columns)."""
-        rows = _rows_of(rows)
-        if rows:
-            self.source.stream(self._columns(rows))
-
-    def reset(self, data: Any) -> None:
-        """Replace all rows and markers (e.g. after re-opening the VM)."""
-        self.source.data = self._columns(_rows_of(data))
-        self.set_history([])
-
-    def update_history(self, vm: Any) -> None:
-        """Redraw the failure and retry markers from every virtio-mem driver of ``vm``."""
-        vmem = getattr(vm, "virtio_mem", None)
-        drivers = vmem.drivers if vmem is not None else []
-        self.set_history(sorted(e for d in drivers for e in d.history))
-
-    def set_history(self, history: list[tuple[float, str, int]]) -> None:
-        """Markers for a driver history [(t_ms, what, rc)]: failures at the plugged size of that
-        moment, labelled with the error and the retry delay armed, and the retry firings."""
-        fails = retry_schedule(history)
-        t = np.array(self.source.data["t"], dtype=float)
-        plugged = np.array(self.source.data["virtio_mem_plugged"], dtype=float)
-
-        def level(times: list[float]) -> list[float]:
-            if len(t) == 0:
-                return [0.0] * len(times)
-            return [float(v) for v in np.interp(np.array(times) / 1000.0, t, np.nan_to_num(plugged))]
-
-        labels = [f"{f['error']}" + (f", retry in {f['retry_ms'] / 1000:.0f} s" if f["retry_ms"]
-                                     else "") for f in fails]
-        times = [f["t_ms"] for f in fails]
-        short = [f"{f['retry_ms'] / 1000:.0f} s" if f["retry_ms"] else f["error"] for f in fails]
-        new = {"t": [x / 1000.0 for x in times], "y": level(times), "label": labels, "short": short,
-               "dy": [-10.0 if i % 2 == 0 else -24.0 for i in range(len(fails))]}
-        if new != dict(self.failures.data):
-            self.failures.data = new
-        armed = [f for f in fails if f["retry_at_ms"] is not None]
-        at = [f["retry_at_ms"] for f in armed]
-        new = {"t": [x / 1000.0 for x in at], "y": level(at),
-               "label": [f"retry after {f['retry_ms'] / 1000:.0f} s" for f in armed]}
-        if new != dict(self.retries.data):
-            self.retries.data = new
-
-    def __len__(self) -> int:
-        return len(self.source.data["t"])
-
-    def __repr__(self) -> str:
-        return f"<ResizeTimeline {len(self)} rows in {self.unit}>"

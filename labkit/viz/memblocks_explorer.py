@@ -24,15 +24,19 @@ True
 from __future__ import annotations
 
 import errno
+import html
 from collections.abc import Callable
 from typing import Any
 
 import ipywidgets as widgets
+from bokeh.layouts import column
 
 from labkit.units import MiB, format_size
+from labkit.viz.changes import describe
 from labkit.viz.controls import SteppingControls
 from labkit.viz.explorer import _factory, _tick_choices, reopen_options
 from labkit.viz.memblocks import DEFAULT_MAX_BLOCKS, MemoryBlockGrid, ResizeTimeline, _drivers, retry_schedule
+from labkit.viz.shown import LiveBokeh
 
 EXTRA_TICKS = (("10 s", 10_000.0), ("1 min", 60_000.0))  # the retry backoff is 50 s to 300 s
 STEP_MAX_MS = 600_000.0  # Step gives up after 10 simulated minutes without a driver event
@@ -45,6 +49,51 @@ def driver_signature(vm: Any) -> tuple:
     return (sum(sum(d.device.requests.values()) for d in drivers),
             sum(len(d.history) for d in drivers), len(vm.kernel.hotplug.memmap),
             tuple(sorted(vm.kernel.hotplug.online_blocks.items())))
+
+
+def driver_facts(vm: Any, device: int = 0) -> dict:
+    """What one step of the virtio-mem driver can change, for :func:`virtio_mem_readout`: time,
+    requests sent by type, the work runs so far, memory blocks added and online, plugged size."""
+    drv = _drivers(vm)[device]
+    hotplug = vm.kernel.hotplug
+    return {"t_ms": float(vm.now_ms), "requests": {r.name: n for r, n in drv.device.requests.items()},
+            "runs": list(drv.history), "added": len(hotplug.memmap), "online": len(hotplug.online_blocks),
+            "plugged": int(drv.device.size), "requested": int(drv.device.requested_size)}
+
+
+def virtio_mem_readout(what: str, before: dict, after: dict, moves: list | None = None) -> str:
+    """In words and numbers, what a step of a virtio-mem guest did (two :func:`driver_facts`): the
+    time it took, the requests sent, the driver's work runs and their result (§5.6: a failure arms
+    the retry timer), memory blocks added and onlined, plugged size, and the grid's moves in 2 MiB
+    cells.
+
+    >>> b = {"t_ms": 0.0, "requests": {"PLUG": 0, "UNPLUG": 0}, "runs": [], "added": 0, "online": 0,
+    ...      "plugged": 0, "requested": 200 << 20}
+    >>> a = dict(b, t_ms=0.5, requests={"PLUG": 1, "UNPLUG": 0}, plugged=128 << 20)
+    >>> virtio_mem_readout("step", b, a)
+    'step (+0.5 ms): 1 PLUG request; plugged 0 B → 128 MiB (requested-size 200 MiB)'
+    """
+    parts = [f"{n} {kind} request{'s' if n > 1 else ''}" for kind, n in
+             ((k, after["requests"][k] - before["requests"].get(k, 0)) for k in after["requests"]) if n]
+    for t, run, rc in after["runs"][len(before["runs"]):]:
+        result = "ok" if rc == 0 else f"failed -{errno.errorcode.get(-rc, str(-rc))}"
+        parts.append(f"work run at {t / 1000:.1f} s ({run}): {result}")
+    added, online = after["added"] - before["added"], after["online"] - before["online"]
+    for delta, done, undone in ((added, "added", "removed"), (online, "onlined", "offlined")):
+        if delta:
+            parts.append(f"{abs(delta)} memory block{'s' * (abs(delta) > 1)} {done if delta > 0 else undone}")
+    elapsed = after["t_ms"] - before["t_ms"]
+    text = (f"{what} (+{_ms(elapsed)}): " + "; ".join(parts or ["no driver event"])
+            + f"; plugged {format_size(before['plugged'])} → {format_size(after['plugged'])} "
+              f"(requested-size {format_size(after['requested'])})")
+    if moves is not None:
+        text += " · grid: " + (describe(moves).replace(" pages ", " cells ").replace(" page ", " cell ")
+                               if moves else "no cell changed")
+    return text
+
+
+def _ms(ms: float) -> str:
+    return f"{ms / 1000:.1f} s" if ms >= 1000 else f"{ms:g} ms"
 
 
 def step_driver(vm: Any, max_ms: float = STEP_MAX_MS) -> bool:
@@ -72,7 +121,7 @@ class VirtioMemExplorer(SteppingControls, widgets.VBox):
 
     def __init__(self, vm: Any = None, *, factory: Callable[[], Any] | None = None, device: int = 0,
                  tick_ms: float = 1000.0, max_blocks: int = DEFAULT_MAX_BLOCKS,
-                 play_interval_ms: int = 300, **options: Any):
+                 play_interval_ms: int = 100, **options: Any):
         import labkit
         if vm is None and factory is None:
             if not options:
@@ -99,16 +148,21 @@ class VirtioMemExplorer(SteppingControls, widgets.VBox):
                              tick_choices=sorted(choices.items(), key=lambda c: c[1]), tick_ms=tick_ms,
                              play_interval_ms=play_interval_ms)
         self.status_html = widgets.HTML()
+        self.change_html = widgets.HTML("<i>Step: what each step did is said here, and the cells it "
+                                        "changed are outlined in magenta on the grid.</i>")
         self.last_step: bool | None = None
+        self.last_readout = ""
         self._syncing = False
         first = vm.sample()
         self.grid = MemoryBlockGrid(vm, max_blocks=max_blocks)
         self.timeline = ResizeTimeline([first])
-        self.plots = widgets.HBox([self.grid.widget(), self.timeline.widget()],
-                                  layout=widgets.Layout(flex_flow="row wrap"))
+        self.live = LiveBokeh(column(self.grid.figure, self.timeline.layout))
+        self.plots = widgets.HBox([self.live])
+        self._facts = driver_facts(vm, device)
         super().__init__(children=[
-            widgets.HBox([self.slider, self.step_button, self.play, self.speed, self.reset_button]),
-            self.status_html, self.plots])
+            widgets.HBox([self.slider, self.step_button, self.visible_button, self.reset_button]),
+            widgets.HBox([self.play, self.speed]),
+            self.status_html, self.change_html, self.plots])
         self.slider.observe(self._guarded(self._on_slider), names="value")
         self._wire_controls()
         self._show_status(first)
@@ -121,18 +175,29 @@ class VirtioMemExplorer(SteppingControls, widgets.VBox):
     def set_requested(self, mib: int) -> None:
         """``qom-set requested-size`` to ``mib`` MiB, then redraw."""
         self.vm.qmp("qom-set", path=self.path, property="requested-size", value=int(mib) * MiB)
-        self.refresh()
+        self.refresh(f"requested-size {int(mib)} MiB")
 
     def step(self) -> bool:
         """Run until the next driver event (at most 10 simulated minutes); returns whether one
         happened."""
         self.last_step = step_driver(self.vm)
-        self.refresh()
+        self.refresh("step")
         return self.last_step
+
+    def tick(self) -> None:
+        """One Play tick: advance ``tick_ms`` simulated milliseconds, then redraw."""
+        self.vm.advance(self.tick_ms)
+        self.refresh(_ms(self.tick_ms))
+
+    def picture(self):
+        return self.grid.image
+
+    def changed_something(self, before) -> bool:
+        return self.grid.changed_cells > 0 or super().changed_something(before)
 
     def reset(self) -> None:
         """Re-open the VM with the same arguments; the views start over."""
-        self.play.playing = False
+        self.stop()
         old, self.vm = self.vm, self.factory()
         if self.owns_vm:
             old.close()
@@ -144,17 +209,25 @@ class VirtioMemExplorer(SteppingControls, widgets.VBox):
             self._syncing = False
         self.last_step = None
         first = self.vm.sample()
-        self.timeline.reset([first])
-        self.grid.update(self.vm)
+        with self.live.batch():
+            self.timeline.reset([first])
+            self.grid.update(self.vm)
+        self._facts = driver_facts(self.vm, self.device)
         self._show_status(first)
+        self.change_html.value = "reset: a fresh VM"
 
-    def refresh(self) -> dict:
-        """Sample the VM and redraw the grid, the timeline and the status line."""
+    def refresh(self, what: str = "now") -> dict:
+        """Sample the VM and redraw the grid, the timeline and the status line (one message set);
+        the readout says what changed since the last redraw (``what``: "step", "1 s"...)."""
         row = self.vm.sample()
-        self.timeline.append(row)
-        self.timeline.update_history(self.vm)
-        self.grid.update(self.vm)
+        with self.live.batch():
+            self.timeline.append(row)
+            self.timeline.update_history(self.vm)
+            self.grid.update(self.vm)
         self._show_status(row)
+        before, self._facts = self._facts, driver_facts(self.vm, self.device)
+        self.last_readout = virtio_mem_readout(what, before, self._facts, self.grid.last_moves)
+        self.change_html.value = f"<b>{html.escape(self.last_readout)}</b>"
         return row
 
     # --- callbacks ----------------------------------------------------------------------------

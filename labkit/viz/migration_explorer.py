@@ -28,10 +28,12 @@ from typing import Any
 import ipywidgets as widgets
 
 from labkit.units import format_size
-from labkit.viz.changes import step_readout
+from labkit.viz.changes import describe
+from labkit.viz.controls import SteppingControls
 from labkit.viz.migration import MigrationView, comparison
 from labkit.viz.migration_data import MigrationRecorder, hinting_status
 from labkit.viz.pagemap import PageMap
+from labkit.viz.shown import batched
 
 TICKS = (("1 ms", 1.0), ("5 ms", 5.0), ("20 ms", 20.0), ("100 ms", 100.0))
 STATUS_LABELS = {
@@ -50,7 +52,69 @@ def status_table(status: dict[str, Any]) -> str:
     return f'<table style="font-size:90%">{cells}</table>'
 
 
-class MigrationExplorer(widgets.VBox):
+def migration_facts(vm: Any) -> dict[str, Any]:
+    """What one tick of a migration can change, read through ``query-migrate`` (and, with hinting,
+    :func:`~labkit.viz.migration_data.hinting_status`): status, bytes and pages sent, the backlog,
+    the bitmap syncs, and the hinting round, QEMU's status, the blocks the guest holds and the
+    bitmap bits QEMU cleared for hints."""
+    info = vm.qmp("query-migrate")
+    ram = info.get("ram", {})
+    facts = {"status": info.get("status", "none"), "transferred": int(ram.get("transferred", 0)),
+             "normal": int(ram.get("normal", 0)), "zero": int(ram.get("duplicate", 0)),
+             "remaining": int(ram.get("remaining", 0)), "syncs": int(ram.get("dirty-sync-count", 0))}
+    if getattr(vm, "hinting", None) is not None:
+        h = hinting_status(vm)
+        facts.update(hint_status=h["qemu_status"], hint_round=h["qemu_cmd_id"], held=h["held_blocks"],
+                     hinted=h["hinted_pages"])
+    return facts
+
+
+def migration_readout(what: str, before: dict, after: dict,
+                      moves: list[tuple[str, str, int]] | None = None) -> str:
+    """In words and numbers, what one tick of a migration did (two :func:`migration_facts`).
+
+    >>> before = {"status": "active", "transferred": 0, "normal": 0, "zero": 0,
+    ...           "remaining": 300 << 20, "syncs": 1}
+    >>> after = dict(before, transferred=13 << 20, normal=3000, zero=400, remaining=287 << 20)
+    >>> migration_readout("50 ms", before, after)
+    '50 ms: pass 1 sent 13 MiB (3000 normal pages, 400 zero pages); backlog 300 MiB → 287 MiB'
+    """
+    if before["status"] in ("none", "setup") and after["status"] == "none":
+        return f"{what}: no migration"
+    sent = after["transferred"] - before["transferred"]
+    normal, zero = after["normal"] - before["normal"], after["zero"] - before["zero"]
+    syncs = after["syncs"] - before["syncs"]
+    first = f"pass {before['syncs']}" if before["syncs"] else "setup"
+    last = "stop-and-copy" if after["status"] == "completed" else f"pass {after['syncs']}"
+    stage = ("stop-and-copy" if after["status"] == "completed" and syncs == 0 else
+             first if syncs == 0 else f"{first} to {last}")
+    text = (f"{what}: {stage} sent {format_size(sent)} ({normal} normal pages, {zero} zero pages); "
+            f"backlog {format_size(before['remaining'])} → {format_size(after['remaining'])}")
+    if syncs:
+        text += f"; {syncs} bitmap sync{'s' if syncs > 1 else ''} (now {after['syncs']})"
+    if after["status"] != before["status"]:
+        text += f"; migration {before['status']} → {after['status']}"
+    if "hint_status" in after:
+        hint = []
+        if after["hint_round"] != before["hint_round"]:
+            hint.append(f"QEMU starts round {after['hint_round']}")
+        if after["hint_status"] != before["hint_status"]:
+            hint.append(f"QEMU {before['hint_status']} → {after['hint_status']}")
+        held = after["held"] - before["held"]
+        if held:
+            hint.append(f"the guest {'holds' if held > 0 else 'frees'} {abs(held)} blocks of 4 MiB "
+                        f"({after['held']} held)")
+        cleared = after["hinted"] - before["hinted"]
+        if cleared:
+            hint.append(f"QEMU cleared {cleared} pages from the bitmap for hints")
+        if hint:
+            text += " · hinting: " + ", ".join(hint)
+    if moves is not None:
+        text += f" · map: {describe(moves)}"
+    return text
+
+
+class MigrationExplorer(SteppingControls, widgets.VBox):
     """Step a migrating VM: ``step_button`` / ``play`` advance ``tick_ms`` simulated ms per tick.
 
     ``vm`` may be migrating already or start later (``vm.qmp("migrate", ...)`` between ticks).
@@ -58,11 +122,13 @@ class MigrationExplorer(widgets.VBox):
     **Reset** re-opens it; with ``migrate`` (a URI) it starts the migration itself, right after its
     recorder is attached, so pass 1 is recorded from its first page. Attributes: ``recorder`` (a
     :class:`MigrationRecorder`), ``view``, ``page_map`` (or None without snapshots), ``status``
-    (the latest status dict), ``status_html``, ``change_html`` (what the last step changed).
+    (the latest status dict), ``status_html``, ``change_html`` (what the last tick did: the pass,
+    pages and bytes sent, bitmap syncs, the hinting round and blocks, the page map's moves).
     """
 
     def __init__(self, vm: Any = None, tick_ms: float = 1.0, sample_ms: float | None = None,
-                 page_map: bool = True, *, factory: Any = None, migrate: str | None = None):
+                 page_map: bool = True, *, factory: Any = None, migrate: str | None = None,
+                 play_interval_ms: int = 100):
         if not isinstance(tick_ms, int | float) or isinstance(tick_ms, bool) or tick_ms <= 0:
             raise ValueError(f"tick_ms must be a number of milliseconds > 0, got {tick_ms!r}")
         if (vm is None) == (factory is None):
@@ -71,50 +137,37 @@ class MigrationExplorer(widgets.VBox):
         self.factory, self.migrate_uri = factory, migrate
         self.owns_vm = vm is None
         self.vm = vm if vm is not None else factory()
-        self.tick_ms = float(tick_ms)
         self.sample_ms = sample_ms
+        self.tick_ms = float(tick_ms)  # _attach runs the first tick
         self.recorder = self._attach()
         self.view = MigrationView(self.recorder, width=520, height=240)
         self.page_map = PageMap(self.vm.snapshot(), width=360, height=300, legend="below") if (
             page_map and callable(getattr(self.vm, "snapshot", None))) else None
         choices = dict((v, k) for k, v in TICKS)
-        choices.setdefault(self.tick_ms, f"{tick_ms:g} ms")
-        self.speed = widgets.Dropdown(options=[(label, v) for v, label in sorted(choices.items())],
-                                      value=self.tick_ms, description="per tick",
-                                      layout=widgets.Layout(width="170px"))
-        self.step_button = widgets.Button(description="Step", icon="step-forward",
-                                          layout=widgets.Layout(width="90px"))
-        self.play = widgets.Play(value=0, min=0, max=100_000, interval=300, show_repeat=False)
-        self.reset_button = widgets.Button(description="Reset", icon="undo", layout=widgets.Layout(
-            width="90px", display="" if factory is not None else "none"),
-            tooltip="re-open the VM and migrate again")
+        choices.setdefault(float(tick_ms), f"{tick_ms:g} ms")
+        self._build_controls(step_tooltip="advance the migration by the time per tick",
+                             tick_choices=[(label, v) for v, label in sorted(choices.items())],
+                             tick_ms=tick_ms, play_interval_ms=play_interval_ms)
+        self.reset_button.layout.display = "" if factory is not None else "none"
+        self.reset_button.tooltip = "re-open the VM and migrate again"
+        self.zoom_button = widgets.Button(description="Zoom to change", icon="search-plus",
+                                          tooltip="zoom the page map to the pages the last tick changed",
+                                          layout=widgets.Layout(width="150px",
+                                                                display="" if self.page_map else "none"))
         self.status_html = widgets.HTML()
-        self.change_html = widgets.HTML("<i>Step or Play: what each tick changed is said here and "
-                                        "outlined in magenta on the page map.</i>")
-        self.error: BaseException | None = None
+        self.change_html = widgets.HTML("<i>Step or Play: what each tick did is said here, and the "
+                                        "pages it changed are outlined in magenta on the page map.</i>")
+        self.last_readout = ""
         plots = [self.view.widget()] + ([self.page_map.widget()] if self.page_map else [])
         super().__init__(children=[
-            widgets.HBox([self.step_button, self.play, self.speed, self.reset_button]),
+            widgets.HBox([self.step_button, self.visible_button, self.play, self.speed, self.reset_button,
+                          self.zoom_button]),
             self.change_html,
             widgets.HBox([self.status_html] + plots, layout=widgets.Layout(flex_flow="row wrap"))])
-        self.step_button.on_click(self._guarded(lambda _b: self.tick()))
-        self.reset_button.on_click(self._guarded(lambda _b: self.reset()))
-        self.play.observe(self._guarded(lambda c: self.tick() if c["new"] != c["old"] else None),
-                          names="value")
-        self.speed.observe(self._guarded(lambda c: setattr(self, "tick_ms", float(c["new"]))),
-                           names="value")
+        self.zoom_button.on_click(self._guarded(lambda _b: self.zoom_to_change()))
+        self._wire_controls()
+        self._facts = migration_facts(self.vm)
         self._show()
-
-    def _guarded(self, callback):
-        def run(argument: Any) -> None:
-            try:
-                callback(argument)
-            except Exception as e:  # shown in the status line, kept in self.error
-                self.error = e
-                self.play.playing = False
-                self.status_html.value = (f'<span style="color:#D55E00"><b>{type(e).__name__}</b>: '
-                                          f"{html.escape(str(e))}</span>")
-        return run
 
     def _attach(self) -> MigrationRecorder:
         recorder = MigrationRecorder(self.vm)
@@ -125,23 +178,28 @@ class MigrationExplorer(widgets.VBox):
             recorder.advance(self.tick_ms, self.sample_ms or self.tick_ms)
         return recorder
 
+    def step(self) -> bool:
+        """One tick (Step): advance ``tick_ms``; returns whether the migration moved (bytes sent, a
+        sync, a status or hinting change) or is still running."""
+        before = self._facts
+        self.tick()
+        return self._facts != before or self._facts["status"] in ("setup", "active", "device")
+
     def tick(self) -> None:
-        """Advance ``tick_ms`` (sampling every ``sample_ms``, default the tick) and redraw."""
-        before = self.vm.qmp("query-migrate").get("ram", {})
+        """Advance ``tick_ms`` (sampling every ``sample_ms``, default the tick) and redraw; the
+        readout says what the tick did."""
+        before = self._facts
         self.recorder.advance(self.tick_ms, self.sample_ms or self.tick_ms)
         self.refresh()
-        ram = self.vm.qmp("query-migrate").get("ram", {})
-        sent = ram.get("transferred", 0) - before.get("transferred", 0)
-        moves = self.page_map.last_moves if self.page_map is not None else []
-        what = f"{self.tick_ms:g} ms"
-        self.change_html.value = (f"<b>{step_readout(what, moves)}; sent {format_size(int(sent))}, "
-                                  f"backlog {format_size(int(ram.get('remaining', 0)))}</b>")
+        moves = self.page_map.last_moves if self.page_map is not None else None
+        self.last_readout = migration_readout(f"{self.tick_ms:g} ms", before, self._facts, moves)
+        self.change_html.value = f"<b>{html.escape(self.last_readout)}</b>"
 
     def reset(self) -> None:
         """Re-open the VM with ``factory`` (and migrate again); the plots start over."""
         if self.factory is None:
             raise RuntimeError("this explorer was given a VM: it cannot re-open it (pass factory=)")
-        self.play.playing = False
+        self.stop()
         if self.owns_vm:
             self.vm.close()
         self.vm, self.owns_vm = self.factory(), True
@@ -150,9 +208,11 @@ class MigrationExplorer(widgets.VBox):
         self.change_html.value = "reset: a fresh VM" + (", migrating" if self.migrate_uri else "")
 
     def refresh(self) -> None:
-        self.view.update(self.recorder)
-        if self.page_map is not None:
-            self.page_map.update(self.vm.snapshot())
+        with batched(self.view, self.page_map):
+            self.view.update(self.recorder)
+            if self.page_map is not None:
+                self.page_map.update(self.vm.snapshot())
+        self._facts = migration_facts(self.vm)
         self._show()
 
     def _show(self) -> None:
@@ -197,4 +257,4 @@ class PolicySwitch(widgets.VBox):
         return f"<PolicySwitch of {list(self.runs)}, showing {self.buttons.value}>"
 
 
-__all__ = ["MigrationExplorer", "PolicySwitch", "status_table"]
+__all__ = ["MigrationExplorer", "PolicySwitch", "migration_facts", "migration_readout", "status_table"]

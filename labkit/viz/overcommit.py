@@ -10,11 +10,9 @@ free page reporting's host RSS staircase.
   and the MoM-like controller's decisions for it, one marker per evaluation, by reason. Under them,
   in words, the decision in force at the slider's time (:meth:`Decision.reason
   <labkit.scenarios.mom.Decision.reason>`). Switching changes ``ColumnDataSource`` data only.
-* :func:`staircase`: host RSS, MemFree and free memory reported to the host over time, with
-  the reporting passes as ticks: the staircase of §3.3 (about 1/16 of each free
-  list per pass, one pass every 2 s).
-* :class:`ReportingExplorer`: run a job that exits in a guest with free page reporting, then step
-  2 s at a time: the page map (reported blocks light blue) and the staircase follow.
+
+Free page reporting's views (the RSS staircase, :class:`ReportingExplorer`) live in
+:mod:`labkit.viz.reporting`; they are imported here too.
 
 >>> from labkit.scenarios.overcommit import OvercommitParams, compare_policies
 >>> runs = compare_policies(OvercommitParams(n_vms=2, vm_memory="512M", host_ram="640M",
@@ -38,9 +36,8 @@ from bokeh.models import ColumnDataSource, FactorRange, HoverTool, Span
 from bokeh.plotting import figure
 
 from labkit.units import MiB, format_size
-from labkit.viz.changes import step_readout
+from labkit.viz.reporting import ReportingExplorer, Staircase, staircase
 from labkit.viz.shown import Shown
-from labkit.viz.timeseries import time_axis
 
 BAR_METRICS = (  # (summary key, title, scale, colour)
     ("swap_out_bytes", "host swap-out (MiB)", MiB, "#CC79A7"),
@@ -128,8 +125,8 @@ class OvercommitView(widgets.VBox):
                                                description="t (s)", continuous_update=False,
                                                layout=widgets.Layout(width="520px"))
         self.why_html = widgets.HTML()
-        from jupyter_bokeh.widgets import BokehModel
-        self.bokeh = BokehModel(column(*self.figures))
+        from labkit.viz.shown import LiveBokeh
+        self.bokeh = LiveBokeh(column(*self.figures))
         super().__init__(children=[self.policy_buttons, self.vm_buttons, self.time_slider, self.bokeh,
                                    self.why_html])
         for control in (self.policy_buttons, self.vm_buttons):
@@ -236,192 +233,6 @@ class OvercommitView(widgets.VBox):
 
     def __repr__(self) -> str:
         return f"<OvercommitView of {list(self.runs)}, showing {self.policy_buttons.value}>"
-
-
-class Staircase(Shown):
-    """The figure of :func:`staircase`: ``figure``, ``source`` (``t`` in s, ``host_rss``,
-    ``memfree``, ``reported`` in MiB) and ``pass_source`` (``x``: pass start times in s)."""
-
-    def __init__(self, rows: Sequence[Mapping[str, float]], passes_ms: Sequence[float], width: int,
-                 height: int, title: str):
-        if not rows:
-            raise ValueError("staircase() needs at least one vm.sample() row")
-        self.t0 = float(rows[0]["t_ms"])
-        self.source = ColumnDataSource(self._columns(rows))
-        self.pass_source = ColumnDataSource(self._passes(passes_ms))
-        fig = figure(width=width, height=height, title=title or "free page reporting: host RSS staircase",
-                     x_axis_label="seconds", y_axis_label="MiB", tools="pan,wheel_zoom,box_zoom,reset,save",
-                     toolbar_location="above")
-        lines = []
-        for key, label, color, dash in (("host_rss", "host RSS", "#0072B2", "solid"),
-                                        ("memfree", "guest MemFree", "#56B4E9", "dashed"),
-                                        ("reported", "free, reported to the host", "#88CCEE", "solid")):
-            lines.append(fig.line("t", key, source=self.source, color=color, line_dash=dash, line_width=2,
-                                  legend_label=label))
-        fig.vspan(x="x", source=self.pass_source, line_color="#999999", line_alpha=0.6,
-                  legend_label="reporting pass")
-        fig.add_tools(HoverTool(renderers=lines[:1], mode="vline", tooltips=[
-            ("t", "@t{0.0} s"), ("host RSS", "@host_rss{0} MiB"), ("reported", "@reported{0} MiB")]))
-        fig.y_range.start = 0
-        time_axis(fig.xaxis[0])
-        fig.xaxis.axis_label = "time"
-        fig.legend.label_text_font_size = "8pt"
-        fig.legend.spacing = 0
-        fig.legend.ncols = 2
-        fig.add_layout(fig.legend[0], "below")  # outside the plotted area: it covers no data
-        self.figure = self.layout = fig
-
-    def _columns(self, rows: Sequence[Mapping[str, float]]) -> dict[str, list]:
-        return {"t": [(float(r["t_ms"]) - self.t0) / 1000 for r in rows],
-                "host_rss": [float(r["host_rss"]) / MiB for r in rows],
-                "memfree": [float(r["memfree"]) / MiB for r in rows],
-                "reported": [float(r.get("reported_bytes", np.nan)) / MiB for r in rows]}
-
-    def _passes(self, passes_ms: Sequence[float]) -> dict[str, list]:
-        # passes before the first row are not drawn: the axis spans the data, it never opens on
-        # an empty stretch of earlier ticks
-        return {"x": [(float(p) - self.t0) / 1000 for p in passes_ms if float(p) >= self.t0]}
-
-    def append(self, rows: Sequence[Mapping[str, float]], passes_ms: Sequence[float] = ()) -> None:
-        """Stream more ``vm.sample()`` rows (and set the pass times seen so far, if given)."""
-        if rows:
-            self.source.stream(self._columns(rows))
-        if passes_ms:
-            self.pass_source.data = self._passes(passes_ms)
-
-    def __repr__(self) -> str:
-        return f"<Staircase {len(self.source.data['t'])} samples>"
-
-
-def staircase(rows: Sequence[Mapping[str, float]], passes_ms: Sequence[float] = (), width: int = 620,
-              height: int = 280, title: str = "") -> Staircase:
-    """Host RSS, MemFree and memory reported to the host over time, with one tick per reporting
-    pass (``passes_ms``: their start times, e.g. ``[p.start_ms for p in
-    vm.reporting.core.history]``). ``rows`` are ``vm.sample()`` rows; time counts from the first.
-    """
-    return Staircase(rows, passes_ms, width, height, title)
-
-
-class ReportingExplorer(widgets.VBox):
-    """Free memory in a guest with free page reporting and step time 2 s at a time.
-
-    Controls: ``job_slider`` (MiB) and ``job_button`` (a job allocates and writes that much, then
-    exits: its memory is free in the guest and still backed on the host), ``step_button`` and
-    ``play`` (advance ``tick_ms``, sampling every ``sample_ms``), ``view_buttons`` (page map view).
-    Views: ``page_map`` (reported blocks light blue in the guest view), ``staircase``, ``status``.
-    """
-
-    def __init__(self, vm: Any, tick_ms: float = 2000.0, sample_ms: float = 500.0, job_mib: int = 1024):
-        if getattr(vm, "reporting", None) is None:
-            raise ValueError("this VM has no free page reporting: open it with "
-                             "balloon={'free_page_reporting': True}")
-        if not tick_ms > 0 or not sample_ms > 0:
-            raise ValueError(f"tick_ms and sample_ms must be > 0, got {tick_ms!r}, {sample_ms!r}")
-        from labkit.viz.pagemap import PageMap
-        self.vm, self.tick_ms, self.sample_ms = vm, float(tick_ms), float(sample_ms)
-        memory_mib = int(vm.sample()["balloon_target"]) // MiB
-        self.job_slider = widgets.IntSlider(value=min(job_mib, memory_mib // 2), min=64,
-                                            max=memory_mib * 3 // 4, step=64, description="job (MiB)",
-                                            continuous_update=False)
-        self.job_button = widgets.Button(description="run a job that exits", icon="play-circle",
-                                         layout=widgets.Layout(width="190px"))
-        self.step_button = widgets.Button(description=f"Step {tick_ms / 1000:g} s", icon="step-forward",
-                                          layout=widgets.Layout(width="110px"))
-        self.play = widgets.Play(value=0, min=0, max=100_000, interval=500, show_repeat=False)
-        self.view_buttons = widgets.ToggleButtons(options=["guest", "host"], value="guest",
-                                                  style={"button_width": "60px"})
-        self.visible_button = widgets.Button(description="Step to change", icon="fast-forward",
-                                             layout=widgets.Layout(width="150px"),
-                                             tooltip="step until the page map changes (at most 60 steps)")
-        self.status_html = widgets.HTML()
-        self.change_html = widgets.HTML("<i>Run a job, then Step: what each step changed is said "
-                                        "here and outlined in magenta on the page map.</i>")
-        self.error: BaseException | None = None
-        self.page_map = PageMap(vm.snapshot(), width=360, height=300, legend="below")
-        self.staircase = staircase([vm.sample()], self._passes(), width=440, height=300)
-        super().__init__(children=[
-            widgets.HBox([self.job_slider, self.job_button]),
-            widgets.HBox([self.step_button, self.visible_button, self.play, self.view_buttons]),
-            self.status_html, self.change_html,
-            widgets.HBox([self.page_map.widget(), self.staircase.widget()],
-                         layout=widgets.Layout(flex_flow="row wrap"))])
-        self.job_button.on_click(self._guarded(lambda _b: self.run_job(self.job_slider.value)))
-        self.step_button.on_click(self._guarded(lambda _b: self.tick()))
-        self.visible_button.on_click(self._guarded(lambda _b: self.step_to_change()))
-        self.play.observe(self._guarded(lambda c: self.tick() if c["new"] != c["old"] else None),
-                          names="value")
-        self.view_buttons.observe(self._guarded(lambda c: self.page_map.set_view(c["new"])),
-                                  names="value")
-        self._show()
-
-    def _guarded(self, callback: Any) -> Any:
-        """Show a callback's error in the status line (inside the widget) and stop Play."""
-
-        def run(argument: Any) -> None:
-            try:
-                callback(argument)
-            except Exception as e:  # shown in the widget and kept
-                self.error = e
-                self.play.playing = False
-                self.status_html.value = (f'<span style="color:#CC3311"><b>{type(e).__name__}</b>: '
-                                          f"{html.escape(str(e))}</span>")
-        return run
-
-    def step_to_change(self, max_steps: int = 60) -> int:
-        """Step until the page map's picture changes (or ``max_steps``); returns the steps taken."""
-        before = self.page_map.image.copy()
-        for n in range(1, max_steps + 1):
-            self.tick()
-            if (self.page_map.image != before).any():
-                return n
-        return max_steps
-
-    def _passes(self) -> list[float]:
-        core = self.vm.reporting.core
-        return [p.start_ms for p in core.history] if core is not None else []
-
-    def run_job(self, mib: int) -> None:
-        """A job allocates (and writes) ``mib`` MiB and exits."""
-        rss = self.vm.sample()["host_rss"]
-        handle = self.vm.guest("alloc", size=int(mib) * MiB, kind="anon")
-        self.vm.guest("free", handle=handle)
-        self.staircase.append([self.vm.sample()])
-        self.page_map.update(self.vm.snapshot())
-        self._show()
-        self.change_html.value = "<b>" + step_readout(
-            f"a {int(mib)} MiB job ran and exited", self.page_map.last_moves,
-            self.vm.sample()["host_rss"] - rss) + "</b>"
-
-    def tick(self) -> None:
-        """Advance ``tick_ms``, one sample every ``sample_ms``; redraw."""
-        rows, done = [], 0.0
-        rss, reports = self.vm.sample()["host_rss"], self.vm.reporting.reports
-        while done < self.tick_ms:
-            step = min(self.sample_ms, self.tick_ms - done)
-            self.vm.advance(step)
-            done += step
-            rows.append(self.vm.sample())
-        self.staircase.append(rows, self._passes())
-        self.page_map.update(self.vm.snapshot())
-        self._show()
-        what = f"{self.tick_ms / 1000:g} s, {self.vm.reporting.reports - reports} reports"
-        changed = "; the reported pages are outlined" if self.page_map.changed_pages else ""
-        self.change_html.value = "<b>" + step_readout(
-            what, self.page_map.last_moves, rows[-1]["host_rss"] - rss) + f"</b>{changed}"
-
-    def _show(self) -> None:
-        r, s = self.vm.reporting, self.vm.sample()
-        self.status = {"t_ms": float(s["t_ms"]), "state": r.state.name, "passes": r.passes,
-                       "reports": r.reports, "reported_bytes": int(s["reported_bytes"]),
-                       "host_rss": int(s["host_rss"]), "memfree": int(s["memfree"])}
-        self.status_html.value = (
-            f"t = {s['t_ms'] / 1000:.1f} s &middot; reporting <b>{r.state.name}</b>, {r.passes} passes, "
-            f"{r.reports} reports &middot; free and reported <b>{format_size(int(s['reported_bytes']))}"
-            f"</b> &middot; MemFree {format_size(int(s['memfree']))} &middot; host RSS "
-            f"<b>{format_size(int(s['host_rss']))}</b>")
-
-    def __repr__(self) -> str:
-        return f"<ReportingExplorer of {self.vm!r}>"
 
 
 __all__ = ["OvercommitView", "PolicyBars", "ReportingExplorer", "Staircase", "policy_bars", "staircase"]

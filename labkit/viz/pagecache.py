@@ -6,8 +6,9 @@
 * :func:`file_map`: the host page cache state of an image file, one cell per run of pages (not
   cached, clean, dirty, writeback error, lost in a crash), the worst state of a cell winning.
 * :class:`CopiesExplorer`: a slider for the number of VMs that re-runs the comparison.
-* :class:`WritebackStepper`: buttons that advance a VM 5 s at a time or crash its host, with bars of
-  the dirty data at risk (guest page cache, host page cache) and the file map.
+* :class:`WritebackStepper`: buttons that advance a VM 5 s at a time (or until the file map changes)
+  or crash its host, with bars of the dirty data at risk (guest page cache, host page cache), the
+  file map with the cells the last action changed outlined, and a readout of what it did.
 
 >>> from labkit.scenarios.pmem import SharedImageParams, shared_image, shared_image_table
 >>> runs = [shared_image(SharedImageParams(n_vms=2, transport=t)) for t in ("blk-writeback", "pmem")]
@@ -26,7 +27,8 @@ from bokeh.models import ColumnDataSource, HoverTool, LinearColorMapper
 from bokeh.plotting import figure
 
 from labkit.model.pagecache import CachedFile, FilePage
-from labkit.units import GiB, MiB
+from labkit.units import GiB, MiB, format_size
+from labkit.viz.changes import add_outline, box_cover, outline_data, transitions
 
 PARTS = (("host_copy", "image in the host page cache", "#0072B2"),
          ("guest_copies", "image in guest page caches", "#D55E00"),
@@ -150,10 +152,11 @@ class CopiesExplorer:
     def widget(self):
         if self._widget is None:
             import ipywidgets as widgets
-            from jupyter_bokeh.widgets import BokehModel
+
+            from labkit.viz.shown import LiveBokeh
 
             self._widget = widgets.VBox([widgets.HBox([self.slider, self.status_html]),
-                                         BokehModel(self.figure)])
+                                         LiveBokeh(self.figure)])
         return self._widget
 
     def _repr_mimebundle_(self, **kwargs: Any):
@@ -162,14 +165,20 @@ class CopiesExplorer:
 
 class WritebackStepper:
     """Step a VM through writeback and crash its host: ``step()`` advances ``step_ms``;
-    ``crash()`` crashes the host (labkit.model.pagecache.host_crash). ``widget()`` shows buttons,
-    the at-risk bars and the file map; ``history`` holds one row per step."""
+    ``crash()`` crashes the host (labkit.model.pagecache.host_crash); ``step_to_change()`` steps
+    until the file map changes. ``widget()`` shows the buttons, a readout of what the last action
+    did (the dirty data at risk before and after, and the file map's moves), the at-risk bars and
+    the file map, whose changed cells are outlined; ``history`` holds one row per step."""
+
+    MAX_STEPS_TO_CHANGE = 60  # five simulated minutes of 5 s steps
 
     def __init__(self, vm: Any, f: CachedFile, pages: int | None = None, step_ms: float = 5000.0):
         self.vm, self.file, self.pages, self.step_ms = vm, f, pages, step_ms
         self.history: list[dict] = []
         self.crashed = False
         self.error: BaseException | None = None
+        self.last_readout = ""
+        self.last_moves: list[tuple[str, str, int]] = []
         self.bars = ColumnDataSource(self._bar_data())
         fig = figure(x_range=["guest page cache", "host page cache"], width=300, height=220,
                      title="dirty data at risk (MiB)", toolbar_location=None)
@@ -177,7 +186,11 @@ class WritebackStepper:
         fig.y_range.start = 0
         self.bar_figure = fig
         self.map_figure = file_map(f, pages=pages, width=560)
+        self._cells = file_cells(f, pages=pages)
+        self.outline_source = ColumnDataSource(outline_data(np.zeros((0, 4))))
+        add_outline(self.map_figure, self.outline_source)
         self._widget = None
+        self._live = None
 
     def _bar_data(self) -> dict:
         if self.crashed:
@@ -188,11 +201,39 @@ class WritebackStepper:
         return {"where": ["guest page cache", "host page cache"],
                 "mib": [row["guest_dirty"] / MiB, row["host_dirty"] / MiB]}
 
-    def refresh(self) -> None:
-        self.bars.data = self._bar_data()
-        source_of(self.map_figure).data = {"image": [file_cells(self.file, pages=self.pages).reshape(1, -1)]}
+    def _at_risk(self) -> tuple[float, float]:
+        mib = self.bars.data["mib"]
+        return float(mib[0]), float(mib[1])
+
+    def refresh(self, what: str | None = None) -> None:
+        """Redraw the bars and the file map (one message set), outlining the cells that changed
+        since the last redraw; with ``what`` ("a 16 MiB write"), the readout says it."""
+        before = self._at_risk()
+        cells = file_cells(self.file, pages=self.pages)
+        changed = cells != self._cells
+        self.last_moves = transitions(self._cells[changed], cells[changed], FILE_NAMES)
+        boxes = box_cover(changed.reshape(1, -1))
+        width = self.map_figure.width or 560
+        # a strip one cell high: the outline runs just inside it (outside, above and below, it
+        # would fall off the plot), and no further out than the strip's ends
+        inset = 1.5 * len(cells) / width
+        outline = outline_data(boxes, pad_x=-inset / 2, pad_y=-0.1)
+        outline["left"] = [max(x, inset) for x in outline["left"]]
+        outline["right"] = [min(x, len(cells) - inset) for x in outline["right"]]
+        self._cells = cells
+        with self._batch():
+            self.bars.data = self._bar_data()
+            source_of(self.map_figure).data = {"image": [cells.reshape(1, -1)]}
+            if outline != self.outline_source.data:
+                self.outline_source.data = outline
         if self._widget is not None:
             self._status.value = self.status()
+        if what is not None:
+            self._say(what, before)
+
+    def _batch(self):
+        from contextlib import nullcontext
+        return self._live.batch() if self._live is not None else nullcontext()
 
     def status(self) -> str:
         if self.crashed:
@@ -200,36 +241,73 @@ class WritebackStepper:
             return f"<b>host crashed</b>: {lost * 4 // 1024} MiB of written data lost"
         return f"t = {self.vm.now_ms / 1000:.1f} s"
 
-    def step(self) -> None:
-        if not self.crashed:
-            self.vm.advance(self.step_ms)
-            self.refresh()
+    def _say(self, what: str, before: tuple[float, float]) -> None:
+        guest, host = self._at_risk()
+        n = self.file.n_pages if self.pages is None else min(self.pages, self.file.n_pages)
+        cell = -(-n // len(self._cells)) * 4096
+        moves = ", ".join(f"{k} cells ({format_size(k * cell)}) {a} → {b}" for a, b, k in self.last_moves[:3])
+        self.last_readout = (f"{what}: dirty at risk in the guest page cache {before[0]:.0f} → "
+                             f"{guest:.0f} MiB, in the host page cache {before[1]:.0f} → {host:.0f} MiB"
+                             f" · file map: {moves or 'no cell changed'}")
+        if self._widget is not None:
+            import html
+            self._readout.value = f"<b>{html.escape(self.last_readout)}</b>"
+
+    def step(self) -> bool:
+        """Advance ``step_ms`` (nothing after a crash); returns whether time moved."""
+        if self.crashed:
+            return False
+        before = self._at_risk()
+        self.vm.advance(self.step_ms)
+        self.refresh()
+        self._say(f"{self.step_ms / 1000:g} s (now t = {self.vm.now_ms / 1000:.0f} s)", before)
+        return True
+
+    def step_to_change(self, max_steps: int = MAX_STEPS_TO_CHANGE) -> int:
+        """Step until the file map changes (the host flusher writes back, or a write lands), or
+        ``max_steps``; returns the steps taken."""
+        for n in range(1, max_steps + 1):
+            if not self.step() or self.last_moves:
+                return n
+        return max_steps
 
     def crash(self) -> dict:
         from labkit.model.pagecache import host_crash
 
         if self.crashed:
             return {}
+        before = self._at_risk()
         lost = host_crash(self.vm.host, [self.vm])
         self.crashed = True
         self.refresh()
+        self._say(f"host crash at t = {self.vm.now_ms / 1000:.0f} s: {before[0] + before[1]:.0f} MiB that "
+                  "was dirty in a page cache never reaches the disk, the host page cache is gone", before)
         return lost
 
     def widget(self):
-        """Buttons "advance 5 s" and "crash the host", the status line and both figures."""
+        """Buttons "advance 5 s", "Step to change" and "crash the host", the status line, the
+        readout and both figures."""
         if self._widget is None:
             import ipywidgets as widgets
-            from jupyter_bokeh.widgets import BokehModel
 
-            step = widgets.Button(description=f"advance {self.step_ms / 1000:g} s")
+            from labkit.viz.shown import LiveBokeh
+
+            step = widgets.Button(description=f"advance {self.step_ms / 1000:g} s", icon="step-forward")
+            visible = widgets.Button(description="Step to change", icon="fast-forward",
+                                     tooltip="advance until the file map changes (at most "
+                                             f"{self.MAX_STEPS_TO_CHANGE} steps)")
             crash = widgets.Button(description="crash the host", button_style="danger")
             self._status = widgets.HTML(self.status())
+            self._readout = widgets.HTML("<i>Advance, then crash: what each action did is said here, "
+                                         "and the file map's changed cells are outlined in magenta.</i>")
             self.status_html = self._status
             step.on_click(guarded(self, lambda _: self.step()))
+            visible.on_click(guarded(self, lambda _: self.step_to_change()))
             crash.on_click(guarded(self, lambda _: self.crash()))
-            self.step_button, self.crash_button = step, crash
-            self._widget = widgets.VBox([widgets.HBox([step, crash, self._status]),
-                                         BokehModel(column(self.bar_figure, self.map_figure))])
+            self.step_button, self.visible_button, self.crash_button = step, visible, crash
+            self._live = LiveBokeh(column(self.bar_figure, self.map_figure))
+            self._widget = widgets.VBox([widgets.HBox([step, visible, crash, self._status]),
+                                         self._readout, self._live])
         return self._widget
 
     def _repr_mimebundle_(self, **kwargs: Any):

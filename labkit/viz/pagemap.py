@@ -1,27 +1,19 @@
-"""The page map: every guest page as one coloured cell, millions of them, live.
+"""The page map: every guest page as one coloured cell, millions of them, live, in a Bokeh figure.
 
-Layout: pages run row-major over a grid ``row_pages`` wide, a power of two (at least a pageblock,
-512 pages), so every row starts on a buddy-block boundary and blocks of up to ``row_pages`` pages
-never wrap. Rows are chosen so the grid is about square and never more than ``max_rows``.
-Each drawn cell covers ``cell`` consecutive, aligned pages (a power of two): the overview uses the
-smallest cell that fits ``max_cols`` columns; zooming re-slices only the visible window at a finer
-cell, down to one page per cell. ``max_rows`` x ``max_cols`` defaults to the plot's own size in
-screen pixels (at most 1024²): what is sent stays small, and the browser never has to shrink the
-image (its nearest-neighbour resampling would drop exactly the rare pixels we keep).
-
-Downsampling keeps rare states visible: a cell shows the category with the largest
-``pages x importance`` (:func:`labkit.viz.palette.downsample`), so one balloon page among hundreds
-of free ones still colours its pixel.
-
-The figure is a Bokeh ``image`` of uint8 categories under a ``LinearColorMapper`` (one colour per
-integer); :meth:`PageMap.update` and zooming only change ``ColumnDataSource`` data (a patch of the
-changed rectangle when it is small), never the figure.
+The picture itself (grid layout, classification, downsampling, what changed) is a
+:class:`labkit.viz.pagegrid.PageGrid`; this module draws it. The figure is a Bokeh ``image`` of
+uint8 categories under a ``LinearColorMapper`` (one colour per integer); :meth:`PageMap.update` and
+zooming only change ``ColumnDataSource`` data (a patch of the changed rectangle when it is small),
+never the figure. ``max_rows`` x ``max_cols`` defaults to the plot's own size in screen pixels (at
+most 1024²): what is sent stays small, and the browser never has to shrink the image (its
+nearest-neighbour resampling would drop exactly the rare pixels the downsampling keeps).
 
 What changed is marked: :meth:`PageMap.update` compares the new snapshot with the one shown, and a
-second image draws a magenta outline around every cell in which at least one page changed (a cell
-standing for many pages is "changed" if any of its pages is), so a 1 MiB step is visible on a
-16 GiB map. ``last_moves`` says what moved (:func:`labkit.viz.changes.transitions`), and
-:meth:`PageMap.zoom_to_change` zooms to the changed region.
+layer of magenta rectangle *outlines* (a quad glyph with no fill, a 2-pixel stroke drawn just
+outside the cells) surrounds every drawn cell in which at least one page changed (a cell standing
+for many pages is "changed" if any of its pages is), so a 1 MiB step is visible on a 16 GiB map and
+the new colours inside stay visible. ``last_moves`` says what moved
+(:func:`labkit.viz.changes.transitions`), and :meth:`PageMap.zoom_to_change` zooms to it.
 
 >>> import numpy as np
 >>> from labkit.model.pages import PageState
@@ -39,8 +31,8 @@ True
 >>> snap["state"][5000:5256] = PageState.BALLOON; pm.update(snap)
 >>> pm.last_moves, pm.changed_pages
 ([('free', 'balloon', 256)], 256)
->>> int(pm.halo.sum()) > 0     # the outline around the changed cells
-True
+>>> len(pm.outline_source.data["left"])   # one rectangle outlines the 256 changed pages
+1
 """
 
 from __future__ import annotations
@@ -58,17 +50,15 @@ from bokeh.models import (
 )
 from bokeh.plotting import figure
 
-from labkit.model.pages import PAGEBLOCK_ORDER, PAGES_PER_MEMORY_BLOCK
+from labkit.model.pages import PAGES_PER_MEMORY_BLOCK
 from labkit.units import PAGE_SIZE, format_size
 from labkit.viz import palette
-from labkit.viz.changes import outline, transitions
-from labkit.viz.palette import downsample
+from labkit.viz.changes import add_outline, outline_data
+from labkit.viz.pagegrid import ABSENT, MAX_CELLS, PageGrid, grid_width, inside
 from labkit.viz.shown import Shown
 
-MAX_CELLS = 1024  # per axis: browser repaint of 1024² uint8 cells is ~0.35 s on 2 cores
-MIN_ROW_PAGES = 1 << PAGEBLOCK_ORDER
 MAX_GRIDLINES = 64
-_ABSENT = {"guest": palette.G_ABSENT, "host": palette.H_ABSENT}
+OUTLINE_PAD_PX = 1.5  # the outline's stroke runs this far outside the changed cells
 
 _SIZE_JS = """
 function fmt(b) {
@@ -80,19 +70,7 @@ function fmt(b) {
 }
 """
 
-
-def _pow2_at_least(x: float) -> int:
-    return 1 << max(0, int(np.ceil(np.log2(max(x, 1.0)))))
-
-
-def grid_width(n_pages: int, max_rows: int = MAX_CELLS) -> int:
-    """Pages per row: a power of two, about sqrt(n_pages), at least 512, giving <= max_rows rows."""
-    return max(MIN_ROW_PAGES, _pow2_at_least(np.sqrt(n_pages)), _pow2_at_least(n_pages / max_rows))
-
-
-def _inside(inner: tuple[int, int, int, int], outer: tuple[int, int, int, int]) -> bool:
-    return outer[0] <= inner[0] and inner[1] <= outer[1] and outer[2] <= inner[2] and (
-        inner[3] <= outer[3])
+__all__ = ["MAX_CELLS", "PageMap", "grid_width", "page_map"]
 
 
 class PageMap(Shown):
@@ -110,96 +88,76 @@ class PageMap(Shown):
         palette._check_view(view)
         if legend not in ("right", "below"):
             raise ValueError(f"legend must be 'right' or 'below', got {legend!r}")
-        self._legend_place = legend
-        self._width = width
-        self._changed: np.ndarray | None = None
-        self.last_moves: list[tuple[str, str, int]] = []
-        self.changed_pages = 0
         for name, value in (("width", width), ("height", height), ("max_cells", max_cells)):
             if value is not None and (not isinstance(value, int) or isinstance(value, bool)
                                       or not 16 <= value <= 4096):
                 raise ValueError(f"{name} must be an int from 16 to 4096 (pixels), got {value!r}")
-        self.view = view
-        self.max_cols = min(MAX_CELLS, width) if max_cells is None else max_cells
-        self.max_rows = min(MAX_CELLS, height) if max_cells is None else max_cells
+        self._legend_place = legend
+        self._width, self._height = width, height
         self._title = title
-        self._window: tuple[int, int, int, int] | None = None
         self._bokeh_model = None
-        self._load(snapshot)
+        self.grid = PageGrid(snapshot, view=view,
+                             max_cols=min(MAX_CELLS, width) if max_cells is None else max_cells,
+                             max_rows=min(MAX_CELLS, height) if max_cells is None else max_cells)
+        self._visible = self._full_range()
         k = len(palette.categories(view))
         self.color_mapper = LinearColorMapper(palette=palette.colors(view), low=-0.5, high=k - 0.5)
-        data = self._render_data()
+        data = self.grid.render()
+        self.cell = data["cell"][0]
         self.source = ColumnDataSource(data)
-        self.halo_source = ColumnDataSource(self._halo_data(data))
+        self.outline_source = ColumnDataSource(self._outline_data(data))
         self.legend_source = ColumnDataSource(self._legend_data())
         self.figure = self._build_figure(width, height)
         self.figure.on_event(RangesUpdate, self._on_ranges_update)
 
-    # --- data ---------------------------------------------------------------------------------
-    def _load(self, snapshot: dict) -> None:
-        state, flags = snapshot.get("state"), snapshot.get("flags")
-        if state is None or flags is None:
-            raise ValueError("a snapshot needs 'state' and 'flags' arrays (from vm.snapshot()), "
-                             f"got keys {sorted(snapshot)}")
-        self._state, self._flags = np.array(state, copy=True), np.array(flags, copy=True)
-        self.t_ms = snapshot.get("t_ms")
-        n = len(self._state)
-        if n == 0:
-            raise ValueError("a snapshot with no pages cannot be drawn")
-        if getattr(self, "n_pages", n) != n:
-            self._window = None  # a different guest: start from the overview
-        self.n_pages = n
-        self.row_pages = grid_width(n, self.max_rows)
-        self.rows = -(-n // self.row_pages)
-        self.overview_cell = _pow2_at_least(self.row_pages / self.max_cols)
-        self._classify()
-
-    def _classify(self) -> None:
-        cats = palette.classify(self._state, self._flags, self.view)
-        self.counts = np.bincount(cats, minlength=len(palette.categories(self.view)))
-        missing = self.rows * self.row_pages - self.n_pages  # the last row's tail: no memory
-        if missing:
-            cats = np.concatenate([cats, np.full(missing, _ABSENT[self.view], dtype=np.uint8)])
-        self._cats = cats.reshape(self.rows, self.row_pages)
-        self._weights = palette.importance(self.view)
-        self._overview = downsample(self._cats, self.overview_cell, self._weights)
-
-    def _render_data(self) -> dict[str, list]:
-        if self._window is None:
-            col0, col1, row0, row1, cell = 0, self.row_pages, 0, self.rows, self.overview_cell
-            image = self._overview.copy()
-        else:
-            col0, col1, row0, row1 = self._window
-            cell = self._window_cell()
-            image = downsample(self._cats[row0:row1, col0:col1], cell, self._weights)
-        self.cell = cell
-        return {"image": [image], "x": [col0], "y": [row0], "dw": [col1 - col0],
-                "dh": [row1 - row0], "cell": [cell], "row_pages": [self.row_pages]}
-
-    def _halo_data(self, data: dict) -> dict[str, list]:
-        """The outline image for ``data`` (the same placement): 1 around changed cells."""
-        image = data["image"][0]
-        mask = np.zeros(image.shape, dtype=bool)
-        if self._changed is not None and len(self._changed):
-            col0, row0, cell = data["x"][0], data["y"][0], data["cell"][0]
-            rows, cols = np.divmod(self._changed, self.row_pages)
-            inside = (rows >= row0) & (rows < row0 + data["dh"][0]) & (cols >= col0) & (
-                cols < col0 + data["dw"][0])
-            mask[rows[inside] - row0, (cols[inside] - col0) // cell] = True
-        halo = outline(mask) if mask.any() else mask.astype(np.uint8)
-        return {**{k: v for k, v in data.items() if k != "image"}, "image": [halo]}
+    # --- what the grid knows --------------------------------------------------------------------
+    view = property(lambda self: self.grid.view)
+    n_pages = property(lambda self: self.grid.n_pages)
+    row_pages = property(lambda self: self.grid.row_pages)
+    rows = property(lambda self: self.grid.rows)
+    overview_cell = property(lambda self: self.grid.overview_cell)
+    counts = property(lambda self: self.grid.counts)
+    last_moves = property(lambda self: self.grid.last_moves)
+    changed_pages = property(lambda self: self.grid.changed_pages)
+    max_cols = property(lambda self: self.grid.max_cols)
+    max_rows = property(lambda self: self.grid.max_rows)
+    t_ms = property(lambda self: self.grid.t_ms)
 
     @property
-    def halo(self) -> np.ndarray:
-        """The uint8 outline image currently in the halo source (1 = around a changed cell)."""
-        return self.halo_source.data["image"][0]
+    def max_cells(self) -> int:
+        """The larger of the caps on columns and rows sent."""
+        return max(self.max_cols, self.max_rows)
+
+    @property
+    def window(self) -> tuple[int, int, int, int]:
+        """``(col0, col1, row0, row1)`` of what is drawn."""
+        return self.grid.window or (0, self.row_pages, 0, self.rows)
+
+    @property
+    def image(self) -> np.ndarray:
+        """The uint8 category image currently in the source."""
+        return self.source.data["image"][0]
+
+    @property
+    def outline_boxes(self) -> np.ndarray:
+        """``(n, 4)`` rectangles ``(x0, x1, y0, y1)`` the outline draws now (pages of a row, rows)."""
+        d = self.outline_source.data
+        return np.array([d["left"], d["right"], d["top"], d["bottom"]], dtype=float).T.reshape(-1, 4)
 
     def changed_region(self) -> tuple[int, int, int, int] | None:
         """``(col0, col1, row0, row1)`` of the pages changed by the last update, or None."""
-        if self._changed is None or not len(self._changed):
-            return None
-        rows, cols = np.divmod(self._changed, self.row_pages)
-        return int(cols.min()), int(cols.max()) + 1, int(rows.min()), int(rows.max()) + 1
+        return self.grid.changed_region()
+
+    def _full_range(self) -> tuple[float, float, float, float]:
+        return 0.0, float(self.row_pages), 0.0, float(self.rows)
+
+    def _outline_data(self, data: dict) -> dict[str, list]:
+        """Rectangles around the changed cells of ``data``, grown by OUTLINE_PAD_PX screen pixels
+        (at the visible range's scale) so that the stroke surrounds the cells."""
+        x0, x1, y0, y1 = self._visible
+        pad_x = OUTLINE_PAD_PX * (x1 - x0) / self._width
+        pad_y = OUTLINE_PAD_PX * (y1 - y0) / self._height
+        return outline_data(self.grid.changed_boxes(data), pad_x, pad_y)
 
     def zoom_to_change(self, margin: float = 1.0) -> bool:
         """Zoom the figure to the pages the last update changed, with ``margin`` x their extent
@@ -217,10 +175,6 @@ class PageMap(Shown):
         self.zoom(x0, x1, y0, y1)
         return True
 
-    def _window_cell(self) -> int:
-        col0, col1, _, _ = self._window
-        return min(self.overview_cell, _pow2_at_least((col1 - col0) / self.max_cols))
-
     def _legend_data(self) -> dict[str, list]:
         cats = palette.categories(self.view)
         total = max(1, int(self.counts.sum()))
@@ -231,20 +185,6 @@ class PageMap(Shown):
                 "label": labels, "name": [c.name for c in cats],
                 "pages": [int(n) for n in self.counts]}
 
-    @property
-    def image(self) -> np.ndarray:
-        """The uint8 category image currently in the source."""
-        return self.source.data["image"][0]
-
-    @property
-    def max_cells(self) -> int:
-        """The larger of the caps on columns and rows sent."""
-        return max(self.max_cols, self.max_rows)
-
-    @property
-    def window(self) -> tuple[int, int, int, int]:
-        return self._window or (0, self.row_pages, 0, self.rows)
-
     # --- the figure ---------------------------------------------------------------------------
     def _build_figure(self, width: int, height: int):
         fig = figure(frame_width=width, frame_height=height, title=self._title_text(),
@@ -254,15 +194,13 @@ class PageMap(Shown):
                      toolbar_location="above", x_axis_label="offset in row",
                      y_axis_label="guest physical address")
         fig.grid.visible = False
-        fig.background_fill_color = palette.categories(self.view)[_ABSENT[self.view]].color
+        fig.background_fill_color = palette.categories(self.view)[ABSENT[self.view]].color
         image = fig.image(image="image", x="x", y="y", dw="dw", dh="dh", source=self.source,
                           color_mapper=self.color_mapper)
-        fig.image(image="image", x="x", y="y", dw="dw", dh="dh", source=self.halo_source,
-                  color_mapper=LinearColorMapper(palette=["rgba(0, 0, 0, 0)", palette.CHANGED_COLOR],
-                                                 low=-0.5, high=1.5))
         self._blocks = ColumnDataSource(self._block_lines())
         fig.segment(x0="x0", y0="y0", x1="x1", y1="y1", source=self._blocks, line_color="#444444",
                     line_alpha=0.35, line_width=1)
+        add_outline(fig, self.outline_source)  # above the block lines: nothing hides it
         fig.scatter(x="x", y="y", color="color", marker="square", size=12,
                     legend_field="label", source=self.legend_source)
         fig.scatter(x=[np.nan], y=[np.nan], marker="square", size=11, fill_alpha=0, line_width=2,
@@ -338,62 +276,27 @@ class PageMap(Shown):
 
         Pages that changed are found in one pass; when they are few (at most 1/8 of the guest),
         only they are classified again and only the overview cells holding them are downsampled
-        again, so a step of a 16 GiB guest costs milliseconds, not a full redraw."""
-        state, flags = snapshot.get("state"), snapshot.get("flags")
-        if state is None or flags is None:
-            raise ValueError("a snapshot needs 'state' and 'flags' arrays (from vm.snapshot()), "
-                             f"got keys {sorted(snapshot)}")
-        state, flags = np.asarray(state), np.asarray(flags)
-        if len(state) != self.n_pages:  # another guest: draw it from scratch, nothing "changed"
-            old_rows, old_width = self.rows, self.row_pages
-            self._load(snapshot)
-            self._changed, self.last_moves, self.changed_pages = None, [], 0
-            if (self.rows, self.row_pages) != (old_rows, old_width):
-                self.figure.x_range.update(start=0, end=self.row_pages, bounds=(0, self.row_pages))
-                self.figure.y_range.update(start=self.rows, end=0, bounds=(0, self.rows))
-                self._blocks.data = self._block_lines()
-            self._refresh()
+        again, so a step of a 16 GiB guest costs milliseconds, not a full redraw. Nothing is
+        sent when no page changed (the outline of the last change stays)."""
+        old_shape = (self.rows, self.row_pages)
+        if not self.grid.update(snapshot):
             return
-        self.t_ms = snapshot.get("t_ms")
-        moved = np.flatnonzero((state != self._state) | (flags != self._flags))
-        if len(moved) == 0:
-            return  # no page changed: nothing to compute or send
-        self.last_moves = transitions(self._state[moved], state[moved])
-        self.changed_pages = len(moved)
-        self._changed = moved
-        if len(moved) * 8 > self.n_pages:
-            self._load(snapshot)
-        else:
-            self._state[moved], self._flags[moved] = state[moved], flags[moved]
-            self._reclassify(moved)
+        if (self.rows, self.row_pages) != old_shape:  # another guest: a new grid
+            self.figure.x_range.update(start=0, end=self.row_pages, bounds=(0, self.row_pages))
+            self.figure.y_range.update(start=self.rows, end=0, bounds=(0, self.rows))
+            self._blocks.data = self._block_lines()
+            self._visible = self._full_range()
         self._refresh()
-
-    def _reclassify(self, pages: np.ndarray) -> None:
-        """Classify ``pages`` (flat indices) again and downsample the overview cells holding them."""
-        cats = self._cats.reshape(-1)  # a view: assignments land in self._cats
-        old = cats[pages]
-        new = palette.classify(self._state[pages], self._flags[pages], self.view)
-        k = len(self.counts)
-        self.counts = self.counts + np.bincount(new, minlength=k) - np.bincount(old, minlength=k)
-        cats[pages] = new
-        cell = self.overview_cell
-        ncols = self.row_pages // cell
-        cells = np.unique(pages // cell)  # overview cells (rows of ncols cells) that changed
-        r, c = np.divmod(cells, ncols)
-        runs = self._cats.reshape(self.rows, ncols, cell)[r, c]
-        self._overview[r, c] = downsample(runs, cell, self._weights)[:, 0]
 
     def set_view(self, view: str) -> None:
         """Switch between the "guest" and the "host" view (palette, legend and image)."""
         palette._check_view(view)
         if view == self.view:
             return
-        self.view = view
-        self._changed, self.changed_pages = None, 0  # a new view: no "changed since" outline
+        self.grid.set_view(view)
         k = len(palette.categories(view))
         self.color_mapper.update(palette=palette.colors(view), high=k - 0.5)
-        self.figure.background_fill_color = palette.categories(view)[_ABSENT[view]].color
-        self._classify()
+        self.figure.background_fill_color = palette.categories(view)[ABSENT[view]].color
         self._refresh()
         if self._legend_place == "below":
             self.figure.legend[0].ncols = self._below_columns()
@@ -402,29 +305,22 @@ class PageMap(Shown):
         """Re-render the window x in [x0, x1) pages of a row, y in [y0, y1) rows at the finest
         cell that keeps it within ``max_cols`` columns (one page per cell when close enough).
         This is what the figure's RangesUpdate (zoom, pan, reset) calls."""
-        xa, xb = sorted((float(x0), float(x1)))
-        ya, yb = sorted((float(y0), float(y1)))
-        col0 = int(np.clip(np.floor(xa), 0, self.row_pages - 1))
-        col1 = int(np.clip(np.ceil(xb), col0 + 1, self.row_pages))
-        row0 = int(np.clip(np.floor(ya), 0, self.rows - 1))
-        row1 = int(np.clip(np.ceil(yb), row0 + 1, self.rows))
-        visible = (col0, col1, row0, row1)
-        span, rspan = col1 - col0, row1 - row0  # send a margin of half a span each side, to pan
-        col0, col1 = max(0, col0 - span // 2), min(self.row_pages, col1 + span // 2)
-        row0, row1 = max(0, row0 - rspan // 2), min(self.rows, row1 + rspan // 2)
-        cell = min(self.overview_cell, _pow2_at_least((col1 - col0) / self.max_cols))
-        if cell >= self.overview_cell:
-            window = None
-        elif self._window is not None and cell == self.cell and _inside(visible, self._window):
-            return  # a small pan within what was sent: the browser already has it
-        else:
-            window = (col0 // cell * cell, -(-col1 // cell) * cell, row0, row1)
-        if window != self._window:
-            self._window = window
+        window, visible = self.grid.window_for(x0, x1, y0, y1)
+        self._visible = tuple(sorted((float(x0), float(x1)))) + tuple(sorted((float(y0), float(y1))))
+        current = self.grid.window
+        if window is not None and current is not None and self.grid.cell_of(window) == self.cell \
+                and inside(visible, current):
+            self._send_outline()  # a small pan within what was sent: the image is there already
+            return
+        if window != current:
+            self.grid.window = window
             self._refresh()
+        else:
+            self._send_outline()
 
     def reset_zoom(self) -> None:
-        self._window = None
+        self.grid.window = None
+        self._visible = self._full_range()
         self._refresh()
 
     def _on_ranges_update(self, event: RangesUpdate) -> None:
@@ -432,18 +328,25 @@ class PageMap(Shown):
             return
         self.zoom(event.x0, event.x1, event.y0, event.y1)
 
+    def _send_outline(self) -> None:
+        new = self._outline_data(self.source.data)
+        if new != self.outline_source.data:
+            self.outline_source.data = new
+
     def _refresh(self) -> None:
-        """Send the new image and outline: nothing if unchanged, a patch of the changed rectangle
-        if it is small, else the whole data."""
-        new = self._render_data()
+        """Send what changed: the image (nothing if unchanged, a patch of the changed rectangle if
+        it is small, else the whole data), the outline, the legend and the title."""
+        new = self.grid.render()
+        self.cell = new["cell"][0]
         legend = self._legend_data()
         if legend["label"] != self.legend_source.data["label"] or (
                 legend["color"] != self.legend_source.data["color"]):
             self.legend_source.data = legend
-        self.figure.title.text = self._title_text()
-        halo = self._halo_data(new)
-        _send(self.source, new)
-        _send(self.halo_source, halo)
+        title = self._title_text()
+        if title != self.figure.title.text:
+            self.figure.title.text = title
+        send_image(self.source, new)
+        self._send_outline()
 
     # --- display ------------------------------------------------------------------------------
     def _root(self):
@@ -454,7 +357,7 @@ class PageMap(Shown):
                 f"grid, cell {self.cell}>")
 
 
-def _send(source: ColumnDataSource, new: dict) -> None:
+def send_image(source: ColumnDataSource, new: dict) -> None:
     """Give ``source`` the image data ``new``: nothing if the same, a patch of the changed
     rectangle if it is small, else the whole data."""
     old = source.data

@@ -4,8 +4,9 @@ Skipped, with the reason, where Chromium or the Python playwright package is mis
 ``playwright install``: it downloads a browser of its own; these tests use ``/usr/bin/chromium``,
 or ``$LABKIT_CHROMIUM``).
 
-The JupyterLab server (one per session) serves a temporary copy of ``notebooks/`` with temporary
-Jupyter config, data and runtime directories, so nothing in the repository or the user's home is
+The JupyterLab server (one per session) serves a temporary copy of the repository's ``notebooks/``
+and ``docs/`` (so a notebook's "§" link, ``../docs/mechanisms.md#s1.2``, opens the reference), with
+temporary Jupyter config, data and runtime directories, so nothing in the repository or the user's home is
 written; it runs with ``BOKEH_RESOURCES=inline`` (no CDN) and is stopped by its PID at the end,
 also when a test fails. Timings (server start, kernel start, run-all) go to pytest's terminal
 summary under "browser figures".
@@ -32,6 +33,8 @@ from labkit.cli import any_free_port, lab_ready
 
 ROOT = Path(__file__).resolve().parents[2]
 NOTEBOOK_DIR = ROOT / "notebooks"
+DOCS_DIR = ROOT / "docs"
+SERVED = ("notebooks", "docs")  # what the server's root holds: notebooks link into docs/
 SERVER_START_TIMEOUT_S = 120
 # headless, no GPU, nothing fetched from the network; the user-data-dir is a fresh temporary one
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -138,10 +141,12 @@ def _stop(process: subprocess.Popen) -> None:
 
 @pytest.fixture(scope="session")
 def lab(tmp_path_factory: pytest.TempPathFactory, browser_figures: dict) -> Iterator[Lab]:
-    """JupyterLab serving a temporary copy of notebooks/, stopped by PID at the end."""
+    """JupyterLab serving a temporary copy of notebooks/ and docs/, stopped by PID at the end.
+    Notebooks are opened as ``notebooks/<name>``."""
     base = tmp_path_factory.mktemp("lab")
-    root = base / "notebooks"
-    shutil.copytree(NOTEBOOK_DIR, root, ignore=shutil.ignore_patterns(".ipynb_checkpoints"))
+    root = base / "repo"
+    for folder in SERVED:
+        shutil.copytree(ROOT / folder, root / folder, ignore=shutil.ignore_patterns(".ipynb_checkpoints"))
     config_dir = base / "config"
     (config_dir / "labconfig").mkdir(parents=True)
     # <JUPYTER_CONFIG_DIR>/labconfig/default_setting_overrides.json: read by jupyterlab_server

@@ -10,7 +10,8 @@ tests/browser/test_sweep.py can prove, on a deliberately broken notebook, that e
 * ``wide``: an output area whose content is wider than the notebook panel (1400x1000 viewport);
 * ``empty``: a Bokeh figure whose visible x/y range holds none of its glyphs' data (or whose glyphs
   all have no data): the figure opens empty;
-* ``static``: a Step button or a Play widget that changes no pixel of the figures of its output.
+* ``static``: a Step button or a Play control (ipywidgets' Play, or labkit's Play toggle, which the
+  kernel ticks while it is on) that changes no pixel of the figures of its output.
 
 Screenshots: the whole notebook after Run All (one viewport at a time, top to bottom) and each
 widget output after each interaction, under ``shots``.
@@ -172,9 +173,14 @@ def wait_kernel(nb: Notebook) -> None:
     nb.wait_idle(IDLE_TIMEOUT_MS)
 
 
+def shot_prefix(name: str) -> str:
+    """``notebooks/regression/balloon.ipynb`` -> ``regression_balloon``."""
+    return name.removeprefix("notebooks/").removesuffix(".ipynb").replace("/", "_")
+
+
 def snap(nb: Notebook, result: SweepResult, shots: Path, what: str, target: Any = None) -> None:
     safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", what).strip("_")[:80]
-    path = shots / f"{Path(nb.name).stem}-{len(result.shots):03d}-{safe}.png"
+    path = shots / f"{shot_prefix(nb.name)}-{len(result.shots):03d}-{safe}.png"
     if target is None:
         nb.page.screenshot(path=str(path))
     else:
@@ -241,8 +247,10 @@ def drive(nb: Notebook, result: SweepResult, shots: Path) -> None:
                 wait_kernel(nb)
                 result.interactions.append(f"{label}: toggle {k} button {b}")
                 snap(nb, result, shots, f"{label}-toggle{k}-{b}", area)
-        boxes = [b for b in area.locator(".widget-checkbox input, button.widget-toggle-button").all()
-                 if not b.evaluate("b => !!b.closest('.widget-toggle-buttons')")]
+        toggles = [b for b in area.locator("button.widget-toggle-button").all()
+                   if not b.evaluate("b => !!b.closest('.widget-toggle-buttons')")]
+        plays = [b for b in toggles if (b.text_content() or "").strip() == "Play"]  # labkit's Play
+        boxes = area.locator(".widget-checkbox input").all() + [b for b in toggles if b not in plays]
         for k, box in enumerate(boxes):
             box.click()
             wait_kernel(nb)
@@ -255,7 +263,8 @@ def drive(nb: Notebook, result: SweepResult, shots: Path) -> None:
             wait_kernel(nb)
             result.interactions.append(f"{label}: radio {k}")
         buttons = [b for b in area.locator("button.widget-button").all()
-                   if not b.evaluate("b => !!b.closest('.widget-play, .widget-toggle-buttons')")]
+                   if b.is_visible()  # a control the widget hides (Reset without a factory) is not offered
+                   and not b.evaluate("b => !!b.closest('.widget-play, .widget-toggle-buttons')")]
         texts = [(b.text_content() or b.get_attribute("title") or "").strip() for b in buttons]
         kinds = ["step" if STEP_RE.search(t) else "reset" if t.lower().startswith("reset") else "other"
                  for t in texts]
@@ -264,12 +273,18 @@ def drive(nb: Notebook, result: SweepResult, shots: Path) -> None:
         others = [(b, t) for b, t, k in zip(buttons, texts, kinds, strict=True) if k == "other"]
         for button, text in steps:
             press_and_compare(nb, result, shots, area, label, f"button {text!r}", button.click)
-        for k, play in enumerate(area.locator(".widget-play").all()):
+        for k, play in enumerate(area.locator(".widget-play").all()):  # ipywidgets' Play
             def run_play(play: Any = play) -> None:
                 play.locator("button").first.click()  # play
                 time.sleep(PLAY_S)
                 play.locator("button").nth(1).click()  # pause
             press_and_compare(nb, result, shots, area, label, f"Play {k}", run_play)
+        for k, toggle in enumerate(plays):  # labkit's Play: a toggle; the kernel ticks while it is on
+            def run_toggle(toggle: Any = toggle) -> None:
+                toggle.click()  # Play
+                time.sleep(PLAY_S)
+                toggle.click()  # Pause
+            press_and_compare(nb, result, shots, area, label, f"Play {k}", run_toggle)
         for button, text in others + resets:
             button.scroll_into_view_if_needed()
             button.click()

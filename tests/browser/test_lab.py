@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import numpy as np
 import pytest
@@ -29,8 +30,8 @@ from labkit.viz.palette import G_BALLOON, GUEST_CATEGORIES
 
 pytestmark = pytest.mark.browser
 
-START = "00_start.ipynb"
-VIRTIO_MEM = "05_virtio_mem.ipynb"
+START = "notebooks/00_start.ipynb"  # the server serves the repository's notebooks/ and docs/
+VIRTIO_MEM = "notebooks/05_virtio_mem.ipynb"
 LOAD_TIMEOUT_MS = 60_000     # JupyterLab's page up to the notebook panel
 KERNEL_TIMEOUT_MS = 120_000  # kernel start (a busy 2-core machine)
 RUN_TIMEOUT_MS = 120_000     # notebook:run-all-cells
@@ -350,5 +351,27 @@ def test_virtio_mem_block_grid_renders(browser_context: Any, lab: Any, shots: Pa
             assert not errors, "cells show errors:\n" + "\n".join(errors)
         with nb.evidence("canvases"):
             check_plots_paint(nb, grids[:1])
+    finally:
+        nb.close()
+
+
+def test_a_lessons_section_link_opens_the_reference(browser_context: Any, lab: Any, shots: Path):
+    """01_balloon's first link to §1.2, clicked in JupyterLab, opens docs/mechanisms.md in the
+    Markdown preview at that section: the server serves notebooks/ and docs/ side by side, as a
+    clone of the repository or Binder does (docs/README.md)."""
+    nb = Notebook(browser_context, lab, "notebooks/01_balloon.ipynb", shots)
+    try:
+        with nb.evidence("section-link"):
+            nb.open()
+            link = nb.page.locator(".jp-Notebook .jp-MarkdownOutput a:visible", has_text="§1.2").first
+            # JupyterLab resolves the relative link against the server's root: /files/docs/...
+            href = urlsplit(link.get_attribute("href") or "")
+            assert href.path.endswith("/docs/mechanisms.md") and href.fragment == "s1.2", href
+            link.scroll_into_view_if_needed()
+            link.click()
+            target = nb.page.locator('.jp-MarkdownViewer [data-jupyter-id="s1.2"]')
+            target.wait_for(state="attached", timeout=30_000)
+            assert nb.page.locator(".jp-MarkdownViewer").first.is_visible()
+            nb.page.screenshot(path=str(shots / "01_balloon-section-link-s1.2.png"))
     finally:
         nb.close()

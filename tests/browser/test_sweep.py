@@ -1,13 +1,13 @@
 """Every notebook in a real browser, as a student meets it (issue 9, "What to build" 1).
 
-For each notebook under notebooks/ (found by glob: the exercises, notebooks/regression/ and any
-notebook added later are swept too): JupyterLab in headless Chromium at 1400x1000 opens it, runs all
-cells, waits for the kernel to be idle, then moves every slider, dropdown and toggle and clicks every
-button of every widget (tests/browser/sweep.py). A notebook fails on any error or stderr output, any
-Log Console message, any output wider than the notebook panel, any Bokeh figure that opens empty,
-and any Step/Play that changes no pixel of its figures. Screenshots of every notebook after Run All
-and after each interaction go to ``$LABKIT_SHOTS`` (or a folder under pytest's temporary directory);
-the folder is printed in the summary.
+For each notebook under notebooks/ (found by glob: the lessons 00-08, the exercises,
+notebooks/regression/ and any notebook added later are swept too): JupyterLab in headless Chromium
+at 1400x1000 opens it, runs all cells, waits for the kernel to be idle, then moves every slider,
+dropdown and toggle and clicks every button of every widget (tests/browser/sweep.py). A notebook
+fails on any error or stderr output, any Log Console message, any output wider than the notebook
+panel, any Bokeh figure that opens empty, and any Step/Play that changes no pixel of its figures.
+Screenshots of every notebook after Run All and after each interaction go to ``$LABKIT_SHOTS`` (or a
+folder under pytest's temporary directory); the folder is printed in the summary.
 
 The second half builds one deliberately broken notebook per condition in the server's temporary
 directory and shows that the sweep reports exactly that condition.
@@ -29,11 +29,12 @@ from tests.browser.test_lab import Notebook
 
 pytestmark = pytest.mark.browser
 
-NOTEBOOKS = sorted(str(p.relative_to(NOTEBOOK_DIR)) for p in NOTEBOOK_DIR.rglob("*.ipynb")
-                   if ".ipynb_checkpoints" not in p.parts)
+NOTEBOOKS = sorted(str(p.relative_to(NOTEBOOK_DIR.parent)) for p in NOTEBOOK_DIR.rglob("*.ipynb")
+                   if ".ipynb_checkpoints" not in p.parts)  # "notebooks/...": the server serves the repo
 # papermill parameters the sweep gives a notebook, as tests/test_notebooks.py does (07 replays a
 # recorded real run unless live runs were asked for with LABKIT_LIVE=1)
-PARAMETERS = {"07_live_qemu.ipynb": {"MODE": "replay"}, "10_model_vs_real.ipynb": {"MODE": "replay"}}
+PARAMETERS = {"notebooks/07_live_qemu.ipynb": {"MODE": "replay"},
+              "notebooks/10_model_vs_real.ipynb": {"MODE": "replay"}}
 
 
 @pytest.fixture(scope="session")
@@ -94,10 +95,10 @@ def broken_notebook(lab: Any, condition: str) -> str:
     nb = nbformat.v4.new_notebook()
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     nb.cells = [nbformat.v4.new_code_cell(source) for source in BROKEN[condition]]
-    folder = lab.root / "_broken"
+    folder = lab.root / "notebooks" / "_broken"
     folder.mkdir(exist_ok=True)
     nbformat.write(nb, folder / f"{condition}.ipynb")
-    return f"_broken/{condition}.ipynb"
+    return f"notebooks/_broken/{condition}.ipynb"
 
 
 @pytest.mark.parametrize("condition", CONDITIONS)

@@ -1,0 +1,283 @@
+"""What the notebooks' "What you just saw" notes say, held against what the notebooks measure.
+
+Every number in a note is either a **quote** of the notebook's own run (a phrase, an expression over
+the metrics the notebook writes to ``out_json``, the value the phrase says and a tolerance: checked
+by tests/test_notebooks.py when the notebook runs at its default parameters), or a **fact** (a
+phrase whose number comes from the mechanism or from the notebook's parameters, with its source).
+:func:`unregistered` finds a number a note quotes that neither covers: a note cannot say a number
+nobody checks.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+MiB, GiB = float(1 << 20), float(1 << 30)
+
+
+@dataclass(frozen=True)
+class Quote:
+    """``phrase`` says ``value`` (within ``tol``) of ``expression`` over the notebook's metrics."""
+
+    phrase: str
+    expression: str
+    value: float
+    tol: float
+
+
+@dataclass(frozen=True)
+class Fact:
+    """``phrase``'s numbers come from ``source`` (a section of docs/, a parameter of the notebook)."""
+
+    phrase: str
+    source: str
+
+
+QUOTES: dict[str, list[Quote | Fact]] = {
+    "00_start.ipynb": [
+        Fact("the balloon holds 1 GiB", "the notebook inflates to 3/4 of its 4 GiB"),
+        Quote("host RSS fell by only 57 MiB", "host_returned_bytes / MiB", 57, 1),
+        Quote("host RSS grew by 1.5 GiB", "job_idle_backed_bytes / GiB", 1.5, 0.05),
+        Quote("the second 1 GiB of balloon gave the host back 1023 MiB", "deeper_returned_bytes / MiB",
+              1023, 1),
+        Fact("the second 1 GiB of balloon", "the notebook inflates by another 1 GiB"),
+        Quote("where the first gave 57 MiB", "host_returned_bytes / MiB", 57, 1),
+    ],
+    "01_balloon.ipynb": [
+        Quote("1024 requests, and only 7", "inflate_1gib_requests_count", 1024, 0),
+        Quote("1024 requests, and only 7", "inflate_1gib_events_count", 7, 0),
+        Fact("jumps of about 200 MiB", "§1.7: one event a second; 5 ms a 1 MiB request is 200 MiB a second"),
+        Quote("96 OOM events", "oom_events_count", 96, 0),
+        Fact("exactly 256 pages", "§1.4: VIRTIO_BALLOON_OOM_NR_PAGES"),
+        Quote("256 pages, 24576 pages in all", "oom_deflated_pages_count", 24576, 0),
+        Quote("256 pages, 24576 pages in all", "oom_deflated_pages_count / oom_events_count", 256, 0),
+        Fact("the same 128 MiB allocation", "the notebook's application allocates 128 MiB"),
+        Quote("cost 2 OOM kills", "oom_kills_plain_count", 2, 0),
+        Fact("Asked for 30 % and 40 % of RAM", "SizingParams' targets"),
+        Quote("stopped at 1678 MiB both times", "sizing_plain_30_actual_bytes / MiB", 1678, 1),
+        Quote("stopped at 1678 MiB both times", "sizing_plain_40_actual_bytes / MiB", 1678, 1),
+        Quote("after 9 \"Out of puff\"", "sizing_plain_30_out_of_puff_count", 9, 0),
+        Fact("each followed by a 200 ms sleep", "§1.2: the driver's msleep(200) after a failed fill"),
+        Quote("(1 OOM kill)", "sizing_plain_30_oom_kills_count", 1, 0),
+        Quote("deflated 409 MiB instead", "sizing_doo_30_oom_deflated_bytes / MiB", 409, 1),
+        Fact("with a 1 GiB balloon already inflated", "the notebook inflates 1 GiB"),
+        Quote("still said 3.9 GiB", "stats_stale_total_bytes / GiB", 3.9, 0.05),
+        Quote("MemTotal (2.9 GiB)", "stats_total_bytes / GiB", 2.9, 0.05),
+        Fact("a 2 GiB balloon", "the notebook inflates to half its 4 GiB"),
+        Quote("did not fall at all (0 B)", "discard_off_returned_bytes", 0, 0),
+    ],
+    "02_free_page_hinting.ipynb": [
+        Quote("its downtime is longer (143 ms vs 1 ms)", "idle_hinting_downtime_ms", 143, 0.5),
+        Quote("its downtime is longer (143 ms vs 1 ms)", "idle_plain_downtime_ms", 1, 0.5),
+        Quote("hinting is 6x faster in total", "idle_plain_total_time_ms / idle_hinting_total_time_ms",
+              6.5, 1),
+        Fact("here 2 s of an unlimited link", "hinting_anchor: Wang's downtime limit"),
+        Fact("the whole 8 GiB", "compare_memory"),
+        Fact("all 2 million pages", "8 GiB / 4 KiB"),
+        Fact("so pass 1 reads", "the first pass, by name"),
+        Quote("the guest stops for about 1 ms", "idle_plain_downtime_ms", 1, 0.5),
+        Fact("free 4 MiB blocks", "§2.2: hints are order-10 blocks"),
+        Quote("the ~290 MiB the guest really uses", "idle_hinting_sent_bytes / MiB", 290, 5),
+        Quote("(the 73728 normal pages", "idle_hinting_normal_pages_count", 73728, 0),
+        Quote("sends those pages during the downtime: 143 ms", "idle_hinting_downtime_ms", 143, 0.5),
+        Fact("well inside the 2 s the setup allows", "hinting_anchor: Wang's downtime limit"),
+        Fact("QEMU's default 300 ms limit", "§6.1: downtime-limit"),
+        Fact("fits in 300 ms of link", "§6.1: downtime-limit"),
+        Quote("the host got back 0 B", "overcommit_hinting_returned_bytes", 0, 0),
+        Quote("swapped out 322 MiB", "overcommit_hinting_swap_out_bytes / MiB", 322, 1),
+        Quote("swapped out 322 MiB", "overcommit_none_swap_out_bytes / MiB", 322, 1),
+        Quote("reporting gave back 615 MiB", "overcommit_reporting_returned_bytes / MiB", 615, 1),
+    ],
+    "03_free_page_reporting.ipynb": [
+        Quote("the first pass ran 2.0 s after the free", "first_pass_after_ms / 1000", 2.0, 0.05),
+        Quote("and reported 636 MiB", "first_pass_reported_bytes / MiB", 636, 1),
+        Fact("about 640 MiB each", "§3.3: (budget + 1) x 32 blocks x 4 MiB"),
+        Quote("With 1936 free order-10 blocks", "first_pass_order10_blocks_count", 1936, 0),
+        Fact("ceil(1936 / 512) = 4", "§3.3: budget = ceil(nr_free / (PAGE_REPORTING_CAPACITY x 16))"),
+        Fact("budget + 1 = 5 batches of 32 blocks of 4 MiB", "§3.3"),
+        Fact("from that list: 640 MiB", "§3.3"),
+        Fact("another pass 2 s later", "§3.2: PAGE_REPORTING_DELAY"),
+        Quote("host RSS fell in 10 steps", "staircase_steps_count", 10, 0),
+        Quote("settled 20.5 s after the job exited", "staircase_settled_s", 20.5, 0.25),
+        Quote("given the host back 5.9 GiB", "staircase_returned_bytes / GiB", 5.9, 0.05),
+        Fact("of the 6 GiB the job wrote", "the job parameter"),
+        Fact("2 s at a time", "§3.2: PAGE_REPORTING_DELAY"),
+        Quote("0 reported pages reused", "head_first_reused_count", 0, 0),
+        Fact("the 256 MiB came from the 512 MiB just freed", "the notebook's allocations"),
+        Fact("allocating 1 GiB", "the notebook's allocation"),
+        Quote("took 966.7 MiB of reported blocks", "refaulted_count * 4096 / MiB", 966.7, 0.1),
+        Quote("247487 zero-filled pages", "refaulted_count", 247487, 0),
+        Quote("495 ms of faults", "refault_ms", 495, 1),
+        Quote("host RSS up by the same 966.7 MiB", "refaulted_count * 4096 / MiB", 966.7, 0.1),
+        Quote("nothing is reported (0 B)", "gate_at_reported_bytes", 0, 0),
+        Fact("8 MiB above it", "the notebook fills to the gate + 8 MiB"),
+        Quote("the pass reports 72 MiB", "gate_above_reported_bytes / MiB", 72, 0.5),
+        Fact("With `page_poison=1` and `page-poison=on`", "the case's parameters"),
+        Quote("guest sent 14 reports and the host got 0 B back", "silent_poison_on_reports_count", 14, 0),
+        Quote("guest sent 14 reports and the host got 0 B back", "silent_poison_on_returned_bytes", 0, 0),
+        Quote("With discard disabled: 14 reports, 0 B.", "silent_no_discard_reports_count", 14, 0),
+        Quote("With discard disabled: 14 reports, 0 B.", "silent_no_discard_returned_bytes", 0, 0),
+        Quote("(0 reports)", "silent_poison_off_reports_count", 0, 0),
+        Quote("976 MiB of the 1 GiB it freed", "silent_plain_returned_bytes / MiB", 976, 1),
+    ],
+    "04_virtio_pmem.ipynb": [
+        Fact("Four guests read the same 512 MiB", "n_vms and boot_read"),
+        Quote("the host holds 5 copies", "shared_blk_writeback_copies_count", 5, 0),
+        Quote("own): 2642 MiB of host memory", "shared_blk_writeback_host_used_bytes / MiB", 2642, 1),
+        Quote("`cache=none` 4 copies (2130 MiB)", "shared_blk_none_copies_count", 4, 0),
+        Quote("`cache=none` 4 copies (2130 MiB)", "shared_blk_none_host_used_bytes / MiB", 2130, 1),
+        Quote("With virtio-pmem 1 copy", "shared_pmem_copies_count", 1, 0),
+        Quote("722 MiB in all", "shared_pmem_host_used_bytes / MiB", 722, 1),
+        Fact("`image_size / 64` each", "§4.2: 64 bytes of struct page per 4 KiB page"),
+        Quote("128 MiB for the four", "shared_pmem_memmap_bytes / MiB", 128, 0),
+        Quote("write 64 MiB and took 215 ms", "flush_64m_ms", 215, 1),
+        Fact("write 64 MiB", "the notebook writes 64 MiB"),
+        Fact("300 threads flushing at once", "the notebook's requests"),
+        Quote("never had more than 128 requests", "max_in_flight_count", 128, 0),
+        Fact("the queue has 128 entries", "§4.2: the driver's single virtqueue"),
+        Quote("returned -5 (EIO); the second returned 0", "fsync_error_ret_count", -5, 0),
+        Fact("the second returned 0", "the notebook prints the second flush's ret"),
+        Quote("every transport loses the 64 MiB to a crash 1 s later",
+              "lost_blk_writeback_noflush_1s_bytes / MiB + lost_blk_none_noflush_1s_bytes / MiB"
+              " + lost_pmem_noflush_1s_bytes / MiB", 192, 0),
+        Quote("At 40 s virtio-blk with `cache=writeback` still loses all 64 MiB",
+              "lost_blk_writeback_noflush_40s_bytes / MiB", 64, 0),
+        Quote("virtio-pmem and `cache=none` lose nothing",
+              "lost_pmem_noflush_40s_bytes + lost_blk_none_noflush_40s_bytes", 0, 0),
+    ],
+    "05_virtio_mem.ipynb": [
+        Quote("2 PLUG requests for 200 MiB", "plug_200mib_requests_count", 2, 0),
+        Fact("64 subblocks (128 MiB) and then 36 (72 MiB)", "§5.4: one request per memory block"),
+        Quote("6 MiB less took 3 UNPLUG requests", "unplug_6mib_requests_count", 3, 0),
+        Fact("one 2 MiB subblock each", "§5.5"),
+        Fact("asked for 0", "the notebook's requested-size"),
+        Quote("(0 B left plugged)", "unplug_left_online_movable_bytes", 0, 0),
+        Fact("within 301 %", "§5.7: memory_hotplug.auto_movable_ratio's default"),
+        Quote("kept 34 MiB plugged", "unplug_left_online_kernel_bytes / MiB", 34, 0),
+        Fact("returned -16 (-EBUSY)", "§5.5: alloc_contig_range fails with -EBUSY"),
+        Fact("in 20 minutes", "the notebook watches 240 x 5 s"),
+        Quote("failed 6 times", "len_retry_delays_s", 6, 0),
+        Quote("50, 100, 200, 300, 300 and 300 s", "retry_delays_s[0] + retry_delays_s[1] + retry_delays_s[2]"
+              " + retry_delays_s[3] + retry_delays_s[4] + retry_delays_s[5]", 1250, 0),
+        Quote("50, 100, 200, 300, 300 and 300 s", "retry_delays_s[2]", 200, 0),
+        Fact("doubling from 50 s and capped at 300 s", "§5.6"),
+        Quote("(135 ms against 1025 ms to shrink by 2 GiB)", "resize_virtio_mem_movable_shrink_ms", 135, 1),
+        Quote("(135 ms against 1025 ms to shrink by 2 GiB)", "resize_balloon_shrink_ms", 1025, 1),
+        Fact("to shrink by 2 GiB", "device_size"),
+    ],
+    "06_overcommit.ipynb": [
+        Quote("**none** swapped out 319 MiB", "none_swap_out_bytes / MiB", 319, 1),
+        Quote("returns memory (285 MiB)", "static_returned_bytes / MiB", 285, 1),
+        Quote("(18 OOM kills)", "static_oom_kills", 18, 0),
+        Quote("returns 423 MiB", "mom_returned_bytes / MiB", 423, 1),
+        Quote("615 MiB, and no swap at all", "reporting_returned_bytes / MiB", 615, 1),
+        Quote("615 MiB, and no swap at all", "reporting_swap_out_bytes", 0, 0),
+        Fact("(< 20 % free), 5 % of a guest per 10 s", "MoM's policy: labkit.scenarios.mom"),
+        Quote("MoM alone changed the balloons 41 times", "mom_balloon_changes_count", 41, 0),
+        Quote("with reporting beside it, 5 times", "reporting_mom_balloon_changes_count", 5, 0),
+        Fact("MoM's 20 % line", "MoM's policy: labkit.scenarios.mom"),
+        Quote("changed no balloon at all (0 changes)", "roomy_mom_balloon_changes_count", 0, 0),
+        Quote("reporting cost 1.00 % of the workload's own time", "reporting_overhead_percent", 1.0, 0.005),
+        Fact("the talk's \"1-2 %\"", "the talk"),
+        Quote("the host swapped out 1623 MiB", "trace_none_swap_out_bytes / MiB", 1623, 1),
+        Quote("(0 swap, 0 OOM kills)", "trace_reporting_swap_out_bytes + trace_reporting_oom_kills_count",
+              0, 0),
+        Quote("(3746 MiB against 3482 MiB)", "trace_reporting_mom_returned_bytes / MiB", 3746, 1),
+        Quote("(3746 MiB against 3482 MiB)", "trace_reporting_returned_bytes / MiB", 3482, 1),
+        Quote("cost 15 OOM kills", "trace_reporting_mom_oom_kills_count", 15, 0),
+        Fact("played 72 times faster", "trace_speed"),
+        Fact("within one 10 s evaluation", "MoM's policy"),
+        Fact("by only 5 % per evaluation", "MoM's policy"),
+    ],
+    "07_live_qemu.ipynb": [
+        Fact("1 GiB guest", "the demo"),
+        Quote("MemFree after the deflate ends tens of MiB lower", "deflate_memfree_short_live_mib", 40, 30),
+        Quote("host RSS falls by ~15 MiB on the real guest", "balloon_rss_drop_live_mib", 15, 1),
+        Quote("but under 1 MiB in the model", "balloon_rss_drop_model_mib", 0.5, 0.5),
+        Quote("asked for 280 MiB of anonymous memory", "oom_alloc_anon_mib", 280, 0.5),
+        Quote("the real guest gave back 39 MiB of balloon", "oom_deflate_mib", 39, 0.5),
+        Quote("holds 280 MiB of anonymous memory", "oom_alloc_anon_mib", 280, 0.5),
+        Quote("the model 27 MiB and 307 MiB", "model_oom_deflate_mib", 27, 0.5),
+        Quote("the model 27 MiB and 307 MiB", "model_oom_alloc_anon_mib", 307, 0.5),
+        Fact("1 MiB per OOM event", "§1.4: VIRTIO_BALLOON_OOM_NR_PAGES"),
+        Fact("the notifier's 256 pages per event", "§1.4"),
+        Quote("Both give the 256 MiB back", "reporting_given_back_mib", 256, 3),
+        Quote("the real guest 0.4 s earlier", "reporting_live_earlier_s", 0.4, 0.05),
+        Quote("1.2 s after its own \"free\" step", "reporting_live_after_free_s", 1.2, 0.05),
+        Quote("where the model takes 2.5 s", "reporting_model_after_free_s", 2.5, 0.05),
+        Fact("its 2 s reporting delay", "§3.2: PAGE_REPORTING_DELAY"),
+        Fact("the next 0.5 s sample", "the recorder's sampling"),
+        Fact("sampled every 0.5 s", "the recorder's sampling"),
+        Fact("real guest's 2 s reporting delay", "§3.2"),
+        Fact("freeing the 256 MiB", "the demo's job"),
+        Fact("(2 MiB)", "§3.1: pageblock_order on x86-64"),
+        Quote("real guest keeps 2 MiB plugged", "virtio_mem_kernel_left_plugged_mib", 2, 0.5),
+        Quote("its host RSS stays ~255 MiB up", "virtio_mem_kernel_model_rss_up_mib", 255, 1),
+        Fact("lies above 4 GiB", "x86-64: the device's region above 4 GiB"),
+        Quote("costs the real guest ~64 MiB", "virtio_mem_boot_memtotal_cost_mib", 64, 1),
+        Fact("memory may appear above 4 GiB", "x86-64: SWIOTLB is set up when memory may lie above 4 GiB"),
+    ],
+    "08_which_mechanism.ipynb": [
+        Quote("the balloon migrates fastest (1638 ms", "cells_migration_balloon", 1638, 1),
+        Quote("against 1825 ms with hinting", "cells_migration_hinting", 1825, 1),
+        Quote("2039 ms with nothing", "cells_migration_plain", 2039, 1),
+        Quote("no faster than nothing (2039 ms)", "cells_migration_reporting", 2039, 1),
+        Quote("hinting returns nothing (0 MiB)", "cells_overcommit_hinting", 0, 0),
+        Quote("reporting returns 784 MiB", "cells_overcommit_reporting / MiB", 784, 1),
+        Fact("three guests sharing an image", "n_guests"),
+        Quote("keep 4 copies of it", "cells_page_cache_blk_writeback", 4, 0),
+        Quote("`cache=writeback`, 1 with virtio-pmem", "cells_page_cache_pmem", 1, 0),
+    ],
+}
+
+NUMBER = re.compile(r"(?<![\w.])-?\d+(?:\.\d+)?(?![\w])")
+
+
+def flat(metrics: dict) -> dict:
+    """The metrics as expression names: non-identifier characters become ``_``; a nested dict's
+    entries are ``<key>_<entry>``; a list metric ``x`` also gives ``len_x``."""
+    out: dict = {}
+    for key, value in metrics.items():
+        name = re.sub(r"\W", "_", key)
+        if isinstance(value, dict):
+            for inner, v in value.items():
+                out[name + "_" + re.sub(r"\W", "_", inner)] = v
+            continue
+        out[name] = value
+        if isinstance(value, list):
+            out[f"len_{name}"] = len(value)
+    return out
+
+
+def notes(markdown: str) -> list[str]:
+    """The "What you just saw" paragraphs of a markdown cell, whitespace-normalised, with link
+    targets, § citations and code spans left out (they are not quoted numbers)."""
+    found = []
+    for paragraph in re.split(r"\n\s*\n", markdown):
+        if "What you just saw" not in paragraph:
+            continue
+        text = re.sub(r"\[§[\d.]+\]\([^)]*\)", "§", paragraph)      # citations
+        text = re.sub(r"\]\([^)]*\)", "]", text)                       # link targets
+        found.append(" ".join(text.split()))
+    return found
+
+
+def normalise(phrase: str) -> str:
+    return " ".join(phrase.split())
+
+
+def unregistered(name: str, markdown_cells: list[str]) -> list[str]:
+    """Numbers in the notes of notebook ``name`` that no quote or fact phrase covers."""
+    phrases = [normalise(q.phrase) for q in QUOTES.get(name, [])]
+    missing = []
+    for text in (n for cell in markdown_cells for n in notes(cell)):
+        covered = [False] * len(text)
+        for phrase in phrases:
+            for m in re.finditer(re.escape(phrase), text):
+                covered[m.start():m.end()] = [True] * (m.end() - m.start())
+        bare = re.sub(r"`[^`]*`", lambda m: " " * len(m.group(0)), text)  # code is not a quote
+        for m in NUMBER.finditer(bare):
+            if not all(covered[m.start():m.end()]):
+                missing.append(f"{name}: {m.group(0)!r} in …{text[max(0, m.start() - 50):m.end() + 30]}…")
+    return missing
