@@ -465,8 +465,8 @@ rows("qemu_args", [
                                                          r"value$", Q),
     ("-object iothread,id=a,,b", ValueError, r": " + ID, Q),
     ("-m 1G,maxmem=3G -object nope,id=m", ValueError,
-     r"labkit's model has no object type 'nope' \(it has memory-backend-ram, memory-backend-file, "
-     r"iothread\)"),
+     r"labkit's model has no object type 'nope' \(it has memory-backend-ram, memory-backend-memfd, "
+     r"memory-backend-file, iothread, sev-guest, sev-snp-guest, tdx-guest\)"),
     ("-m 1G,maxmem=3G -object memory-backend-file,id=f,size=64M,mem-path=/nonexistent-dir/x "
      "-device virtio-pmem-pci,id=p,memdev=f", ValueError,
      r"^can't open backing store /nonexistent-dir/x for guest RAM: No such file or directory$", Q),
@@ -494,7 +494,7 @@ rows("qemu_args", [
     ("-device virtio-balloon-pci,guest-stats-polling-interval=-1", ValueError,
      r": timer value must be greater than zero$"),
     ("-device nope", ValueError, r"^-device nope: labkit's model has no device 'nope' \(it models "
-                                 r"virtio-balloon-pci, virtio-mem-pci, virtio-pmem-pci\)"),
+                                 r"virtio-balloon-pci, virtio-mem-pci, virtio-pmem-pci, vfio-pci\)"),
     ("-device", ValueError, r"^-device: requires an argument$", Q),
     ("-numa node,nodeid=1", ValueError, r"Node ID missing: 0$"),
     ("-numa node,mem=1G", ValueError,

@@ -55,7 +55,9 @@ def test_hugetlbfs_2m_inflate_frees_nothing_and_warns_once():
     bitmap is never full, no huge page is discarded; warn_report_once prints the warning once."""
     vm = open_line(memfd("1G", "2M"))
     churn(vm)  # backed free memory the balloon could have freed on 4 KiB pages
-    assert inflate(vm, 512 * MiB) == 0
+    # nothing freed; init_on_alloc (the distro default) zeroes each balloon page as it is allocated,
+    # which faults in the few huge pages the churn had not touched: RSS may even grow
+    assert inflate(vm, 512 * MiB) <= 0
     host = vm.inspect("host")
     assert host.qemu_log == (WARNING,)
     assert host.balloon_partial_pages_dropped > 0
@@ -72,7 +74,7 @@ def test_same_inflate_frees_what_each_backing_allows():
         vm = open_line(line, **kw)
         churn(vm)
         freed[name] = inflate(vm, 512 * MiB)
-    assert freed["anon"] > 0 and freed["thp"] > 0 and freed["hugetlb"] == 0
+    assert freed["anon"] > 0 and freed["thp"] > 0 and freed["hugetlb"] <= 0  # (<: init_on_alloc)
 
 
 def _host_vm(pages: int, page: int, host_page: int = 4096):

@@ -175,7 +175,8 @@ class PmemView:
 
 @dataclass(frozen=True)
 class MemoryView:
-    """The guest's memory: zones with their free pages and watermarks, the host's view."""
+    """The guest's memory: zones with their free pages (buddy lists; ``pcp``: on per-CPU lists, the
+    model only) and watermarks, the host's view."""
 
     zones: tuple[dict, ...]
     n_pages: int | None = None

@@ -26,7 +26,7 @@ from labkit.backends.inspect import (
     unknown_mechanism,
 )
 from labkit.model.hotplug import UNMOVABLE_STATES
-from labkit.model.pages import PAGES_PER_MEMORY_BLOCK, PageFlag
+from labkit.model.pages import PAGES_PER_MEMORY_BLOCK, PageFlag, PageState
 from labkit.units import PAGE_SIZE
 
 
@@ -205,7 +205,7 @@ def _pmem(vm: Any) -> PmemView:
 def _memory(vm: Any) -> MemoryView:
     k = vm.kernel
     zones = tuple({"name": z.name, "node": z.node, "start": z.start, "end": z.end,
-                   "free": int(k.zone_free(i)),
+                   "free": int(k.zone_free(i)), "pcp": int(vm.mem.counts[i, PageState.PCP]),
                    "min": int(k.watermarks[i].min), "low": int(k.watermarks[i].low),
                    "high": int(k.watermarks[i].high)} for i, z in enumerate(vm.mem.zones))
     h = k.host_vm

@@ -34,7 +34,8 @@ from labkit.model import procfs
 from labkit.model import watermarks as wm
 from labkit.model.allocator import ZoneAllocator
 from labkit.model.bootparams import DEFAULTS, BootParams
-from labkit.model.host import Host, HostVM, ascending_run
+from labkit.model.handles import Handle
+from labkit.model.host import Host, HostVM
 from labkit.model.kmem import KernelMemory
 from labkit.model.pages import PAGEBLOCK_ORDER, GuestMemory, PageFlag, PageState
 from labkit.model.pcp import PerCpuPages
@@ -48,30 +49,6 @@ FILE_STATES = (PageState.FILE_CLEAN, PageState.FILE_DIRTY)
 FREE = int(PageState.FREE)  # plain ints index numpy arrays faster than IntEnum members
 PCP = int(PageState.PCP)
 ZONE_NORMAL, ZONE_MOVABLE = wm.ZONE_NORMAL, wm.ZONE_MOVABLE
-
-
-@dataclass
-class Handle:
-    """A guest allocation a workload made: a process's anonymous memory, a tmpfs file or a file."""
-
-    id: int
-    kind: str  # "anon", "shmem", "file", or the kernel's own "kernel"
-    size: int  # bytes asked for
-    pages: np.ndarray  # PFNs currently holding it (file handles lose pages to reclaim)
-    name: str = ""
-    killable: bool = True
-    alive: bool = True
-    created_ms: float = 0.0
-    overhead: np.ndarray | None = None  # the unmovable kernel memory it costs (page tables, xa_nodes)
-    _run: tuple | None = field(default=None, repr=False, compare=False)
-
-    def run_start(self) -> int | None:
-        """The first PFN if ``pages`` is one ascending run, else None; remembered for this very
-        ``pages`` array (a process writes the same memory again and again)."""
-        pages = self.pages
-        if self._run is None or self._run[0] is not pages:
-            self._run = (pages, int(pages[0]) if len(pages) and ascending_run(pages) else None)
-        return self._run[1]
 
 
 @dataclass

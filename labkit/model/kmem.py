@@ -18,15 +18,11 @@ workload's pages.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import numpy as np
 
+from labkit.model.handles import Handle
 from labkit.model.pages import PageState
 from labkit.model.reclaim import Shrinker
-
-if TYPE_CHECKING:
-    from labkit.model.kernel import Handle
 
 PTRS_PER_PTE = 512  # arch/x86: one page-table page maps 2 MiB of anonymous memory
 XA_CHUNK_PAGES = 64  # include/linux/xarray.h XA_CHUNK_SIZE: page cache entries per xa_node

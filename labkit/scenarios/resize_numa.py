@@ -50,7 +50,8 @@ class ResizeNumaParams:
 def _free_by_node(vm) -> dict[int, int]:
     out: dict[int, int] = {}
     for z in vm.inspect("memory").zones:
-        out[z["node"]] = out.get(z["node"], 0) + z["free"] * 4096
+        # free pages: on the buddy lists and on the per-CPU lists (which alloc_page takes first)
+        out[z["node"]] = out.get(z["node"], 0) + (z["free"] + z.get("pcp", 0)) * 4096
     return out
 
 
