@@ -61,16 +61,16 @@ class NaiveBalloon:
 
     @classmethod
     def from_vm(cls, vm) -> NaiveBalloon:
-        """Copy a (single-zone) model guest's pages and free lists into plain Python structures.
+        """Copy the biggest zone of a model guest (DMA32 below 4 GiB) into plain Python structures.
 
         Setup, not part of the timed loop: the free lists are taken in the model's own hand-out order
         (smallest order first, ascending address within an order)."""
         mem = vm.mem
-        zone = mem.zones[0]
-        blocks = free_blocks(mem, zone)
+        zi = max(range(len(mem.zones)), key=lambda i: mem.zones[i].end - mem.zones[i].start)
+        blocks = free_blocks(mem, mem.zones[zi])
         free_lists = [list(reversed(blocks.starts[k].tolist())) for k in range(NR_PAGE_ORDERS)]
         return cls(bytearray(mem.state.tobytes()), bytearray(mem.flags.tobytes()), free_lists,
-                   int(mem.count(PageState.FREE)), vm.kernel.watermarks[0].low,
+                   int(mem.counts[zi, PageState.FREE]), vm.kernel.watermarks[zi].low,
                    vm.kernel.host_vm.rss_pages)
 
     def _alloc_page(self) -> int:
