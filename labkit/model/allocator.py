@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from labkit.model.buddy import PLAN_WINDOW, FreeBlocks, _expand, _is_in, free_blocks
+from labkit.model.buddy import PLAN_WINDOW, FreeBlocks, _expand, free_blocks
 from labkit.model.pages import MAX_PAGE_ORDER, NR_PAGE_ORDERS, PAGEBLOCK_ORDER, GuestMemory, PageState, Zone
 
 FREE = np.uint8(PageState.FREE)
@@ -100,6 +100,7 @@ class ZoneAllocator:
         self._recency_of = None
         self.rebuilds = 0
         self.steals = 0  # pageblocks claimed for UNMOVABLE
+        self._marked = False  # the scratch array holds marks of the running take
 
     # --- frees --------------------------------------------------------------------------------
     def freed(self, pfns: np.ndarray) -> None:
@@ -119,21 +120,36 @@ class ZoneAllocator:
         """Take up to ``n`` free pages for a movable (or unmovable) allocation: fewer only if the
         zone has fewer free pages."""
         mt = UNMOVABLE if unmovable else MOVABLE
-        out = self._take_type(n, mt, [])
-        got = sum(len(o) for o in out)
-        for _ in range(64):  # each steal claims >= one pageblock; far more than enough rounds
-            if got >= n:
-                break
-            if not self._fallback(mt):
-                break
-            more = self._take_type(n - got, mt, out)
-            got += sum(len(o) for o in more)
-            out += more
-        if got < n:  # nothing left of either type but scraps: take them (no claim)
-            out += self._take_type(n - got, 1 - mt, out)
+        out: list[np.ndarray] = []
+        try:
+            out += self._take_type(n, mt, [])
+            got = sum(len(o) for o in out)
+            for _ in range(64):  # each steal claims >= one pageblock; far more than enough rounds
+                if got >= n:
+                    break
+                if not self._fallback(mt):
+                    break
+                more = self._take_type(n - got, mt, out)
+                got += sum(len(o) for o in more)
+                out += more
+            if got < n:  # nothing left of either type but scraps: take them (no claim)
+                out += self._take_type(n - got, 1 - mt, out)
+        finally:
+            if self._marked:  # the pages this call took are no longer marked (see _take_type)
+                for part in out:
+                    self._scratch()[part] = False
+                self._marked = False
         if not out:
             return np.zeros(0, dtype=np.int64)
         return np.concatenate(out) if len(out) != 1 else out[0]
+
+    def _scratch(self) -> np.ndarray:
+        """One bool per guest page, shared by the guest's allocators (one take runs at a time): the
+        pages the running take already has, which are still FREE in the state array."""
+        scratch = getattr(self.mem, "_take_scratch", None)
+        if scratch is None or len(scratch) != self.mem.n_pages:
+            scratch = self.mem._take_scratch = np.zeros(self.mem.n_pages, dtype=bool)
+        return scratch
 
     def _take_type(self, n: int, mt: int, already: list[np.ndarray]) -> list[np.ndarray]:
         state = self.mem.state
@@ -149,8 +165,14 @@ class ZoneAllocator:
             taken = state[chunk]
             # FREE is 0: pages allocated since the plan was built are the non-zero states
             chunk = chunk[taken == FREE] if np.count_nonzero(taken) else chunk.copy()
-            if got or already:  # pages this call already took are still FREE in the state array
-                chunk = chunk[~_is_in(chunk, np.concatenate(out + already))]
+            # pages this call already took are still FREE in the state array: they are marked in
+            # a scratch array (a lookup per page, where a search in their sorted list cost a sort
+            # of everything taken so far each round: seconds for a large unmovable boot allocation)
+            mark = self._scratch()
+            if got or already:
+                chunk = chunk[~mark[chunk]]
+            mark[chunk] = True
+            self._marked = True
             out.append(chunk)
             got += len(chunk)
             if plan.cursor >= plan.total:
