@@ -185,13 +185,17 @@ def guest_demand(vm: Backend) -> int:
 def idle_backed_bytes(vm: Backend) -> int:
     """Guest-free memory the host still backs: what a too small balloon leaves idle on the host.
 
-    Exact from a page snapshot (state FREE with flag BACKED) when the backend has one; otherwise an
-    estimate from the sample: host RSS minus what the guest uses (logical size minus MemFree).
+    Exact from a page snapshot when the backend has one: pages with flag BACKED that are free, on the
+    buddy lists (FREE) or on a per-CPU list (PCP: free pages the allocator holds back from MemFree,
+    mm/page_alloc.c free_unref_page_commit(), docs/mechanisms.md §10.3), the same pages the host view
+    paints as idle waste. Otherwise an estimate from the sample: host RSS minus what the guest uses
+    (logical size minus MemFree), which counts per-CPU pages as used, as MemFree does.
     """
     snapshot = getattr(vm, "snapshot", None)
     if snapshot is not None:
         snap = snapshot()
-        free_backed = (snap["state"] == int(PageState.FREE)) & (
+        state = snap["state"]
+        free_backed = ((state == int(PageState.FREE)) | (state == int(PageState.PCP))) & (
             (snap["flags"] & np.uint8(PageFlag.BACKED)) != 0)
         return int(np.count_nonzero(free_backed)) * PAGE_SIZE
     s = vm.sample()
