@@ -107,7 +107,8 @@ def test_hugetlbfs_2m_balloon_frees_nothing_reporting_does(huge_pages, figures):
         model.qmp("balloon", value=256 * MiB)
         model.advance(10_000)
         m = model.inspect("host")
-        assert model.sample()["host_rss"] == rss and m.balloon_partial_pages_dropped > 0
+        # nothing freed; init_on_alloc zeroes each balloon page first, which faults its huge page in
+        assert model.sample()["host_rss"] >= rss and m.balloon_partial_pages_dropped > 0
         assert m.qemu_log == (f"qemu-system-x86_64: warning: {BALLOON_LARGE_PAGE_WARNING}",)
     figures["hugetlbfs 2M live"] = (f"reporting returned {returned} of {taken} huge pages; a 256 MiB "
                                     f"inflate changed free huge pages by {after - before} and guest-RAM "
