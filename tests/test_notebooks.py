@@ -103,9 +103,9 @@ def test_every_number_a_note_quotes_is_checked_or_a_fact(path: Path):
 
 
 def test_the_number_check_catches_an_unregistered_number():
-    note = "**What you just saw:** host RSS fell by only 57 MiB, then by 12 MiB."
+    note = "**What you just saw:** host RSS fell by only 66 MiB, then by 12 MiB."
     found = quotes.unregistered("00_start.ipynb", [note])
-    assert len(found) == 1 and found[0].startswith("00_start.ipynb: '12' in …")  # 57 is a quote
+    assert len(found) == 1 and found[0].startswith("00_start.ipynb: '12' in …")  # 66 is a quote
     linked = "**What you just saw:** see [§1.6](../docs/mechanisms.md#s1.6), `x = 3`."
     assert quotes.unregistered("00_start.ipynb", [linked]) == []  # citations and code are not quotes
 

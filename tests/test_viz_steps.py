@@ -190,6 +190,7 @@ def test_play_ticks_on_the_kernels_event_loop_and_stops(monkeypatch):
     notebook) calls tick() every play_interval_ms, with no message from the browser per frame; it
     stops when pressed again, after MAX_PLAY_TICKS, and at the first error (shown in the widget)."""
     import asyncio
+    import concurrent.futures
 
     from labkit.viz import controls
 
@@ -200,7 +201,7 @@ def test_play_ticks_on_the_kernels_event_loop_and_stops(monkeypatch):
         await asyncio.sleep(seconds)
         ex.play.value = False
 
-    try:
+    def body() -> None:
         asyncio.run(play_for(0.3))
         ticks = ex.play_ticks
         assert ticks >= 3 and ex.vm.sample()["t_ms"] == pytest.approx(10.0 * ticks)
@@ -213,6 +214,12 @@ def test_play_ticks_on_the_kernels_event_loop_and_stops(monkeypatch):
         ex.play.value = True  # outside an event loop (a script): nothing ticks by itself
         assert ex.play_ticks == 0 and ex._play_timer is None
         ex.play.value = False
+
+    # on a thread of its own, without a running event loop: in the whole suite the browser tests'
+    # Playwright keeps one running on the main thread
+    try:
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            pool.submit(body).result(timeout=60)
     finally:
         ex.vm.close()
 
