@@ -11,7 +11,7 @@
   Markdown preview scrolled to that section.
 
 The path rule. A tracked file must not contain:
-  - the research notes' folder name followed by a slash (only as a word: "non-shared/" is fine);
+  - the research notes' folder name followed by a slash (as a word only: a "non-" prefix is fine);
   - an absolute path into a person's or the build machine's own folders: the top-level folders
     "work", "root" and "Users", or "home/<name>/";
   - a temporary path made by a run (pytest's "pytest-of-<user>", the job runner's "bash_jobs",

@@ -46,22 +46,31 @@ def _balloon_4g(vm: Any) -> list[dict]:
 REPORTING_SETTLE_MS = 10_000
 
 
-def _reporting(vm: Any) -> list[dict]:
-    """Allocate 256 MiB of anon memory, free it, and watch host RSS for 8 s (free page reporting
-    gives the freed 2 MiB blocks back to the host about 2 s after they are freed; what the first
-    pass missed goes in later passes, so the watch does not stop at the first drop). It first
-    waits 10 s: the passes over the memory boot left free (every 2 s from the driver's probe, a
-    budget at a time) are over, so the pass that gives the job back is the one its free asks for."""
-    vm.advance(REPORTING_SETTLE_MS)
-    rows = [vm.sample() | {"label": "boot + 10 s"}]
-    handle = vm.guest("alloc", size=256 * MiB, kind="anon")
-    rows.append(vm.sample() | {"label": "alloc 256 MiB"})
-    vm.guest("free", handle=handle)
-    rows.append(vm.sample() | {"label": "free"})
-    for i in range(16):
-        vm.advance(500)
-        rows.append(vm.sample() | {"label": f"+{(i + 1) * 0.5:.1f} s"})
-    return rows
+def _reporting_watch(size: int) -> Callable[[Any], list[dict]]:
+    """Allocate ``size`` of anon memory, free it, and watch host RSS for 8 s, every 500 ms (free
+    page reporting gives the freed 2 MiB blocks back to the host about 2 s after they are freed;
+    what the first pass missed goes in later passes, so the watch does not stop at the first drop).
+    It first waits 10 s: the passes over the memory boot left free (every 2 s from the driver's
+    probe, a budget at a time) are over, so the pass that gives the job back is the one its free
+    asks for."""
+    def run(vm: Any) -> list[dict]:
+        vm.advance(REPORTING_SETTLE_MS)
+        rows = [vm.sample() | {"label": "boot + 10 s"}]
+        handle = vm.guest("alloc", size=size, kind="anon")
+        rows.append(vm.sample() | {"label": f"alloc {size // MiB} MiB"})
+        vm.guest("free", handle=handle)
+        rows.append(vm.sample() | {"label": "free"})
+        for i in range(16):
+            vm.advance(500)
+            rows.append(vm.sample() | {"label": f"+{(i + 1) * 0.5:.1f} s"})
+        return rows
+    return run
+
+
+# 256 MiB of a 1 GiB guest; and 300 MiB of a 512 MiB guest, where what comes back is what the free
+# left in whole 2 MiB blocks (page_reporting_order 9)
+_reporting = _reporting_watch(256 * MiB)
+_reporting_fragmented = _reporting_watch(300 * MiB)
 
 
 def _oom(vm: Any) -> list[dict]:
@@ -156,20 +165,6 @@ def _zoneinfo(vm: Any) -> list[dict]:
     return [vm.sample() | {"label": "boot", "zoneinfo": vm.zoneinfo(), "meminfo": vm.meminfo()}]
 
 
-def _reporting_fragmented(vm: Any) -> list[dict]:
-    """Free 300 MiB on a 512 MiB guest and watch host RSS for 8 s, every 500 ms: what comes back
-    is what the free left in whole 2 MiB blocks (page_reporting_order 9). Waits 10 s first, as
-    the reporting demo does."""
-    vm.advance(REPORTING_SETTLE_MS)
-    rows = [vm.sample() | {"label": "boot + 10 s"}]
-    handle = vm.guest("alloc", size=300 * MiB, kind="anon")
-    rows.append(vm.sample() | {"label": "alloc 300 MiB"})
-    vm.guest("free", handle=handle)
-    rows.append(vm.sample() | {"label": "free"})
-    for i in range(16):
-        vm.advance(500)
-        rows.append(vm.sample() | {"label": f"+{(i + 1) * 0.5:.1f} s"})
-    return rows
 
 
 MIGRATION_POLL_MS = 100
