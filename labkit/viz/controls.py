@@ -202,3 +202,14 @@ class SteppingControls:
 
     def reset(self) -> None:  # pragma: no cover
         raise NotImplementedError
+
+    def reopen_vm(self) -> None:
+        """For Reset: stop Play, open a new VM with ``factory`` and close the old one if this
+        explorer opened it (a VM handed in stays open: the cell that made it owns it)."""
+        if getattr(self, "factory", None) is None:
+            raise RuntimeError("this explorer was given a VM: it cannot re-open it (pass factory=)")
+        self.stop()
+        old, self.vm = self.vm, self.factory()
+        if self.owns_vm:
+            old.close()
+        self.owns_vm = True

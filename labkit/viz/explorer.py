@@ -193,12 +193,7 @@ class Explorer(SteppingControls, widgets.VBox):
 
     def reset(self) -> None:
         """Re-open the VM with the same arguments (``factory()``); the plots start over."""
-        self.stop()
-        old = self.vm
-        self.vm = self.factory()
-        if self.owns_vm:
-            old.close()
-        self.owns_vm = True
+        self.reopen_vm()
         first = self.vm.sample()
         memory_mib = _mib(_memory_of(self.vm, first))
         self._syncing = True

@@ -197,11 +197,7 @@ class VirtioMemExplorer(SteppingControls, widgets.VBox):
 
     def reset(self) -> None:
         """Re-open the VM with the same arguments; the views start over."""
-        self.stop()
-        old, self.vm = self.vm, self.factory()
-        if self.owns_vm:
-            old.close()
-        self.owns_vm = True
+        self.reopen_vm()
         self._syncing = True
         try:
             self.slider.value = _drivers(self.vm)[self.device].device.requested_size // MiB

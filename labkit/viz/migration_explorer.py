@@ -197,12 +197,7 @@ class MigrationExplorer(SteppingControls, widgets.VBox):
 
     def reset(self) -> None:
         """Re-open the VM with ``factory`` (and migrate again); the plots start over."""
-        if self.factory is None:
-            raise RuntimeError("this explorer was given a VM: it cannot re-open it (pass factory=)")
-        self.stop()
-        if self.owns_vm:
-            self.vm.close()
-        self.vm, self.owns_vm = self.factory(), True
+        self.reopen_vm()
         self.recorder = self._attach()
         self.refresh()
         self.change_html.value = "reset: a fresh VM" + (", migrating" if self.migrate_uri else "")

@@ -266,12 +266,7 @@ class ReportingExplorer(SteppingControls, widgets.VBox):
 
     def reset(self) -> None:
         """Re-open the VM with ``factory``; the plots start over."""
-        if self.factory is None:
-            raise RuntimeError("this explorer was given a VM: it cannot re-open it (pass factory=)")
-        self.stop()
-        if self.owns_vm:
-            self.vm.close()
-        self.vm, self.owns_vm = self.factory(), True
+        self.reopen_vm()
         with self.live.batch():
             self.staircase.reset([self.vm.sample()], self._passes())
             self.page_map.update(self.vm.snapshot())
