@@ -35,7 +35,6 @@ The options are those of :func:`labkit.open`. What differs from the model:
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 import weakref
@@ -55,6 +54,7 @@ from labkit.backends.qemu.guestfiles import MODULE_FAILED_MARKER, READY_MARKER
 from labkit.backends.qemu.hostmem import read_host_memory
 from labkit.backends.qemu.image import GuestImage, build_guest_image
 from labkit.backends.qemu.inspect import LiveInspection
+from labkit.backends.qemu.migrate import stop_qemu_parts
 from labkit.backends.qemu.pmem import PMEM_OPS, LivePmem
 from labkit.backends.qemu.process import (
     QemuConfig,
@@ -81,15 +81,7 @@ def _shutdown(parts: dict) -> None:
     target = parts.pop("target", None)
     if target is not None:  # a migration target (start_incoming)
         target.close()
-    qmp, serial, process = parts.pop("qmp", None), parts.pop("serial", None), parts.pop("process", None)
-    if qmp is not None:
-        with contextlib.suppress(Exception):
-            qmp.execute("quit", timeout=2.0)
-        qmp.close()
-    if serial is not None:
-        serial.close()
-    if process is not None:
-        process.stop()
+    stop_qemu_parts(parts)
 
 
 class QemuBackend(LiveInspection):

@@ -33,7 +33,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _stop(parts: dict) -> None:
+def stop_qemu_parts(parts: dict) -> None:
+    """Stop a QEMU and close its channels (``parts``: its "qmp", "serial" and "process"); safe to
+    call twice, after a crash, and at exit."""
     qmp, sock, process = parts.pop("qmp", None), parts.pop("serial", None), parts.pop("process", None)
     if qmp is not None:
         with contextlib.suppress(Exception):
@@ -50,7 +52,7 @@ class IncomingTarget:
 
     def __init__(self, config: QemuConfig, kernel: str, initramfs: str, thp: bool = False):
         self._parts: dict = {}
-        self._finalizer = weakref.finalize(self, _stop, self._parts)
+        self._finalizer = weakref.finalize(self, stop_qemu_parts, self._parts)
         last: Exception | None = None
         for _ in range(3):  # the port may be taken between free_port() and QEMU's bind
             self.port = free_port()
@@ -61,7 +63,7 @@ class IncomingTarget:
                 break
             except (QemuError, OSError, TimeoutError) as e:
                 last = e
-                _stop(self._parts)
+                stop_qemu_parts(self._parts)
         else:
             raise QemuError(f"the migration target did not start: {last}")
         self.memory = config.memory
