@@ -84,14 +84,19 @@ def balloon(memory: str = "2G", seed: int = 0) -> dict[str, float]:
     return m
 
 
-def _recorded_balloon() -> dict[str, float]:
+def _demo_rows(name: str) -> tuple[list[dict], list[dict]]:
+    """The rows of demo ``name`` replayed from its recording of a real guest, and run on the model."""
     from labkit.backends.qemu.demos import model_options, open_demo, run_demo
 
-    vm, _ = open_demo("balloon", "replay")
+    vm, _ = open_demo(name, "replay")
     with vm:
-        live = run_demo("balloon", vm)
-    with labkit.open(backend="model", **model_options("balloon")) as model_vm:
-        model = run_demo("balloon", model_vm)
+        live = run_demo(name, vm)
+    with labkit.open(backend="model", **model_options(name)) as model_vm:
+        return live, run_demo(name, model_vm)
+
+
+def _recorded_balloon() -> dict[str, float]:
+    live, model = _demo_rows("balloon")
     real = live[0]["memtotal"] - live[1]["memtotal"]
     return {"recorded_memtotal_drop_mib": real / MiB,
             "model_vs_recorded_memtotal_drop": (model[0]["memtotal"] - model[1]["memtotal"]) / real}
@@ -141,13 +146,7 @@ def _overhead(seed: int) -> float:
 
 
 def _recorded_reporting() -> dict[str, float]:
-    from labkit.backends.qemu.demos import model_options, open_demo, run_demo
-
-    vm, _ = open_demo("reporting", "replay")
-    with vm:
-        live = run_demo("reporting", vm)
-    with labkit.open(backend="model", **model_options("reporting")) as model_vm:
-        model = run_demo("reporting", model_vm)
+    live, model = _demo_rows("reporting")
     real = max(r["host_rss"] for r in live) - live[-1]["host_rss"]
     mod = max(r["host_rss"] for r in model) - model[-1]["host_rss"]
     return {"recorded_returned_mib": real / MiB, "model_vs_recorded_returned": mod / real}
