@@ -227,7 +227,9 @@ def test_play_ticks_on_the_kernels_event_loop_and_stops(monkeypatch):
         ex.play.value = True
         await asyncio.sleep(0.1)
 
-    asyncio.run(play_closed())  # the VM is closed: the first tick fails, Play stops, the error shows
+    # the VM is closed: the first tick fails, Play stops, the error shows (on its own thread too)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        pool.submit(asyncio.run, play_closed()).result(timeout=60)
     assert not ex.playing and isinstance(ex.error, RuntimeError) and "closed" in ex.status_html.value
 
 
