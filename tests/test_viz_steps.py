@@ -352,3 +352,23 @@ def test_writeback_stepper_outlines_and_says_what_the_flusher_and_the_crash_did(
         stepper.crash()
         assert stepper.last_readout.startswith("host crash at t = 35 s: 16 MiB that was dirty")
         assert ("dirty (not on disk)", "lost in crash", 128) in stepper.last_moves
+
+
+def test_the_page_map_draws_the_zone_boundaries():
+    """Issue 11: the page map draws where each zone starts (q35: DMA is the first 16 MiB, DMA32 the
+    rest below the 2 GiB PCI hole here, Normal above 4 GiB; docs/mechanisms.md §10.1), and the
+    ZONE_MOVABLE of a virtio-mem device's region where the region starts (§5.5)."""
+    with labkit.open(memory="6G", seed=0, balloon=False) as vm:
+        pm = page_map(vm.snapshot())
+        assert pm.row_pages == 4096
+        assert pm.zone_label_source.data["text"] == ["DMA", "DMA32", "Normal"]
+        # 16 MiB = 4096 pages: row 1; 2 GiB = 524288 pages: row 128 (the boundaries fall between rows)
+        assert pm.zone_source.data["y0"] == [1.0, 128.0] == pm.zone_source.data["y1"]
+    with labkit.open(memory="1G", seed=0, balloon=False, memhp_default_state="online_movable",
+                     virtio_mem=[{"id": "v0", "size": "512M", "requested_size": "256M"}]) as vm:
+        vm.advance(3000)
+        pm = page_map(vm.snapshot())
+        labels = pm.zone_label_source.data
+        assert labels["text"][-1] == "Movable"
+        start = vm.regions[0].start
+        assert (labels["y"][-1], labels["x"][-1]) == divmod(start, pm.row_pages)

@@ -233,3 +233,38 @@ class PageGrid:
             return None
         rows, cols = np.divmod(self.changed, self.row_pages)
         return int(cols.min()), int(cols.max()) + 1, int(rows.min()), int(rows.max()) + 1
+
+
+def zone_key(zones) -> tuple:
+    """A snapshot's zones ``(name, node, start, end)`` as plain ints: comparable, hashable."""
+    return tuple((str(z[0]), int(z[1]), int(z[2]), int(z[3])) for z in zones or ())
+
+
+def zone_lines(zones, row_pages: int) -> tuple[dict[str, list], dict[str, list]]:
+    """Where each zone after the first starts on a map of ``row_pages`` pages a row (the kernel's
+    zones of every node: DMA, DMA32, Normal, Movable; docs/mechanisms.md §10.1): a step between
+    the pages before and the pages from it on (segments ``x0, y0, x1, y1``), and each zone's name
+    at its first page (``x, y, text``)."""
+    segments: dict[str, list] = {"x0": [], "y0": [], "x1": [], "y1": []}
+    labels: dict[str, list] = {"x": [], "y": [], "text": []}
+
+    def line(x0: float, y0: float, x1: float, y1: float) -> None:
+        for key, value in zip(("x0", "y0", "x1", "y1"), (x0, y0, x1, y1), strict=True):
+            segments[key].append(float(value))
+
+    for name, node, start, end in zone_key(zones):
+        if end <= start:
+            continue
+        r, c = divmod(start, row_pages)
+        labels["x"].append(float(c))
+        labels["y"].append(float(r))
+        labels["text"].append(name + (f" (node {node})" if node else ""))
+        if start == 0:
+            continue
+        if c == 0:  # a boundary between rows
+            line(0, r, row_pages, r)
+        else:  # inside row r: the rest of row r, down one, the start of row r + 1
+            line(c, r, row_pages, r)
+            line(c, r, c, r + 1)
+            line(0, r + 1, c, r + 1)
+    return segments, labels

@@ -54,7 +54,7 @@ from labkit.model.pages import PAGES_PER_MEMORY_BLOCK
 from labkit.units import PAGE_SIZE, format_size
 from labkit.viz import palette
 from labkit.viz.changes import add_outline, outline_data
-from labkit.viz.pagegrid import ABSENT, MAX_CELLS, PageGrid, grid_width, inside
+from labkit.viz.pagegrid import ABSENT, MAX_CELLS, PageGrid, grid_width, inside, zone_key, zone_lines
 from labkit.viz.shown import Shown
 
 MAX_GRIDLINES = 64
@@ -100,6 +100,7 @@ class PageMap(Shown):
                              max_cols=min(MAX_CELLS, width) if max_cells is None else max_cells,
                              max_rows=min(MAX_CELLS, height) if max_cells is None else max_cells)
         self._visible = self._full_range()
+        self._snapshot_zones = snapshot.get("zones", ())
         k = len(palette.categories(view))
         self.color_mapper = LinearColorMapper(palette=palette.colors(view), low=-0.5, high=k - 0.5)
         data = self.grid.render()
@@ -200,6 +201,13 @@ class PageMap(Shown):
         self._blocks = ColumnDataSource(self._block_lines())
         fig.segment(x0="x0", y0="y0", x1="x1", y1="y1", source=self._blocks, line_color="#444444",
                     line_alpha=0.35, line_width=1)
+        self._zones_drawn = zone_key(self._snapshot_zones)
+        lines, labels = zone_lines(self._snapshot_zones, self.row_pages)
+        self.zone_source, self.zone_label_source = ColumnDataSource(lines), ColumnDataSource(labels)
+        fig.segment(x0="x0", y0="y0", x1="x1", y1="y1", source=self.zone_source, line_color="#000000",
+                    line_width=1.5, line_dash="dashed", legend_label="zone boundary (DMA | DMA32 | ...)")
+        fig.text(x="x", y="y", text="text", source=self.zone_label_source, text_font_size="8pt",
+                 text_baseline="top", text_color="#000000", x_offset=2, y_offset=1)
         add_outline(fig, self.outline_source)  # above the block lines: nothing hides it
         fig.scatter(x="x", y="y", color="color", marker="square", size=12,
                     legend_field="label", source=self.legend_source)
@@ -279,14 +287,28 @@ class PageMap(Shown):
         again, so a step of a 16 GiB guest costs milliseconds, not a full redraw. Nothing is
         sent when no page changed (the outline of the last change stays)."""
         old_shape = (self.rows, self.row_pages)
+        zones = snapshot.get("zones", ())
+        if zone_key(zones) != self._zones_drawn or (self.rows, self.row_pages) != old_shape:
+            self._snapshot_zones = zones
         if not self.grid.update(snapshot):
+            self._draw_zones()
             return
         if (self.rows, self.row_pages) != old_shape:  # another guest: a new grid
             self.figure.x_range.update(start=0, end=self.row_pages, bounds=(0, self.row_pages))
             self.figure.y_range.update(start=self.rows, end=0, bounds=(0, self.rows))
             self._blocks.data = self._block_lines()
             self._visible = self._full_range()
+            self._zones_drawn = None
+        self._draw_zones()
         self._refresh()
+
+    def _draw_zones(self) -> None:
+        """Redraw the zone boundaries when the zones moved (memory onlined into ZONE_MOVABLE)."""
+        key = zone_key(self._snapshot_zones)
+        if key != self._zones_drawn:
+            self._zones_drawn = key
+            lines, labels = zone_lines(self._snapshot_zones, self.row_pages)
+            self.zone_source.data, self.zone_label_source.data = lines, labels
 
     def set_view(self, view: str) -> None:
         """Switch between the "guest" and the "host" view (palette, legend and image)."""
