@@ -56,6 +56,14 @@ class SteppingControls:
     error: BaseException | None
     vm: Any
 
+    @staticmethod
+    def tick_options(presets: Sequence[tuple[float, str]], tick_ms: float) -> list[tuple[str, float]]:
+        """The per-tick dropdown's ``(label, ms)`` options: the ``(ms, label)`` presets and
+        ``tick_ms`` if it is none of them, shortest first."""
+        choices = dict(presets)
+        choices.setdefault(float(tick_ms), f"{tick_ms:g} ms")
+        return [(label, v) for v, label in sorted(choices.items())]
+
     def _build_controls(self, *, step_tooltip: str, tick_choices: Sequence[tuple[str, float]],
                         tick_ms: float, play_interval_ms: int, step_label: str = "Step") -> None:
         self.step_button = widgets.Button(description=step_label, tooltip=step_tooltip,

@@ -143,10 +143,8 @@ class MigrationExplorer(SteppingControls, widgets.VBox):
         self.view = MigrationView(self.recorder, width=520, height=240)
         self.page_map = PageMap(self.vm.snapshot(), width=360, height=300, legend="below") if (
             page_map and callable(getattr(self.vm, "snapshot", None))) else None
-        choices = dict((v, k) for k, v in TICKS)
-        choices.setdefault(float(tick_ms), f"{tick_ms:g} ms")
         self._build_controls(step_tooltip="advance the migration by the time per tick",
-                             tick_choices=[(label, v) for v, label in sorted(choices.items())],
+                             tick_choices=self.tick_options([(v, k) for k, v in TICKS], tick_ms),
                              tick_ms=tick_ms, play_interval_ms=play_interval_ms)
         self.reset_button.layout.display = "" if factory is not None else "none"
         self.reset_button.tooltip = "re-open the VM and migrate again"

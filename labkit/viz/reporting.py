@@ -173,10 +173,8 @@ class ReportingExplorer(SteppingControls, widgets.VBox):
                                             continuous_update=False)
         self.job_button = widgets.Button(description="run a job that exits", icon="play-circle",
                                          layout=widgets.Layout(width="190px"))
-        choices = dict((v, k) for k, v in REPORT_TICKS)
-        choices.setdefault(float(tick_ms), f"{tick_ms:g} ms")
         self._build_controls(step_tooltip="advance time by the time per tick",
-                             tick_choices=[(label, v) for v, label in sorted(choices.items())],
+                             tick_choices=self.tick_options([(v, k) for k, v in REPORT_TICKS], tick_ms),
                              tick_ms=tick_ms, play_interval_ms=play_interval_ms)
         self.reset_button.layout.display = "" if factory is not None else "none"
         self.view_buttons = widgets.ToggleButtons(options=["guest", "host"], value="guest",
