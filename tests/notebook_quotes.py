@@ -52,6 +52,10 @@ QUOTES: dict[str, list[Quote | Fact]] = {
         Fact("exactly 256 pages", "§1.4: VIRTIO_BALLOON_OOM_NR_PAGES"),
         Quote("256 pages, 34816 pages in all", "oom_deflated_pages_count", 34816, 0),
         Quote("256 pages, 34816 pages in all", "oom_deflated_pages_count / oom_events_count", 256, 0),
+        Fact("it had 32 MiB of the 128 MiB", "the notebook inflates to guest_demand + 32 MiB and the "
+             "application allocates 128 MiB"),
+        Quote("10134 pages (40 MiB) were still there", "oom_pcp_pages_count", 10134, 0),
+        Quote("10134 pages (40 MiB) were still there", "oom_pcp_pages_count / 256", 40, 0.5),
         Fact("the same 128 MiB allocation", "the notebook's application allocates 128 MiB"),
         Quote("cost 2 OOM kills", "oom_kills_plain_count", 2, 0),
         Fact("Asked for 30 % and 40 % of RAM", "SizingParams' targets"),

@@ -188,6 +188,23 @@ def test_oom_deflates_256_pages_per_event_and_does_not_reinflate_by_itself():
         assert vm.balloon.num_pages > shrunk or vm.balloon.out_of_puff > 0
 
 
+def test_oom_deflated_pages_pile_up_on_the_per_cpu_list_undrained():
+    # §1.4/§10.3: the notifier frees onto the per-CPU list, which the watermark check does not
+    # count; __alloc_pages_direct_reclaim drains only after reclaim made progress, so with nothing
+    # to reclaim the OOM path deflates on while the list fills, up to pcp->high
+    with open_vm(balloon={"deflate_on_oom": True}) as vm:
+        vm.qmp("balloon", value=400 * MiB)
+        vm.advance(3000)
+        drains = vm.kernel.vmstat.drain_all_pages
+        vm.guest("alloc", size="500M", kind="anon")
+        assert vm.kernel.vmstat.oom_events > 1
+        assert vm.kernel.vmstat.drain_all_pages == drains
+        lists = [cpu for zone in vm.zoneinfo() for cpu in zone["pcp"]]
+        held = sum(cpu["count"] for cpu in lists)
+        assert VIRTIO_BALLOON_OOM_NR_PAGES < held <= sum(cpu["high"] for cpu in lists)
+        check_invariants(vm.mem)
+
+
 def test_without_deflate_on_oom_the_oom_killer_kills_instead():
     with open_vm() as vm:
         vm.qmp("balloon", value=400 * MiB)
