@@ -1,8 +1,9 @@
-"""Layers point down, and the hallway between them is explicit (ARCHITECTURE.md "Layers and their
-rules"; issue 10): model/ and devices/ import nothing from backends/, viz/, scenarios/ or the CLI
-(TYPE_CHECKING and function-level imports included), no module imports itself in a circle, the
-wiring registries are gone, query-commands is the monitor's table, and sample() has the same keys
-everywhere it should."""
+"""Layers point down, and the hallway between them is explicit (docs/architecture.md, "Layers and
+what each may import"; issue 10): model/ and devices/ import nothing from backends/, viz/,
+scenarios/ or the CLI (TYPE_CHECKING and function-level imports included), no module imports itself
+in a circle, the wiring registries are gone, views and scenarios read a VM through the protocol (not
+its parts), query-commands is the monitor's table, and sample() has the same keys everywhere it
+should."""
 
 from __future__ import annotations
 
@@ -89,6 +90,50 @@ def test_the_wiring_registries_are_gone():
     hits = [f"{p.relative_to(ROOT)}:{n}" for p in PACKAGE.rglob("*.py")
             for n, line in enumerate(p.read_text().splitlines(), 1) if pattern.search(line)]
     assert hits == []
+
+
+# the model's parts a ModelBackend holds; a view or scenario reads what they hold through
+# vm.inspect(), vm.sample(), vm.snapshot() and QMP instead
+MODEL_PARTS = {"balloon", "balloon_device", "kernel", "mem", "virtio_mem", "reporting", "hinting",
+               "migration", "host", "env", "virtio_pmem", "writeback", "event_queue", "disks"}
+# where one still acts on a part, and why the protocol has nothing to call instead
+ACTS_ON_A_PART = {
+    ("labkit/viz/pagecache.py", "host"): "a host crash (what the host page cache loses): no QMP "
+                                         "command crashes the host",
+    ("labkit/scenarios/resize.py", "virtio_mem"): "the device's system reset alone: the model has no "
+                                                  "guest reboot, so it answers no QMP system_reset",
+}
+
+
+def parts_used(path: Path, root: Path = ROOT) -> set[tuple[str, str]]:
+    """(file relative to ``root``, part) for every ``<something>vm.<part>`` and
+    ``getattr(<x>, "<part>")`` in ``path``."""
+    out = set()
+    rel = str(path.relative_to(root))
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Attribute) and node.attr in MODEL_PARTS:
+            base = node.value.attr if isinstance(node.value, ast.Attribute) else getattr(node.value, "id", "")
+            if "vm" in base.lower():
+                out.add((rel, node.attr))
+        elif (isinstance(node, ast.Call) and getattr(node.func, "id", "") == "getattr"
+              and len(node.args) >= 2 and isinstance(node.args[1], ast.Constant)
+              and node.args[1].value in MODEL_PARTS):
+            out.add((rel, node.args[1].value))
+    return out
+
+
+def test_views_and_scenarios_read_a_vm_through_the_protocol():
+    used = set().union(*(parts_used(p) for folder in ("viz", "scenarios")
+                         for p in (PACKAGE / folder).rglob("*.py")))
+    assert used == set(ACTS_ON_A_PART), sorted(used ^ set(ACTS_ON_A_PART))
+
+
+def test_the_parts_check_finds_a_part_read(tmp_path):
+    probe = tmp_path / "probe.py"
+    probe.write_text("def f(vm, self):\n    a = vm.kernel.hotplug\n    b = self.vm.reporting\n"
+                     "    c = getattr(vm, 'virtio_mem', None)\n    d = vm.inspect('balloon')\n")
+    assert parts_used(probe, tmp_path) == {("probe.py", "kernel"), ("probe.py", "reporting"),
+                                           ("probe.py", "virtio_mem")}
 
 
 def test_query_commands_equals_the_monitor_table():

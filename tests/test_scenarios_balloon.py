@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -222,10 +223,15 @@ def test_seeded_runs_repeat_and_seeds_differ():
 
 # --- any backend: the helpers only need the public calls -------------------------------------
 class PublicOnly:
-    """A backend that offers only the protocol (no snapshot, no driver internals)."""
+    """A backend that offers only the protocol (no snapshot, no driver internals): its balloon view
+    is a live guest's, where the driver's counters can't be seen (None)."""
 
     def __init__(self, vm):
         self._vm = vm
+
+    def inspect(self, mechanism):
+        view = self._vm.inspect(mechanism)
+        return dataclasses.replace(view, out_of_puff=None) if mechanism == "balloon" else view
 
     def __getattr__(self, name):
         if name in ("qmp", "guest", "meminfo", "advance", "sample", "events", "step", "close",

@@ -47,6 +47,7 @@ class BalloonView:
     driver_pages: int | None = None  # vb->num_pages: pages the balloon holds
     in_flight_pages: int | None = None  # allocated or dequeued, not yet on or off the list
     requests: int | None = None  # inflate/deflate requests completed
+    deflate_requests: int | None = None  # of the device: deflateq requests QEMU processed
     out_of_puff: int | None = None
     oom_deflated_pages: int | None = None
     idle: bool | None = None  # the work item is neither queued nor running
@@ -115,7 +116,8 @@ class MigrationView:
     link: dict | None = None
     history: tuple[dict, ...] = ()
     syncs: tuple[dict, ...] = ()  # t_ms, count, transferred/normal/zero before it, remaining
-    # before and after, last_stage (the VM was stopped), cmd_id (the hinting round it started, -1)
+    # before and after, threshold, last_stage (the VM was stopped), cmd_id (the hinting round it
+    # started, -1)
 
 
 @dataclass(frozen=True)

@@ -106,7 +106,7 @@ def _balloon(vm: Any) -> BalloonView:
     return BalloonView(
         target=dev.logical_target(), actual=dev.logical_actual(), num_pages=dev.config.num_pages,
         actual_pages=dev.config.actual, driver_pages=drv.num_pages, in_flight_pages=len(drv.in_flight),
-        requests=drv.requests, out_of_puff=drv.out_of_puff, oom_deflated_pages=drv.oom_deflated_pages,
+        requests=drv.requests, deflate_requests=dev.deflate_requests, out_of_puff=drv.out_of_puff, oom_deflated_pages=drv.oom_deflated_pages,
         idle=drv.idle, last_request_target=drv.last_request_target, features=tuple(sorted(drv.features)),
         offered=tuple(sorted(dev.features)), discarded_pages=dev.discarded_pages,
         zeroed_pages=dev.zeroed_pages, stats_poll_interval=dev.stats_poll_interval,
@@ -140,7 +140,7 @@ def _migration(vm: Any) -> MigrationView:
     ids = iter(range(vm.hinting.device.cmd_id - sum(starts_round) + 1, 1 << 32)) if vm.hinting else iter(())
     rows = tuple({"t_ms": h["t_ms"], "count": h["dirty_sync_count"], "transferred": h["transferred"],
                   "normal": h["normal"], "zero": h["zero"], "remaining_before": h["pending_before"],
-                  "remaining": h["remaining"], "last_stage": h["last_stage"],
+                  "remaining": h["remaining"], "threshold": h["threshold"], "last_stage": h["last_stage"],
                   "cmd_id": next(ids) if started else -1}
                  for h, started in zip(syncs, starts_round, strict=True))
     return MigrationView(m.status, m.runstate, m.dirty_sync_count, m.dirty_pages, m.hinted_pages,

@@ -207,8 +207,7 @@ def out_of_puff_retries(vm: Backend) -> int:
 
     The model's driver counts them; a real guest only logs them (rate-limited), so there the count
     from dmesg is a lower bound."""
-    inspect = getattr(vm, "inspect", None)  # a protocol call an older backend may lack
-    counted = inspect("balloon").out_of_puff if inspect is not None else None
+    counted = vm.inspect("balloon").out_of_puff  # None on a live guest
     if counted is not None:
         return int(counted)
     dmesg = getattr(vm, "dmesg", None)

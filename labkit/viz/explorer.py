@@ -48,34 +48,19 @@ TICK_MS_CHOICES = (("1 ms", 1.0), ("10 ms", 10.0), ("100 ms", 100.0), ("1 s", 10
 
 
 def reopen_options(vm: Any) -> dict:
-    """The ``labkit.open`` arguments that re-create ``vm`` in its initial state.
-
-    Uses ``vm.open_options`` when the backend provides it; otherwise rebuilds them from a
-    ModelBackend's settings (memory, seed, balloon properties, host, NUMA nodes, model knobs). A VM
-    on a host shared with other VMs cannot be re-created alone: pass ``factory=`` to the explorer.
+    """The ``labkit.open`` arguments that re-create ``vm`` in its initial state (``vm.open_options``,
+    which both backends keep). A VM opened on a :class:`~labkit.model.host.Host` object it shares
+    with other VMs cannot be re-created alone: pass ``factory=`` to the explorer.
     """
+    from labkit.model.host import Host
+
     options = getattr(vm, "open_options", None)
-    if options is not None:
-        return dict(options)
-    from labkit.backends.model import ModelBackend
-    if not isinstance(vm, ModelBackend):
+    if options is None:
         raise TypeError(f"cannot tell how {vm!r} was opened; pass factory=lambda: labkit.open(...)")
-    host = vm.host
-    if len(host.vms) > 1:
-        raise ValueError("this VM shares its host with other VMs, so Reset cannot re-create it "
-                         "alone; pass factory= that re-opens the whole setup")
-    dev = vm.balloon_device
-    return {
-        "backend": "model",
-        "memory": vm.memory,
-        "seed": vm.seed,
-        "balloon": False if dev is None else dict(dev.options),
-        "host": {"ram": host.ram, "swap": host.swap, "discard": host.discard_enabled,
-                 "swapin_us": host.swapin_us},
-        "numa_nodes": len(vm.mem.nodes),
-        "model": dict(vm.knobs),
-        "vm_name": vm.kernel.host_vm.name,
-    }
+    if isinstance(options.get("host"), Host):
+        raise ValueError("this VM was opened on a shared host (host=Host(...)), so Reset cannot "
+                         "re-create it alone; pass factory= that re-opens the whole setup")
+    return dict(options)
 
 
 class Explorer(SteppingControls, widgets.VBox):
@@ -241,8 +226,10 @@ class Explorer(SteppingControls, widgets.VBox):
                 self.page_map.update(self.vm.snapshot())
 
     def _show_status(self, row: dict) -> None:
-        balloon = getattr(self.vm, "balloon", None)
-        puff = getattr(balloon, "out_of_puff", None)
+        try:
+            puff = self.vm.inspect("balloon").out_of_puff  # None where the driver can't be seen
+        except ValueError:  # no balloon
+            puff = None
         idle = " (balloon idle)" if self.last_step is False else ""
         parts = [
             f"t = {row['t_ms'] / 1000:.3f} s",

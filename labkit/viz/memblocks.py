@@ -7,8 +7,9 @@ kernel hold there: unplugged (inside or outside the usable region, §5.2); plugg
 added yet; plugged in an added but offline block; online in ZONE_MOVABLE or ZONE_NORMAL; and
 **busy**: an online subblock holding unmovable pages (slab, page tables, the memmap of later blocks:
 ``PageState.KERNEL``), where ``alloc_contig_range`` fails and unplug returns -EBUSY (§5.5). It is
-computed with numpy from the driver's ``plugged`` bitmap, ``kernel.hotplug.online_blocks`` and the
-page states (a loop over devices and over online blocks, never over pages).
+computed with numpy from ``vm.inspect("virtio-mem")``: the driver's subblock bitmap, the blocks
+added and online, and the units holding unmovable pages (a loop over devices and over online
+blocks, never over pages).
 
 :meth:`MemoryBlockGrid.update` outlines the cells whose category changed since the last update
 (magenta rectangles around them, as on the page map) and names the moves in ``last_moves``, in
@@ -44,7 +45,6 @@ import numpy as np
 from bokeh.models import ColumnDataSource, CustomJSHover, HoverTool, LinearColorMapper, Range1d
 from bokeh.plotting import figure
 
-from labkit.model.hotplug import UNMOVABLE_STATES
 from labkit.model.pages import PAGES_PER_MEMORY_BLOCK
 from labkit.units import MiB, PAGE_SIZE, format_size
 from labkit.viz.changes import add_outline, box_cover, outline_data, transitions
@@ -62,17 +62,21 @@ BLOCK_CATEGORIES: tuple[Category, ...] = (  # Okabe-Ito colours; greys for "no m
     Category("plugged, online ZONE_NORMAL", "#0072B2", 1),
     Category("busy: unmovable pages inside (unplug -EBUSY)", "#D55E00", 1),
 )
-_UNMOVABLE = np.zeros(256, dtype=bool)
-_UNMOVABLE[[int(s) for s in UNMOVABLE_STATES]] = True
 DEFAULT_MAX_BLOCKS = 256  # rows drawn per device: 32 GiB of a region
+NO_DEVICE = ("this VM has no virtio-mem device: open it with virtio_mem=[{'id': 'vm0', 'size': '4G'}] "
+             "(and a memhp_default_state)")
 
 
-def _drivers(vm: Any) -> list:
-    vmem = getattr(vm, "virtio_mem", None)
-    if vmem is None or not vmem.drivers:
-        raise ValueError("this VM has no virtio-mem device: open it with virtio_mem=[{'id': 'vm0', "
-                         "'size': '4G'}] (and a memhp_default_state)")
-    return list(vmem.drivers)
+def virtio_mem_view(vm: Any) -> Any:
+    """``vm.inspect("virtio-mem")`` (:class:`labkit.backends.inspect.VirtioMemView`), or a
+    ``ValueError`` saying how to open a VM with the device."""
+    try:
+        view = vm.inspect("virtio-mem")
+    except ValueError:
+        view = None
+    if view is None or not view.devices:
+        raise ValueError(NO_DEVICE)
+    return view
 
 
 @dataclass
@@ -94,45 +98,48 @@ class BlockGrid:
         return np.bincount(self.image.ravel(), minlength=len(BLOCK_CATEGORIES)) / width
 
 
-def block_grid(vm: Any, max_blocks: int = DEFAULT_MAX_BLOCKS) -> BlockGrid:
+def block_grid(vm: Any, max_blocks: int = DEFAULT_MAX_BLOCKS, view: Any = None) -> BlockGrid:
     """Compute the grid of every virtio-mem device of ``vm`` (the first ``max_blocks`` memory
-    blocks of each region). See the module docstring for the categories."""
+    blocks of each region). See the module docstring for the categories. ``view``: a
+    ``vm.inspect("virtio-mem")`` taken now (a caller redrawing several views takes one)."""
     if not isinstance(max_blocks, int) or isinstance(max_blocks, bool) or max_blocks < 1:
         raise ValueError(f"max_blocks must be an int >= 1, got {max_blocks!r}")
-    drivers = _drivers(vm)
-    hotplug = vm.kernel.hotplug
-    cols = max(1 if d.bbm else d.units_per_mb for d in drivers)
+    view = virtio_mem_view(vm) if view is None else view
+    if any(d.plugged_units is None for d in view.devices):
+        raise ValueError("the block grid draws the driver's subblock bitmap, which this backend does not "
+                         "report (a live guest shows requested and plugged size: vm.qmp('qom-get', ...))")
+    cols = max(1 if d.big_block_mode else d.units_per_block for d in view.devices)
+    added_blocks = np.asarray(view.added_blocks, dtype=np.int64)
     parts, rows = [], {"device": [], "block": [], "addr": [], "units": []}
-    for i, drv in enumerate(drivers):
-        n_mb = min(drv.n_mb, max_blocks)
-        upm = 1 if drv.bbm else drv.units_per_mb
-        if drv.bbm:  # a big block may span several memory blocks
-            plugged = np.repeat(drv.plugged, drv.mbs_per_unit)[:n_mb, None]
+    for i, dev in enumerate(view.devices):
+        n_mb = min(dev.blocks, max_blocks)
+        upm = 1 if dev.big_block_mode else dev.units_per_block
+        if dev.big_block_mode:  # a big block may span several memory blocks, unplugged whole
+            plugged = np.repeat(dev.plugged_units, dev.blocks_per_unit)[:n_mb, None]
+            busy = np.repeat(dev.unmovable_units, dev.blocks_per_unit)[:n_mb, None]
         else:
-            plugged = drv.plugged[:n_mb * upm].reshape(n_mb, upm)
+            plugged = dev.plugged_units[:n_mb * upm].reshape(n_mb, upm)
+            busy = dev.unmovable_units[:n_mb * upm].reshape(n_mb, upm)
         unit_bytes = PAGES_PER_MEMORY_BLOCK * PAGE_SIZE // upm
-        usable = (np.arange(n_mb * upm) < drv.device.config.usable_region_size // unit_bytes)
-        blocks = drv.first_mb + np.arange(n_mb)
+        usable = (np.arange(n_mb * upm) < dev.usable_region_size // unit_bytes)
+        blocks = dev.first_block + np.arange(n_mb)
         zone = np.full(n_mb, OFFLINE, dtype=np.uint8)
-        for block, name in hotplug.online_blocks.items():  # a loop over online blocks
-            if drv.first_mb <= block < drv.first_mb + n_mb:
-                zone[block - drv.first_mb] = MOVABLE if name == "Movable" else NORMAL
-        added = np.isin(blocks, np.fromiter(hotplug.memmap, dtype=np.int64))
+        for block, name in view.online_blocks.items():  # a loop over online blocks
+            if dev.first_block <= block < dev.first_block + n_mb:
+                zone[block - dev.first_block] = MOVABLE if name == "Movable" else NORMAL
+        added = np.isin(blocks, added_blocks)
         plugged_code = np.where(added, zone, NOT_ADDED)[:, None]
         codes = np.where(usable.reshape(n_mb, upm), UNPLUGGED, NOT_USABLE).astype(np.uint8)
         codes = np.where(plugged, plugged_code, codes).astype(np.uint8)
-        online = np.flatnonzero(zone != OFFLINE)
-        if len(online):  # unmovable pages, only in the online blocks' pages
-            state = vm.mem.state[drv.region.start:drv.region.start + n_mb * PAGES_PER_MEMORY_BLOCK]
-            busy = _UNMOVABLE[state.reshape(n_mb, upm, -1)[online]].any(axis=2)
-            codes[online] = np.where(busy & plugged[online], BUSY, codes[online])
+        # unmovable pages count only in online blocks (the view's units are False elsewhere)
+        codes = np.where(busy & plugged & (zone != OFFLINE)[:, None], BUSY, codes).astype(np.uint8)
         parts.append(np.repeat(codes, cols // upm, axis=1))
         rows["device"].append(np.full(n_mb, i))
         rows["block"].append(blocks)
-        rows["addr"].append(drv.region.memaddr + np.arange(n_mb) * PAGES_PER_MEMORY_BLOCK * PAGE_SIZE)
+        rows["addr"].append(dev.memaddr + np.arange(n_mb) * PAGES_PER_MEMORY_BLOCK * PAGE_SIZE)
         rows["units"].append(np.full(n_mb, upm))
     return BlockGrid(np.concatenate(parts), *(np.concatenate(v) for v in rows.values()),
-                     devices=[d.device.id for d in drivers])
+                     devices=[d.id for d in view.devices])
 
 
 def _patch_image(source: ColumnDataSource, image: np.ndarray) -> None:
@@ -244,11 +251,12 @@ class MemoryBlockGrid(Shown):
         """The uint8 category image currently in the source."""
         return self.source.data["image"][0]
 
-    def update(self, vm: Any) -> None:
-        """Recompute from ``vm`` and send only what changed (a patch of the changed rows); outline
-        the cells whose category changed and name their moves in ``last_moves`` (in cells)."""
+    def update(self, vm: Any, view: Any = None) -> None:
+        """Recompute from ``vm`` (or its ``view``, see :func:`block_grid`) and send only what
+        changed (a patch of the changed rows); outline the cells whose category changed and name
+        their moves in ``last_moves`` (in cells)."""
         old = self.grid.image
-        self.grid = block_grid(vm, self.max_blocks)
+        self.grid = block_grid(vm, self.max_blocks, view)
         new = self.grid.image
         changed = (old != new) if old.shape == new.shape else np.zeros(new.shape, dtype=bool)
         self.changed_cells = int(changed.sum())

@@ -35,7 +35,8 @@ from labkit.units import MiB, format_size
 from labkit.viz.changes import describe
 from labkit.viz.controls import SteppingControls
 from labkit.viz.explorer import _factory, _tick_choices, reopen_options
-from labkit.viz.memblocks import DEFAULT_MAX_BLOCKS, MemoryBlockGrid, ResizeTimeline, _drivers, retry_schedule
+from labkit.viz.memblocks import (DEFAULT_MAX_BLOCKS, MemoryBlockGrid, ResizeTimeline, retry_schedule,
+                                  virtio_mem_view)
 from labkit.viz.shown import LiveBokeh
 
 EXTRA_TICKS = (("10 s", 10_000.0), ("1 min", 60_000.0))  # the retry backoff is 50 s to 300 s
@@ -44,21 +45,21 @@ STEP_MAX_MS = 600_000.0  # Step gives up after 10 simulated minutes without a dr
 
 def driver_signature(vm: Any) -> tuple:
     """What changes at every virtio-mem driver event: requests sent, work runs, blocks added,
-    blocks online."""
-    drivers = _drivers(vm)
-    return (sum(sum(d.device.requests.values()) for d in drivers),
-            sum(len(d.history) for d in drivers), len(vm.kernel.hotplug.memmap),
-            tuple(sorted(vm.kernel.hotplug.online_blocks.items())))
+    blocks online (from ``vm.inspect("virtio-mem")``)."""
+    view = virtio_mem_view(vm)
+    return (sum(sum(d.requests.values()) for d in view.devices), sum(len(d.history) for d in view.devices),
+            len(view.added_blocks), tuple(sorted(view.online_blocks.items())))
 
 
-def driver_facts(vm: Any, device: int = 0) -> dict:
+def driver_facts(vm: Any, device: int = 0, view: Any = None) -> dict:
     """What one step of the virtio-mem driver can change, for :func:`virtio_mem_readout`: time,
-    requests sent by type, the work runs so far, memory blocks added and online, plugged size."""
-    drv = _drivers(vm)[device]
-    hotplug = vm.kernel.hotplug
-    return {"t_ms": float(vm.now_ms), "requests": {r.name: n for r, n in drv.device.requests.items()},
-            "runs": list(drv.history), "added": len(hotplug.memmap), "online": len(hotplug.online_blocks),
-            "plugged": int(drv.device.size), "requested": int(drv.device.requested_size)}
+    requests sent by type, the work runs so far, memory blocks added and online, plugged size.
+    ``view``: a ``vm.inspect("virtio-mem")`` taken now."""
+    view = virtio_mem_view(vm) if view is None else view
+    dev = view.devices[device]
+    return {"t_ms": float(vm.now_ms), "requests": dict(dev.requests), "runs": list(dev.history),
+            "added": len(view.added_blocks), "online": len(view.online_blocks),
+            "plugged": int(dev.size), "requested": int(dev.requested_size)}
 
 
 def virtio_mem_readout(what: str, before: dict, after: dict, moves: list | None = None) -> str:
@@ -97,17 +98,10 @@ def _ms(ms: float) -> str:
 
 
 def step_driver(vm: Any, max_ms: float = STEP_MAX_MS) -> bool:
-    """Advance ``vm`` event by event until the next virtio-mem driver event (see
-    :func:`driver_signature`), at most ``max_ms``; returns whether one happened. Reads the
-    simulation's next event time (``vm.env.peek()``) and moves time only with ``vm.advance``."""
-    before, start = driver_signature(vm), vm.now_ms
-    while vm.now_ms - start < max_ms and vm.env.peek() != float("inf"):
-        wait = min(vm.env.peek() - vm.now_ms, start + max_ms - vm.now_ms)
-        vm.advance(max(0.0, wait))
-        vm.advance(0)  # run what is due now (advance() stops just before its end time)
-        if driver_signature(vm) != before:
-            return True
-    return False
+    """Run ``vm`` until the next virtio-mem driver event (``advance_until("virtio-mem-driver")``:
+    a request answered, a work run, a block added or onlined), at most ``max_ms``; returns whether
+    one happened."""
+    return vm.advance_until("virtio-mem-driver", max_ms) is not None
 
 
 class VirtioMemExplorer(SteppingControls, widgets.VBox):
@@ -132,14 +126,14 @@ class VirtioMemExplorer(SteppingControls, widgets.VBox):
         self.owns_vm = vm is None
         vm = factory() if vm is None else vm
         self.factory = factory or _factory(labkit.open, reopen_options(vm))
-        drivers = _drivers(vm)
-        if not isinstance(device, int) or not 0 <= device < len(drivers):
-            raise ValueError(f"device must be an index from 0 to {len(drivers) - 1}, got {device!r}")
+        devices = virtio_mem_view(vm).devices
+        if not isinstance(device, int) or isinstance(device, bool) or not 0 <= device < len(devices):
+            raise ValueError(f"device must be an index from 0 to {len(devices) - 1}, got {device!r}")
         self.vm, self.device = vm, device
-        dev = drivers[device].device
+        dev = devices[device]
         step = max(1, dev.block_size // MiB)
         self.slider = widgets.IntSlider(
-            value=dev.requested_size // MiB, min=0, max=dev.config.region_size // MiB, step=step,
+            value=dev.requested_size // MiB, min=0, max=dev.region_size // MiB, step=step,
             description=f"{dev.id} requested-size (MiB)", continuous_update=False,
             style={"description_width": "initial"}, layout=widgets.Layout(width="460px"))
         choices = dict(_tick_choices(tick_ms))
@@ -167,9 +161,13 @@ class VirtioMemExplorer(SteppingControls, widgets.VBox):
         self._wire_controls()
         self._show_status(first)
 
+    def _device(self) -> Any:
+        """The explored device's :class:`labkit.backends.inspect.VirtioMemDeviceView`, now."""
+        return virtio_mem_view(self.vm).devices[self.device]
+
     @property
     def path(self) -> str:
-        return _drivers(self.vm)[self.device].device.id
+        return self._device().id
 
     # --- actions ------------------------------------------------------------------------------
     def set_requested(self, mib: int) -> None:
@@ -200,7 +198,7 @@ class VirtioMemExplorer(SteppingControls, widgets.VBox):
         self.reopen_vm()
         self._syncing = True
         try:
-            self.slider.value = _drivers(self.vm)[self.device].device.requested_size // MiB
+            self.slider.value = self._device().requested_size // MiB
         finally:
             self._syncing = False
         self.last_step = None
@@ -216,12 +214,13 @@ class VirtioMemExplorer(SteppingControls, widgets.VBox):
         """Sample the VM and redraw the grid, the timeline and the status line (one message set);
         the readout says what changed since the last redraw (``what``: "step", "1 s"...)."""
         row = self.vm.sample()
+        view = virtio_mem_view(self.vm)  # one snapshot for every view redrawn
         with self.live.batch():
             self.timeline.append(row)
-            self.timeline.update_history(self.vm)
-            self.grid.update(self.vm)
-        self._show_status(row)
-        before, self._facts = self._facts, driver_facts(self.vm, self.device)
+            self.timeline.update_history(self.vm, view)
+            self.grid.update(self.vm, view)
+        self._show_status(row, view)
+        before, self._facts = self._facts, driver_facts(self.vm, self.device, view)
         self.last_readout = virtio_mem_readout(what, before, self._facts, self.grid.last_moves)
         self.change_html.value = f"<b>{html.escape(self.last_readout)}</b>"
         return row
@@ -231,14 +230,14 @@ class VirtioMemExplorer(SteppingControls, widgets.VBox):
         if not self._syncing:
             self.set_requested(change["new"])
 
-    def _show_status(self, row: dict) -> None:
-        drv = _drivers(self.vm)[self.device]
-        rc = drv.last_rc
-        fails = retry_schedule(drv.history)
+    def _show_status(self, row: dict, view: Any = None) -> None:
+        dev = (virtio_mem_view(self.vm) if view is None else view).devices[self.device]
+        rc = dev.last_rc
+        fails = retry_schedule(dev.history)
         pending = [f["retry_at_ms"] for f in fails if f["retry_at_ms"] and f["retry_at_ms"] > row["t_ms"]]
         parts = [f"t = {row['t_ms'] / 1000:.3f} s",
-                 f"requested <b>{format_size(drv.device.requested_size)}</b>",
-                 f"plugged <b>{format_size(drv.device.size)}</b>",
+                 f"requested <b>{format_size(dev.requested_size)}</b>",
+                 f"plugged <b>{format_size(dev.size)}</b>",
                  f"MemTotal {format_size(int(row['memtotal']))}",
                  f"last work run: {'ok' if rc == 0 else '-' + errno.errorcode.get(-rc, str(-rc))}",
                  f"next retry at {pending[-1] / 1000:.0f} s" if pending else "no retry pending",

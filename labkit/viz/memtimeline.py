@@ -128,11 +128,14 @@ class ResizeTimeline(Shown):
         self.source.data = self._columns(_rows_of(data))
         self.set_history([])
 
-    def update_history(self, vm: Any) -> None:
-        """Redraw the failure and retry markers from every virtio-mem driver of ``vm``."""
-        vmem = getattr(vm, "virtio_mem", None)
-        drivers = vmem.drivers if vmem is not None else []
-        self.set_history(sorted(e for d in drivers for e in d.history))
+    def update_history(self, vm: Any, view: Any = None) -> None:
+        """Redraw the failure and retry markers from every virtio-mem driver of ``vm`` (or of
+        ``view``, a ``vm.inspect("virtio-mem")`` taken now)."""
+        try:
+            devices = (vm.inspect("virtio-mem") if view is None else view).devices
+        except ValueError:  # no virtio-mem device: no markers
+            devices = ()
+        self.set_history(sorted(e for d in devices for e in d.history))
 
     def set_history(self, history: list[tuple[float, str, int]]) -> None:
         """Markers for a driver history [(t_ms, what, rc)]: failures at the plugged size of that

@@ -91,12 +91,14 @@ def _column(rows: list[dict], key: str) -> np.ndarray:
 
 
 class MigrationRecorder:
-    """Records one VM's outgoing migration over time, through ``qmp`` and ``sample`` only.
+    """Records one VM's outgoing migration over time, through the Backend protocol only.
 
-    ``poll()`` adds a sample; ``advance(ms, every_ms)`` moves the VM's time and polls; ``run()``
-    polls until the migration ends. On the model the recorder also joins the migration's precopy
-    notifier chain (read-only) to take one exact row per bitmap sync; elsewhere a sync is noticed
-    when ``dirty-sync-count`` grows between samples. ``close()`` leaves the chain.
+    ``poll()`` adds a sample (``query-migrate`` and ``sample()``); ``advance(ms, every_ms)`` moves
+    the VM's time and polls; ``run()`` polls until the migration ends. Where the backend reports
+    each bitmap sync (``vm.inspect("migration").syncs``: the model) the recorder takes those exact
+    rows, from the ones at or after its creation on; elsewhere a sync is noticed when
+    ``dirty-sync-count`` grows between samples. ``close()`` is kept for callers that release
+    recorders: it has nothing to release.
     """
 
     def __init__(self, vm: Any):
@@ -105,14 +107,35 @@ class MigrationRecorder:
         self.syncs: list[dict] = []
         self.info: dict = {}
         self._t0: float | None = None
-        self._pending: dict | None = None
-        self._chain = getattr(getattr(vm, "migration", None), "precopy_notifiers", None)
-        if self._chain is not None:
-            self._chain.append(self._on_precopy)
+        first = vm.sample()
+        self._since, self._hinted_at_start = float(first["t_ms"]), float(first.get("hinted", np.nan))
+        self._exact = self._view_syncs() is not None
 
     def close(self) -> None:
-        if self._chain is not None and self._on_precopy in self._chain:
-            self._chain.remove(self._on_precopy)
+        """Nothing to release (the recorder only reads the VM)."""
+
+    def _view_syncs(self) -> tuple[dict, ...] | None:
+        """The bitmap syncs the backend reports, or None where it reports none (a live guest)."""
+        try:
+            view = self.vm.inspect("migration")
+        except (ValueError, NotImplementedError):
+            return None
+        return None if view.dirty_pages is None else view.syncs
+
+    def _take_syncs(self) -> None:
+        """Add the syncs the backend reported since the last look (its rows of the current
+        migration; one that started later replaces them, so they are kept here)."""
+        last = (self.syncs[-1]["t_abs"], self.syncs[-1]["count"]) if self.syncs else (-np.inf, -1)
+        for r in self._view_syncs() or ():
+            if r["t_ms"] < self._since or (r["t_ms"], r["count"]) <= last:
+                continue
+            self.syncs.append({"t_abs": float(r["t_ms"]), "count": float(r["count"]),
+                               "transferred": float(r["transferred"]), "normal": float(r["normal"]),
+                               "zero": float(r["zero"]), "remaining_before": float(r["remaining_before"]),
+                               "remaining": float(r["remaining"]), "threshold": float(r["threshold"]),
+                               "last_stage": bool(r["last_stage"]), "cmd_id": float(r["cmd_id"])})
+            if self._t0 is None:
+                self._t0 = float(r["t_ms"])
 
     # --- rows ---------------------------------------------------------------------------------
     def _counters(self) -> dict:
@@ -130,26 +153,12 @@ class MigrationRecorder:
                 "count": float(ram.get("dirty-sync-count", sample.get("migration_syncs", 0))),
                 "hinted": float(sample.get("hinted", np.nan))}
 
-    def _on_precopy(self, reason: Any, vm_running: bool, postcopy_ram: bool) -> None:
-        name = getattr(reason, "name", str(reason))
-        if name == "BEFORE_BITMAP_SYNC":
-            self._pending = self._counters()  # what was sent before this sync
-            if self._t0 is None:
-                self._t0 = self._pending["t_abs"]
-        elif name == "AFTER_BITMAP_SYNC" and self._pending is not None:
-            after = self._counters()
-            hinting = getattr(self.vm, "hinting", None)
-            starts_round = vm_running and hinting is not None and not postcopy_ram
-            self.syncs.append({**self._pending, "remaining_before": self._pending["remaining"],
-                               "remaining": after["remaining"], "count": after["count"],
-                               "last_stage": not vm_running,
-                               "cmd_id": float(hinting.device.cmd_id) if starts_round else -1.0})
-            self._pending = None
-
     def poll(self) -> dict:
         """Take one sample now; returns it."""
         row = self._counters()
-        if self._chain is None and self.samples and row["count"] > self.samples[-1]["count"]:
+        if self._exact:
+            self._take_syncs()
+        elif self.samples and row["count"] > self.samples[-1]["count"]:
             self.syncs.append({**row, "remaining_before": row["remaining"],
                                "last_stage": row["status"] == "completed", "cmd_id": -1.0})
         self.samples.append(row)
@@ -183,6 +192,8 @@ class MigrationRecorder:
     def data(self) -> MigrationData:
         """What was recorded, with one more look at ``query-migrate`` now, as :class:`MigrationData`."""
         latest = self._counters()
+        if self._exact:
+            self._take_syncs()
         rows = self.samples + [latest] if not self.samples or (
             latest["t_abs"] > self.samples[-1]["t_abs"] or latest["status"] != self.samples[-1]["status"]) \
             else self.samples
@@ -193,6 +204,13 @@ class MigrationRecorder:
             points += [(s["t_abs"], 0, {**s, "remaining": s["remaining_before"]}), (s["t_abs"], 1, s)]
         live = [r for *_, r in sorted(points, key=lambda p: p[:2])] or rows[-1:]
         samples = {k: _column(live, k) for k in SAMPLE_FIELDS}
+        # a sync row has no "hinted" of its own (the guest's count): the sample's before it holds
+        # (for syncs before any sample, the count when the recorder was made)
+        hinted = samples["hinted"]
+        known = np.flatnonzero(~np.isnan(hinted))
+        if len(known):
+            at = np.searchsorted(known, np.arange(len(hinted)), side="right") - 1
+            samples["hinted"] = np.where(at >= 0, hinted[known[np.maximum(at, 0)]], self._hinted_at_start)
         samples["t_ms"] = _column(live, "t_abs") - t0
         syncs = {k: _column(self.syncs, k) for k in SYNC_FIELDS if k != "t_ms"}
         syncs["t_ms"] = _column(self.syncs, "t_abs") - t0
@@ -256,7 +274,6 @@ def migration_data(source: Any) -> MigrationData:
                     f"got {type(source).__name__}")
 
 
-
 def hinting_status(vm: Any) -> dict[str, Any]:
     """The free page hinting protocol of a model VM right now, for step-by-step tables.
 
@@ -266,18 +283,17 @@ def hinting_status(vm: Any) -> dict[str, Any]:
     ``held_blocks``: 4 MiB blocks the guest holds; ``bitmap_pages``: ``ram.remaining`` in pages;
     ``hinted_pages``: bits QEMU cleared from the dirty bitmap because of hints.
     """
-    hinting, migration = getattr(vm, "hinting", None), getattr(vm, "migration", None)
-    if hinting is None:
+    try:
+        h = vm.inspect("hinting")
+    except ValueError:
         raise ValueError("this VM has no free page hinting: open it with "
-                         "balloon={'free_page_hint': True, 'iothread': 'iothread0'}")
-    dev, drv = hinting.device, hinting.driver
+                         "balloon={'free_page_hint': True, 'iothread': 'iothread0'}") from None
+    m = vm.inspect("migration")
     return {"t_ms": float(vm.sample()["t_ms"]), "migration": vm.qmp("query-migrate").get("status", "none"),
-            "syncs": int(getattr(migration, "dirty_sync_count", 0)), "qemu_status": dev.status.name,
-            "qemu_cmd_id": f"{dev.cmd_id:#x}", "config_cmd_id": f"{dev.config_cmd_id():#x}",
-            "guest_cmd_id": f"{drv.cmd_id_active:#x}", "ring": len(dev.ring),
-            "held_blocks": drv.num_free_page_blocks,
-            "bitmap_pages": int(getattr(migration, "dirty_pages", 0)),
-            "hinted_pages": int(getattr(migration, "hinted_pages", 0))}
+            "syncs": int(m.dirty_sync_count), "qemu_status": h.qemu_status,
+            "qemu_cmd_id": f"{h.qemu_cmd_id:#x}", "config_cmd_id": f"{h.config_cmd_id:#x}",
+            "guest_cmd_id": f"{h.guest_cmd_id:#x}", "ring": h.ring, "held_blocks": h.held_blocks,
+            "bitmap_pages": int(m.dirty_pages or 0), "hinted_pages": int(m.hinted_pages or 0)}
 
 
 __all__ = ["MigrationData", "MigrationRecorder", "from_run", "hinting_status", "migration_data"]

@@ -52,6 +52,15 @@ def status_table(status: dict[str, Any]) -> str:
     return f'<table style="font-size:90%">{cells}</table>'
 
 
+def _has_hinting(vm: Any) -> bool:
+    """Does ``vm`` hint, with the protocol's state to show (the model; a live guest's can't be seen)?"""
+    try:
+        vm.inspect("hinting")
+    except (ValueError, NotImplementedError):
+        return False
+    return True
+
+
 def migration_facts(vm: Any) -> dict[str, Any]:
     """What one tick of a migration can change, read through ``query-migrate`` (and, with hinting,
     :func:`~labkit.viz.migration_data.hinting_status`): status, bytes and pages sent, the backlog,
@@ -62,7 +71,7 @@ def migration_facts(vm: Any) -> dict[str, Any]:
     facts = {"status": info.get("status", "none"), "transferred": int(ram.get("transferred", 0)),
              "normal": int(ram.get("normal", 0)), "zero": int(ram.get("duplicate", 0)),
              "remaining": int(ram.get("remaining", 0)), "syncs": int(ram.get("dirty-sync-count", 0))}
-    if getattr(vm, "hinting", None) is not None:
+    if _has_hinting(vm):
         h = hinting_status(vm)
         facts.update(hint_status=h["qemu_status"], hint_round=h["qemu_cmd_id"], held=h["held_blocks"],
                      hinted=h["hinted_pages"])
@@ -209,7 +218,7 @@ class MigrationExplorer(SteppingControls, widgets.VBox):
         self._show()
 
     def _show(self) -> None:
-        if getattr(self.vm, "hinting", None) is not None:
+        if _has_hinting(self.vm):
             self.status = hinting_status(self.vm)
         else:
             info = self.vm.qmp("query-migrate")

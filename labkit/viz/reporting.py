@@ -102,8 +102,9 @@ class Staircase(Shown):
 def staircase(rows: Sequence[Mapping[str, float]], passes_ms: Sequence[float] = (), width: int = 620,
               height: int = 280, title: str = "") -> Staircase:
     """Host RSS, MemFree and memory reported to the host over time, with one tick per reporting
-    pass (``passes_ms``: their start times, e.g. ``[p.start_ms for p in
-    vm.reporting.core.history]``). ``rows`` are ``vm.sample()`` rows; time counts from the first.
+    pass (``passes_ms``: their start times, e.g.
+    ``vm.inspect("reporting").pass_starts_ms``). ``rows`` are ``vm.sample()`` rows; time counts
+    from the first.
     """
     return Staircase(rows, passes_ms, width, height, title)
 
@@ -142,6 +143,15 @@ class _Both:
         return batched(*self.views)
 
 
+def _reporting_view(vm: Any) -> Any:
+    """``vm.inspect("reporting")``, or a ``ValueError`` saying how to open a VM with it."""
+    try:
+        return vm.inspect("reporting")
+    except ValueError:
+        raise ValueError("this VM has no free page reporting: open it with "
+                         "balloon={'free_page_reporting': True}") from None
+
+
 class ReportingExplorer(SteppingControls, widgets.VBox):
     """Free memory in a guest with free page reporting and step time 2 s at a time.
 
@@ -160,9 +170,7 @@ class ReportingExplorer(SteppingControls, widgets.VBox):
                             "not both")
         self.factory, self.owns_vm = factory, vm is None
         vm = factory() if vm is None else vm
-        if getattr(vm, "reporting", None) is None:
-            raise ValueError("this VM has no free page reporting: open it with "
-                             "balloon={'free_page_reporting': True}")
+        _reporting_view(vm)  # a clear error when the VM has no free page reporting
         if not tick_ms > 0 or not sample_ms > 0:
             raise ValueError(f"tick_ms and sample_ms must be > 0, got {tick_ms!r}, {sample_ms!r}")
         from labkit.viz.pagemap import PageMap
@@ -210,13 +218,12 @@ class ReportingExplorer(SteppingControls, widgets.VBox):
             self.page_map.set_view(view)
 
     def _passes(self) -> list[float]:
-        core = self.vm.reporting.core
-        return [p.start_ms for p in core.history] if core is not None else []
+        return list(_reporting_view(self.vm).pass_starts_ms)
 
     def facts(self) -> dict:
         """The reporting counters and host RSS now (what :func:`reporting_readout` compares)."""
-        r, s = self.vm.reporting, self.vm.sample()
-        return {"state": r.state.name, "passes": r.passes, "reports": r.reports,
+        r, s = _reporting_view(self.vm), self.vm.sample()
+        return {"state": r.state, "passes": r.passes, "reports": r.reports,
                 "reported_bytes": int(s["reported_bytes"]), "host_rss": int(s["host_rss"])}
 
     def run_job(self, mib: int) -> None:
@@ -272,12 +279,12 @@ class ReportingExplorer(SteppingControls, widgets.VBox):
         self.change_html.value = "reset: a fresh VM"
 
     def _show(self) -> None:
-        r, s = self.vm.reporting, self.vm.sample()
-        self.status = {"t_ms": float(s["t_ms"]), "state": r.state.name, "passes": r.passes,
+        r, s = _reporting_view(self.vm), self.vm.sample()
+        self.status = {"t_ms": float(s["t_ms"]), "state": r.state, "passes": r.passes,
                        "reports": r.reports, "reported_bytes": int(s["reported_bytes"]),
                        "host_rss": int(s["host_rss"]), "memfree": int(s["memfree"])}
         self.status_html.value = (
-            f"t = {s['t_ms'] / 1000:.1f} s &middot; reporting <b>{r.state.name}</b>, {r.passes} passes, "
+            f"t = {s['t_ms'] / 1000:.1f} s &middot; reporting <b>{r.state}</b>, {r.passes} passes, "
             f"{r.reports} reports &middot; free and reported <b>{format_size(int(s['reported_bytes']))}"
             f"</b> &middot; MemFree {format_size(int(s['memfree']))} &middot; host RSS "
             f"<b>{format_size(int(s['host_rss']))}</b>")
