@@ -22,7 +22,7 @@ def naive_free_blocks(free: np.ndarray, max_order: int = 10) -> list[set[int]]:
 
 
 def check_invariants(mem: GuestMemory) -> None:
-    """ARCHITECTURE.md invariants that hold at every instant."""
+    """docs/architecture.md invariants that hold at every instant."""
     assert (mem.recount() == mem.counts).all(), "per-zone counts drifted from the state array"
     assert (mem.recount_unzoned() == mem.unzoned).all(), "counts of unzoned pages drifted"
     assert mem.counts.sum() + mem.unzoned.sum() == mem.n_pages, "counts must add up to the size"

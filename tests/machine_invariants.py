@@ -4,7 +4,7 @@ The fuzzer (tests/test_fuzz.py) and the regression tests of issue 12 drive a VM 
 only (``vm.qmp``, ``vm.guest``, ``vm.advance``, ``vm.step``); this module is the one place that reads
 the model's internals, so renaming one of them is a one-place change here.
 
-The invariants (ARCHITECTURE.md, "Invariants worth a property test"):
+The invariants (docs/architecture.md, "Invariants the tests hold"):
 
 * every page is in exactly one state, and the per-zone and unzoned counts equal a recount;
 * the buddy free lists (derived per zone) hold exactly the zone's free pages, and no free page lies

@@ -1,4 +1,4 @@
-"""The buddy allocator's derived free lists and allocation order (ARCHITECTURE.md; mm/page_alloc.c)."""
+"""The buddy allocator's derived free lists and allocation order (docs/architecture.md; mm/page_alloc.c)."""
 
 from __future__ import annotations
 

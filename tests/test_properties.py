@@ -1,4 +1,4 @@
-"""Hypothesis: ARCHITECTURE.md's invariants hold through random timelines of guest and host actions."""
+"""Hypothesis: docs/architecture.md's invariants hold through random timelines of guest and host actions."""
 
 from __future__ import annotations
 

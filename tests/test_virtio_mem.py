@@ -322,7 +322,7 @@ def test_info_memory_devices_text():
 
 
 def test_plugged_size_stays_a_multiple_of_the_block_size_within_requested():
-    # ARCHITECTURE.md invariant, through a series of resizes
+    # docs/architecture.md invariant, through a series of resizes
     with open_vm(state="online_kernel") as vm:
         dev = vm.virtio_mem.devices[0]
         for target in (300, 0, 1000, 64, 2048, 130):
