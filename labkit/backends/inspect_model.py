@@ -106,7 +106,8 @@ def _balloon(vm: Any) -> BalloonView:
     return BalloonView(
         target=dev.logical_target(), actual=dev.logical_actual(), num_pages=dev.config.num_pages,
         actual_pages=dev.config.actual, driver_pages=drv.num_pages, in_flight_pages=len(drv.in_flight),
-        requests=drv.requests, deflate_requests=dev.deflate_requests, out_of_puff=drv.out_of_puff, oom_deflated_pages=drv.oom_deflated_pages,
+        requests=drv.requests, deflate_requests=dev.deflate_requests, out_of_puff=drv.out_of_puff,
+        oom_deflated_pages=drv.oom_deflated_pages,
         idle=drv.idle, last_request_target=drv.last_request_target, features=tuple(sorted(drv.features)),
         offered=tuple(sorted(dev.features)), discarded_pages=dev.discarded_pages,
         zeroed_pages=dev.zeroed_pages, stats_poll_interval=dev.stats_poll_interval,

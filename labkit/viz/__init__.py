@@ -29,7 +29,9 @@ from labkit.viz.timeseries import TimeSeries
 
 
 def setup_notebook() -> None:
-    """Load BokehJS into the notebook (quietly); run it before showing any plot or explorer.
+    """Load BokehJS into the notebook (quietly) and have every widget displayed show its state at
+    display (:func:`labkit.viz.shown.install_display_hook`); run it before showing any plot or
+    explorer.
 
     BokehJS comes from the CDN, or is inlined when ``BOKEH_RESOURCES=inline`` is set in the
     environment (no internet: CI, browser tests, offline machines).
@@ -37,8 +39,11 @@ def setup_notebook() -> None:
     from bokeh.io import output_notebook
     from bokeh.resources import Resources
 
+    from labkit.viz.shown import install_display_hook
+
     mode = os.environ.get("BOKEH_RESOURCES", "cdn").strip().lower() or "cdn"
     output_notebook(resources=Resources(mode=mode), hide_banner=True)
+    install_display_hook()  # a widget changed before it is displayed shows its state at display
 
 
 __all__ = ["GUEST_CATEGORIES", "HOST_CATEGORIES", "Explorer", "MigrationExplorer", "MigrationRecorder",

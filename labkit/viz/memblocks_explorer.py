@@ -35,8 +35,13 @@ from labkit.units import MiB, format_size
 from labkit.viz.changes import describe
 from labkit.viz.controls import SteppingControls
 from labkit.viz.explorer import _factory, _tick_choices, reopen_options
-from labkit.viz.memblocks import (DEFAULT_MAX_BLOCKS, MemoryBlockGrid, ResizeTimeline, retry_schedule,
-                                  virtio_mem_view)
+from labkit.viz.memblocks import (
+    DEFAULT_MAX_BLOCKS,
+    MemoryBlockGrid,
+    ResizeTimeline,
+    retry_schedule,
+    virtio_mem_view,
+)
 from labkit.viz.shown import LiveBokeh
 
 EXTRA_TICKS = (("10 s", 10_000.0), ("1 min", 60_000.0))  # the retry backoff is 50 s to 300 s

@@ -160,6 +160,9 @@ class CopiesExplorer:
         return self._widget
 
     def _repr_mimebundle_(self, **kwargs: Any):
+        from labkit.viz.shown import refresh_stale
+
+        refresh_stale(self.widget())
         return self.widget()._repr_mimebundle_(**kwargs)
 
 
@@ -311,4 +314,7 @@ class WritebackStepper:
         return self._widget
 
     def _repr_mimebundle_(self, **kwargs: Any):
+        from labkit.viz.shown import refresh_stale
+
+        refresh_stale(self.widget())
         return self.widget()._repr_mimebundle_(**kwargs)

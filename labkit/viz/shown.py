@@ -23,6 +23,15 @@ that redraws on every Step or Play tick:
   makes the browser hold its messages while the kernel is busy and keep only the newest per model
   attribute, so a Play run's echo stays a trickle.
 
+**What is shown is the state at display.** jupyter_bokeh renders a view from the widget's
+``render_bundle``, made when the widget was created, and applies later changes as patches; but the
+patches go to the views that exist, and a widget changed before it is displayed (an explorer
+stepped in the cell that shows it, a view updated in an earlier cell) has none yet: those changes
+were lost, and the browser drew the widget as it was made. So a :class:`LiveBokeh` that sent a
+patch is *stale*, and :func:`refresh_stale` re-makes the bundle of every stale one in a widget tree.
+:func:`install_display_hook` (``labkit.viz.setup_notebook`` calls it) runs it whenever IPython
+displays a widget, and :meth:`Shown._repr_mimebundle_` when a view shows itself.
+
 >>> from bokeh.plotting import figure
 >>> live = LiveBokeh(figure())
 >>> with live.batch():
@@ -58,6 +67,7 @@ class LiveBokeh(BokehModel):
         self._held: list | None = None
         self.sent_messages = 0
         self.sent_events = 0
+        self.stale = False  # a patch was sent since render_bundle was made (see the module docstring)
         # the browser queues its messages to the kernel while the kernel is busy and keeps only the
         # newest per model attribute (jupyter_bokeh's combine_events): the echo of a Play run's
         # frames stays a trickle instead of one message per changed model per frame
@@ -98,6 +108,13 @@ class LiveBokeh(BokehModel):
             self.send(content, buffers or None)
         self.sent_messages += len(parts)
         self.sent_events += len(events)
+        self.stale = True
+
+    def refresh(self) -> None:
+        """Make ``render_bundle`` the document as it is now: a view created from here on draws the
+        current state (views that exist already redraw from it)."""
+        self.render_bundle = self._model_to_traits(self._model)
+        self.stale = False
 
     def _sync_model(self, model: Any, content: dict[str, Any], buffers: list[Any]) -> None:
         kind = content.get("kind")
@@ -116,6 +133,42 @@ def inline_patch(events: list) -> patch_doc:
     content = PatchJson(events=serializer.encode(events))
     doc.models.flush_synced(lambda model: not serializer.has_ref(model))
     return patch_doc(patch_doc.create_header(), {}, content)
+
+
+def refresh_stale(widget: Any) -> int:
+    """Re-make the bundle of every stale :class:`LiveBokeh` in ``widget``'s tree (itself and its
+    ``children``, recursively); returns how many."""
+    done, stack, seen = 0, [widget], set()
+    while stack:
+        w = stack.pop()
+        if id(w) in seen:
+            continue
+        seen.add(id(w))
+        if isinstance(w, LiveBokeh) and w.stale:
+            w.refresh()
+            done += 1
+        stack.extend(getattr(w, "children", None) or ())
+    return done
+
+
+def _current_bundle(widget: Any) -> Any:
+    refresh_stale(widget)
+    return widget._repr_mimebundle_()
+
+
+def install_display_hook(shell: Any = None) -> bool:
+    """Have IPython refresh stale :class:`LiveBokeh` widgets in every widget it displays (see the
+    module docstring); returns whether there was an IPython to install it in."""
+    if shell is None:
+        from IPython import get_ipython
+
+        shell = get_ipython()
+    if shell is None:
+        return False
+    from ipywidgets import Widget
+
+    shell.display_formatter.mimebundle_formatter.for_type(Widget, _current_bundle)
+    return True
 
 
 @contextmanager
@@ -146,6 +199,7 @@ class Shown:
         return self._bokeh_model
 
     def _repr_mimebundle_(self, **kwargs: Any):
+        refresh_stale(self.widget())
         bundle = self.widget()._repr_mimebundle_(**kwargs)
         if isinstance(bundle, dict) and "text/plain" in bundle:
             bundle["text/plain"] = repr(self)  # not the widget's long render bundle
