@@ -372,3 +372,25 @@ def test_the_page_map_draws_the_zone_boundaries():
         assert labels["text"][-1] == "Movable"
         start = vm.regions[0].start
         assert (labels["y"][-1], labels["x"][-1]) == divmod(start, pm.row_pages)
+
+
+def test_the_page_map_labels_guest_physical_addresses():
+    """The page index leaves q35's PCI hole out (RAM above 2 GiB of a 4 GiB guest is at 4 GiB;
+    docs/mechanisms.md §10.1) and a virtio-mem region sits at its memaddr: the snapshot says where
+    each run of indexes lies, and the page map's axis and hover get those runs (the mapping itself
+    is checked in a browser: tests/browser/test_display_state.py)."""
+    with labkit.open(memory="4G", seed=0, balloon=False,
+                     virtio_mem=[{"id": "v0", "size": "1G"}]) as vm:
+        snap = vm.snapshot()
+        assert snap["phys"] == [(0, 524288, 0), (524288, 1048576, 1 << 20),
+                                (vm.regions[0].start, vm.regions[0].end, vm.regions[0].memaddr >> 12)]
+        pm = page_map(snap)
+        flat = [x for run in snap["phys"] for x in run]
+        assert pm.figure.yaxis[0].formatter.args["P"] == flat == pm._addr_hover.args["P"]
+        assert pm.figure.yaxis[0].axis_label == "guest physical address (holes left out)"
+    with labkit.open(memory="1G", seed=0, balloon=False) as vm:
+        pm = page_map(vm.snapshot())
+        assert pm.figure.yaxis[0].axis_label == "guest physical address"  # one run: no hole
+        pm.update(dict(vm.snapshot(), phys=[(0, 131072, 0), (131072, 262144, 1 << 20)]))
+        assert pm.figure.yaxis[0].formatter.args["P"] == [0, 131072, 0, 131072, 262144, 1 << 20]
+        assert pm.figure.yaxis[0].axis_label.endswith("(holes left out)")

@@ -392,10 +392,23 @@ class ModelBackend(ModelInspection):
         return row | self.virtio_pmem.sample()
 
     def snapshot(self) -> dict:
-        """Copies of the page state and flag arrays, with the zone layout, for the page map."""
+        """Copies of the page state and flag arrays, with the zone layout and ``phys``: where each
+        run of page indexes lies in guest physical memory, ``(first index, end index, first
+        physical frame)`` (q35 leaves the PCI hole out of the index; device regions sit at their
+        memaddr), for the page map."""
         return {"t_ms": float(self.env.now), "state": self.mem.state.copy(),
                 "flags": self.mem.flags.copy(),
-                "zones": [(z.name, z.node, z.start, z.end) for z in self.mem.zones]}
+                "zones": [(z.name, z.node, z.start, z.end) for z in self.mem.zones],
+                "phys": self._phys_runs()}
+
+    def _phys_runs(self) -> list[tuple[int, int, int]]:
+        """The page index runs and their first physical frames (see :meth:`snapshot`)."""
+        boot, below = self.mem.boot_pages, self.layout.below_4g_pages
+        runs = [(0, min(boot, below), 0)]
+        if boot > below:
+            runs.append((below, boot, phys_pfn(self.layout, below)))
+        runs += [(r.start, r.end, r.memaddr // PAGE_SIZE) for r in self.regions]
+        return runs
 
     def events(self) -> list[dict]:
         return list(self.event_queue.delivered)

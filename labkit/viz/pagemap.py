@@ -60,6 +60,15 @@ from labkit.viz.shown import Shown
 MAX_GRIDLINES = 64
 OUTLINE_PAD_PX = 1.5  # the outline's stroke runs this far outside the changed cells
 
+# page index -> physical frame: P is the flat list of the snapshot's "phys" runs (first index, end
+# index, first frame), an index past the last run of its row counts from the run that ends there
+_PHYS_JS = """
+function phys(i) {
+  for (let k = 0; k + 2 < P.length; k += 3) if (i >= P[k] && i < P[k + 1]) return P[k + 2] + i - P[k];
+  for (let k = 0; k + 2 < P.length; k += 3) if (i === P[k + 1]) return P[k + 2] + i - P[k];
+  return i;
+}
+"""
 _SIZE_JS = """
 function fmt(b) {
   const units = [["TiB", 2 ** 40], ["GiB", 2 ** 30], ["MiB", 2 ** 20], ["KiB", 2 ** 10]];
@@ -71,6 +80,11 @@ function fmt(b) {
 """
 
 __all__ = ["MAX_CELLS", "PageMap", "grid_width", "page_map"]
+
+
+def _flat_runs(snapshot: dict) -> list[int]:
+    """The snapshot's ``phys`` runs as one flat list for the JavaScript (none: index = frame)."""
+    return [int(x) for run in snapshot.get("phys", ()) for x in run]
 
 
 class PageMap(Shown):
@@ -101,6 +115,7 @@ class PageMap(Shown):
                              max_rows=min(MAX_CELLS, height) if max_cells is None else max_cells)
         self._visible = self._full_range()
         self._snapshot_zones = snapshot.get("zones", ())
+        self._phys = _flat_runs(snapshot)
         k = len(palette.categories(view))
         self.color_mapper = LinearColorMapper(palette=palette.colors(view), low=-0.5, high=k - 0.5)
         data = self.grid.render()
@@ -193,7 +208,7 @@ class PageMap(Shown):
                      y_range=Range1d(self.rows, 0, bounds=(0, self.rows)),
                      tools="pan,wheel_zoom,box_zoom,reset,save", active_scroll="wheel_zoom",
                      toolbar_location="above", x_axis_label="offset in row",
-                     y_axis_label="guest physical address")
+                     y_axis_label=self._y_label())
         fig.grid.visible = False
         fig.background_fill_color = palette.categories(self.view)[ABSENT[self.view]].color
         image = fig.image(image="image", x="x", y="y", dw="dw", dh="dh", source=self.source,
@@ -230,22 +245,31 @@ class PageMap(Shown):
         longest = max(len(label) for label in self.legend_source.data["label"])
         return 2 if longest * 6 + 24 <= self._width // 2 + 40 else 1
 
+    def _y_label(self) -> str:
+        """"guest physical address", saying so when the map leaves a hole out (q35's PCI hole
+        below 4 GiB, the gap before a device region): the labels jump there."""
+        p = self._phys
+        gaps = any(p[k + 3] - p[k] != p[k + 5] - p[k + 2] for k in range(0, len(p) - 3, 3))
+        return "guest physical address (holes left out)" if gaps else "guest physical address"
+
     def _add_axes(self, fig) -> None:
         for axis, scale in ((fig.yaxis[0], "source.data.row_pages[0]"), (fig.xaxis[0], "1")):
             axis.ticker = AdaptiveTicker(base=2, mantissas=[1], min_interval=1, num_minor_ticks=0,
                                          desired_num_ticks=max(3, self._width // 110))
-            prefix = '"+" + ' if scale == "1" else ""
-            axis.formatter = CustomJSTickFormatter(
-                args={"source": self.source},
-                code=_SIZE_JS + f"return {prefix}fmt(tick * {scale} * {PAGE_SIZE});")
+            code = (f'return "+" + fmt(tick * {PAGE_SIZE});' if scale == "1" else
+                    f"return fmt(phys(tick * {scale}) * {PAGE_SIZE});")
+            axis.formatter = CustomJSTickFormatter(args={"source": self.source, "P": self._phys},
+                                                   code=_SIZE_JS + _PHYS_JS + code)
+        self._y_formatter = fig.yaxis[0].formatter
 
     def _add_hover(self, fig, image_renderer) -> None:
         pfn = ("const d = source.data, R = d.row_pages[0], c = d.cell[0];"
                "const first = Math.floor(special_vars.y) * R + Math.floor(special_vars.x / c) * c;")
         pfn_hover = CustomJSHover(args={"source": self.source}, code=pfn + (
             "return c > 1 ? `${first}-${first + c - 1} (${c} pages)` : `${first}`;"))
-        addr_hover = CustomJSHover(args={"source": self.source}, code=pfn + (
-            f"return '0x' + (first * {PAGE_SIZE}).toString(16);"))
+        addr_hover = CustomJSHover(args={"source": self.source, "P": self._phys}, code=_PHYS_JS + pfn + (
+            f"return '0x' + (phys(first) * {PAGE_SIZE}).toString(16);"))
+        self._addr_hover = addr_hover
         cat_hover = CustomJSHover(args={"legend": self.legend_source},
                                   code="return legend.data.name[value] ?? String(value);")
         fig.add_tools(HoverTool(
@@ -287,6 +311,12 @@ class PageMap(Shown):
         again, so a step of a 16 GiB guest costs milliseconds, not a full redraw. Nothing is
         sent when no page changed (the outline of the last change stays)."""
         old_shape = (self.rows, self.row_pages)
+        phys = _flat_runs(snapshot)
+        if phys != self._phys:  # another guest
+            self._phys = phys
+            for model in (self._y_formatter, self._addr_hover):
+                model.args = dict(model.args, P=phys)
+            self.figure.yaxis[0].axis_label = self._y_label()
         zones = snapshot.get("zones", ())
         if zone_key(zones) != self._zones_drawn or (self.rows, self.row_pages) != old_shape:
             self._snapshot_zones = zones

@@ -86,3 +86,26 @@ def test_widgets_changed_before_display_show_their_state(browser_context: Any, l
             assert "boxed: changed after display" in seen, seen
     finally:
         nb.close()
+
+
+def test_the_page_maps_address_labels_follow_the_physical_layout(browser_context: Any):
+    """The page map's JavaScript (labkit/viz/pagemap.py ``_PHYS_JS``) maps a page index to the
+    physical frame the model's own mapping gives (ModelBackend._phys_pfn: q35's PCI hole, the
+    virtio-mem region's memaddr), at run starts, inside runs and at the very end of the map."""
+    import labkit
+    from labkit.viz.pagemap import _PHYS_JS
+
+    with labkit.open(memory="4G", seed=0, balloon=False, virtio_mem=[{"id": "v0", "size": "1G"}]) as vm:
+        runs = vm.snapshot()["phys"]
+        flat = [x for run in runs for x in run]
+        indexes = sorted({0, 1, 524287, 524288, 700000, 1048575} | {a for a, _, _ in runs}
+                         | {b - 1 for _, b, _ in runs})
+        expected = [vm._phys_pfn(i) for i in indexes]
+        end = runs[-1][1]
+        expected_end = runs[-1][2] + end - runs[-1][0]
+    page = browser_context.new_page()
+    try:
+        got = page.evaluate(f"([P, xs]) => {{ {_PHYS_JS} return xs.map(phys); }}", [flat, indexes + [end]])
+    finally:
+        page.close()
+    assert got == expected + [expected_end]
