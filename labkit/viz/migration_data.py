@@ -110,6 +110,7 @@ class MigrationRecorder:
         first = vm.sample()
         self._since, self._hinted_at_start = float(first["t_ms"]), float(first.get("hinted", np.nan))
         self._exact = self._view_syncs() is not None
+        self._seen_count: float | None = None  # the dirty-sync-count at the last look for syncs
 
     def close(self) -> None:
         """Nothing to release (the recorder only reads the VM)."""
@@ -122,9 +123,13 @@ class MigrationRecorder:
             return None
         return None if view.dirty_pages is None else view.syncs
 
-    def _take_syncs(self) -> None:
+    def _take_syncs(self, row: dict) -> None:
         """Add the syncs the backend reported since the last look (its rows of the current
-        migration; one that started later replaces them, so they are kept here)."""
+        migration; one that started later replaces them, so they are kept here). Looked at only
+        when ``row``'s dirty-sync-count moved: the view copies the migration's whole history."""
+        if row["count"] == self._seen_count:
+            return
+        self._seen_count = row["count"]
         last = (self.syncs[-1]["t_abs"], self.syncs[-1]["count"]) if self.syncs else (-np.inf, -1)
         for r in self._view_syncs() or ():
             if r["t_ms"] < self._since or (r["t_ms"], r["count"]) <= last:
@@ -157,7 +162,7 @@ class MigrationRecorder:
         """Take one sample now; returns it."""
         row = self._counters()
         if self._exact:
-            self._take_syncs()
+            self._take_syncs(row)
         elif self.samples and row["count"] > self.samples[-1]["count"]:
             self.syncs.append({**row, "remaining_before": row["remaining"],
                                "last_stage": row["status"] == "completed", "cmd_id": -1.0})
@@ -193,7 +198,7 @@ class MigrationRecorder:
         """What was recorded, with one more look at ``query-migrate`` now, as :class:`MigrationData`."""
         latest = self._counters()
         if self._exact:
-            self._take_syncs()
+            self._take_syncs(latest)
         rows = self.samples + [latest] if not self.samples or (
             latest["t_abs"] > self.samples[-1]["t_abs"] or latest["status"] != self.samples[-1]["status"]) \
             else self.samples
