@@ -309,17 +309,29 @@ def test_hover_and_tick_javascript_compute_pfn_address_and_sizes():
     y_axis = pm.figure.yaxis[0].formatter
     x_axis = pm.figure.xaxis[0].formatter
     assert isinstance(y_axis, CustomJSTickFormatter)
+    assert addr.args["P"] == y_axis.args["P"] == []  # a snapshot without "phys": index = frame
+    hover_args, tick_args = ["source", "P", "value", "format", "special_vars"], ["tick", "index", "ticks",
+                                                                                "source", "P"]
     out = run_js([
         (["source", "value", "format", "special_vars"], pfn.code, [data["source"], 0, "", special]),
-        (["source", "value", "format", "special_vars"], addr.code, [data["source"], 0, "", special]),
+        (hover_args, addr.code, [data["source"], [], 0, "", special]),
         (["legend", "value", "format", "special_vars"], cat.code, [legend["legend"], 8, "", {}]),
-        (["tick", "index", "ticks", "source"], y_axis.code, [256, 0, [], data["source"]]),
-        (["tick", "index", "ticks", "source"], x_axis.code, [512, 0, [], data["source"]]),
+        (tick_args, y_axis.code, [256, 0, [], data["source"], []]),
+        (tick_args, x_axis.code, [512, 0, [], data["source"], []]),
     ])
     assert (pm.row_pages, pm.cell) == (8192, 16)
     first = 3 * 8192 + 32
     assert out == [f"{first}-{first + 15} (16 pages)", hex(first * 4096), "balloon", "8 GiB",
                    "+2 MiB"]
+    # q35 with 2 GiB below the PCI hole: index 524288 on is at 4 GiB (docs/mechanisms.md §10.1)
+    runs = [0, 524288, 0, 524288, 1 << 22, 1 << 20]
+    low, high = {"x": 40.5, "y": 3.2}, {"x": 40.5, "y": 100.2}
+    out = run_js([
+        (hover_args, addr.code, [data["source"], runs, 0, "", low]),
+        (hover_args, addr.code, [data["source"], runs, 0, "", high]),
+        (tick_args, y_axis.code, [256, 0, [], data["source"], runs]),
+    ])
+    assert out == [hex(first * 4096), hex((100 * 8192 + 32 + 524288) * 4096), "10 GiB"]
 
 
 # --- time series --------------------------------------------------------------------------------
@@ -500,7 +512,8 @@ class ProtocolOnlyVM:
     def __init__(self, **options):
         self._vm = labkit.open(**options)
         self.memory = self._vm.memory
-        for name in ("qmp", "guest", "meminfo", "advance", "sample", "events", "close"):
+        for name in ("qmp", "guest", "meminfo", "advance", "advance_until", "sample", "events", "inspect",
+                     "close"):
             setattr(self, name, getattr(self._vm, name))
 
 
