@@ -39,6 +39,27 @@ def _colour(rank: float) -> str:
     return RANK_COLOURS[int(round(float(rank) * (len(RANK_COLOURS) - 1)))]
 
 
+def cell_grid_figure(source: ColumnDataSource, *, x: str, y: str, x_range: list, y_range: list,
+                     width: int, height: int, title: str, tooltips: list, cell: tuple[float, float],
+                     label_pt: str, y_label_pt: str):
+    """A grid of coloured, labelled cells: ``source``'s ``colour`` and ``label`` columns drawn at
+    the categorical (``x``, ``y``) of each row, ``cell`` (width, height) of a category each, a
+    hover with ``tooltips``, no grid lines or outline. The mechanism matrix and the open-problems
+    matrix are both this figure."""
+    fig = figure(x_range=x_range, y_range=y_range, width=width, height=height, toolbar_location=None,
+                 title=title)
+    fig.rect(x=x, y=y, width=cell[0], height=cell[1], source=source, fill_color="colour",
+             line_color="white")
+    fig.text(x=x, y=y, text="label", source=source, text_align="center", text_baseline="middle",
+             text_font_size=label_pt)
+    fig.add_tools(HoverTool(tooltips=tooltips))
+    fig.xaxis.major_label_text_font_size = "10pt"
+    fig.yaxis.major_label_text_font_size = y_label_pt
+    fig.grid.grid_line_color = None
+    fig.outline_line_color = None
+    return fig
+
+
 class MatrixView(Shown):
     """The job x mechanism grid of ``cells`` (from :func:`labkit.scenarios.matrix.run_matrix`)."""
 
@@ -69,20 +90,12 @@ class MatrixView(Shown):
                     for c, _ in picked))
                 rows["y"].append(job)
         self.source = ColumnDataSource(rows)
-        fig = figure(x_range=list(MECHANISMS), y_range=list(reversed(jobs)), width=width,
-                     height=110 * max(1, len(jobs)) + 60, toolbar_location=None,
-                     title="Which mechanism for which job (colour: rank within the job, green best)")
-        fig.rect(x="mechanism", y="y", width=0.96, height=0.94, source=self.source, fill_color="colour",
-                 line_color="white")
-        fig.text(x="mechanism", y="y", text="label", source=self.source, text_align="center",
-                 text_baseline="middle", text_font_size="8.5pt")
-        fig.add_tools(HoverTool(tooltips=[("job", "@job"), ("mechanism", "@mechanism"),
-                                          ("numbers", "@details")]))
-        fig.xaxis.major_label_text_font_size = "10pt"
-        fig.yaxis.major_label_text_font_size = "10pt"
-        fig.grid.grid_line_color = None
-        fig.outline_line_color = None
-        self.figure = self.layout = fig
+        self.figure = self.layout = cell_grid_figure(
+            self.source, x="mechanism", y="y", x_range=list(MECHANISMS), y_range=list(reversed(jobs)),
+            width=width, height=110 * max(1, len(jobs)) + 60,
+            title="Which mechanism for which job (colour: rank within the job, green best)",
+            tooltips=[("job", "@job"), ("mechanism", "@mechanism"), ("numbers", "@details")],
+            cell=(0.96, 0.94), label_pt="8.5pt", y_label_pt="10pt")
 
     @classmethod
     def from_result(cls, result: MatrixResult, **kwargs) -> MatrixView:

@@ -18,10 +18,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from bokeh.models import ColumnDataSource, HoverTool
-from bokeh.plotting import figure
+from bokeh.models import ColumnDataSource
 
 from labkit.scenarios.open_problems import MECHANISMS, SWITCHES, OpenProblemsResult, OutcomeCell
+from labkit.viz.matrix import cell_grid_figure
 from labkit.viz.shown import Shown
 from labkit.viz.tables import Table
 
@@ -62,20 +62,13 @@ class OutcomeMatrixView(Shown):
                                  ("outcome", "not modelled")):
                         rows[k].append(v)
         self.source = ColumnDataSource(rows)
-        fig = figure(x_range=mechanisms, y_range=list(reversed(switches)), width=width,
-                     height=46 * len(switches) + 70, toolbar_location=None,
-                     title="Each mechanism with each switch flipped (computed on the model)")
-        fig.rect(x="mechanism", y="switch", width=0.97, height=0.92, source=self.source, fill_color="colour",
-                 line_color="white")
-        fig.text(x="mechanism", y="switch", text="label", source=self.source, text_align="center",
-                 text_baseline="middle", text_font_size="8pt")
-        fig.add_tools(HoverTool(tooltips=[("switch", "@switch"), ("mechanism", "@mechanism"),
-                                          ("outcome", "@outcome"), ("measured", "@text")]))
-        fig.xaxis.major_label_text_font_size = "10pt"
-        fig.yaxis.major_label_text_font_size = "9pt"
-        fig.grid.grid_line_color = None
-        fig.outline_line_color = None
-        self.figure = self.layout = fig
+        self.figure = self.layout = cell_grid_figure(
+            self.source, x="mechanism", y="switch", x_range=mechanisms, y_range=list(reversed(switches)),
+            width=width, height=46 * len(switches) + 70,
+            title="Each mechanism with each switch flipped (computed on the model)",
+            tooltips=[("switch", "@switch"), ("mechanism", "@mechanism"), ("outcome", "@outcome"),
+                      ("measured", "@text")],
+            cell=(0.97, 0.92), label_pt="8pt", y_label_pt="9pt")
 
     @classmethod
     def from_result(cls, result: OpenProblemsResult, **kwargs) -> OutcomeMatrixView:
