@@ -52,13 +52,13 @@ def status_table(status: dict[str, Any]) -> str:
     return f'<table style="font-size:90%">{cells}</table>'
 
 
-def _has_hinting(vm: Any) -> bool:
-    """Does ``vm`` hint, with the protocol's state to show (the model; a live guest's can't be seen)?"""
+def _hint_status(vm: Any) -> dict[str, Any] | None:
+    """:func:`hinting_status` of ``vm``, or None when it does not hint or its hinting can't be seen
+    (a live guest's)."""
     try:
-        vm.inspect("hinting")
+        return hinting_status(vm)
     except (ValueError, NotImplementedError):
-        return False
-    return True
+        return None
 
 
 def migration_facts(vm: Any) -> dict[str, Any]:
@@ -71,8 +71,8 @@ def migration_facts(vm: Any) -> dict[str, Any]:
     facts = {"status": info.get("status", "none"), "transferred": int(ram.get("transferred", 0)),
              "normal": int(ram.get("normal", 0)), "zero": int(ram.get("duplicate", 0)),
              "remaining": int(ram.get("remaining", 0)), "syncs": int(ram.get("dirty-sync-count", 0))}
-    if _has_hinting(vm):
-        h = hinting_status(vm)
+    h = _hint_status(vm)
+    if h is not None:
         facts.update(hint_status=h["qemu_status"], hint_round=h["qemu_cmd_id"], held=h["held_blocks"],
                      hinted=h["hinted_pages"])
     return facts
@@ -218,8 +218,9 @@ class MigrationExplorer(SteppingControls, widgets.VBox):
         self._show()
 
     def _show(self) -> None:
-        if _has_hinting(self.vm):
-            self.status = hinting_status(self.vm)
+        hint = _hint_status(self.vm)
+        if hint is not None:
+            self.status = hint
         else:
             info = self.vm.qmp("query-migrate")
             ram = info.get("ram", {})
